@@ -1,0 +1,222 @@
+"""Typed run configuration, read from YAML and validated field by field.
+
+Every section is a dataclass; the YAML must use exactly their field names. An unknown
+key, a value of the wrong type, a missing required field or a value outside its
+allowed set is a UserError that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from jrcl_fast.errors import UserError
+
+DATASETS = ("digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt")
+
+
+@dataclass
+class DataConfig:
+    name: str
+    # Folder of the data set as published. For digits_lt, the cache folder it is written to.
+    root: str
+    image_size: int = 224
+    num_views: int = 2
+    loader: str = "torch"  # torch | dali
+    sampler: str = "instance"  # instance | class_balanced | sqrt
+    num_workers: int = 0
+    # digits_lt only: exponential long-tail profile, head/tail ratio of training counts.
+    imbalance_ratio: float = 50.0
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    # Normal group G of the BDC loss, by class name. None: the data set's own normal
+    # class (No Finding for CXR-LT) or else the many-shot classes.
+    normal_classes: Optional[list[str]] = None
+    # Shot groups by training count: many > many_shot_min, few < few_shot_max.
+    many_shot_min: int = 100
+    few_shot_max: int = 20
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet152 | resnext50_32x4d
+    small_input_stem: bool = False  # 3x3 stride-1 stem, no max-pool: for inputs of ~32 px
+    projection_dim: int = 128
+    projection_hidden_dim: int = 512
+
+
+@dataclass
+class LossConfig:
+    # 0 gives plain CE; tau > 0 adds tau * log(class prior) to the logits (Menon et al. 2021).
+    logit_adjust_tau: float = 0.0
+    lambda_con: float = 0.35
+    lambda_bdc: float = 1.0
+    lambda_bin: float = 1.0
+    temperature: float = 0.1
+    use_prototypes: bool = True
+    class_average: bool = True
+    divergence: str = "js"  # js | sym_kl
+    backend: str = "auto"  # auto | torch | triton
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0
+    output_dir: str = "runs/default"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": DATASETS,
+    "data.loader": ("torch", "dali"),
+    "data.sampler": ("instance", "class_balanced", "sqrt"),
+    "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
+    "loss.divergence": ("js", "sym_kl"),
+    "loss.backend": ("auto", "torch", "triton"),
+    "optim.name": ("sgd", "adamw"),
+}
+POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_size", "eval.batch_size",
+            "model.projection_dim", "model.projection_hidden_dim", "loss.temperature", "optim.lr",
+            "data.imbalance_ratio"}
+NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
+                "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",
+                "train.threads", "optim.momentum"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {prefix or 'the file'} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise UserError(
+                f"{source}: unknown key '{prefix}{key}'; valid keys here are {', '.join(fields)}"
+            )
+    values = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{source}: missing required key '{dotted}'")
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw[name], source, f"{dotted}.")
+            continue
+        value = _coerce(raw[name], hints[name], f"{source}: key '{dotted}'")
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            raise UserError(f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+        if dotted in POSITIVE and not value > 0:
+            raise UserError(f"{source}: key '{dotted}' must be positive, got {value!r}")
+        if dotted in NON_NEGATIVE and value < 0:
+            raise UserError(f"{source}: key '{dotted}' must not be negative, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected the form section.key=value, e.g. optim.lr=0.1")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {assignment!r}: '{part}' is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({err.problem})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override and validate a YAML config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass --config with a file from configs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a mapping of sections (data, model, loss, optim, train, eval)")
+    source = str(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if overrides:
+        source = f"{path} with --set overrides"
+    config = _build(Config, raw, source, "")
+    if config.data.few_shot_max > config.data.many_shot_min:
+        raise UserError(f"{source}: key 'data.few_shot_max' must not exceed 'data.many_shot_min'")
+    if not 0 < config.data.test_fraction < 1:
+        raise UserError(f"{source}: key 'data.test_fraction' must lie strictly between 0 and 1")
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

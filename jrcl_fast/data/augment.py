@@ -1,0 +1,45 @@
+"""Augmentation settings per kind of image, shared by the torchvision and DALI paths
+so that both apply the same transforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    crop_scale: tuple[float, float]  # random resized crop, area fraction
+    flip: bool
+    rotation_degrees: float
+    color_jitter: float  # brightness, contrast and saturation strength; 0 = none
+    eval_crop_fraction: float  # eval: resize to size / fraction, then centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+AUGMENTATIONS = {
+    "natural": Augmentation((0.08, 1.0), True, 0.0, 0.4, 0.875, IMAGENET_MEAN, IMAGENET_STD),
+    # Chest X-rays: grayscale, laterality matters (no flip), no colour; mild crop and rotation.
+    "xray": Augmentation((0.7, 1.0), False, 10.0, 0.0, 0.875, GRAY_MEAN, GRAY_STD),
+    # Digits: 8 px originals; a flipped 2 is not a 2.
+    "digits": Augmentation((0.6, 1.0), False, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD),
+}
+
+AUGMENTATION_OF_DATASET = {
+    "digits_lt": "digits",
+    "nih_cxr_lt": "xray",
+    "mimic_cxr_lt": "xray",
+    "inat2018": "natural",
+    "places_lt": "natural",
+}
+
+
+def augmentation_for(dataset_name: str) -> Augmentation:
+    return AUGMENTATIONS[AUGMENTATION_OF_DATASET[dataset_name]]
+
+
+def eval_resize(image_size: int, aug: Augmentation) -> int:
+    return int(round(image_size / aug.eval_crop_fraction))

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user can fix this"."""
+
+
+class UserError(Exception):
+    """A mistake in a config, a data set or a command line.
+
+    The CLI prints its message as one line, without a traceback. The message names
+    the file, line, key or argument at fault and says what to do.
+    """

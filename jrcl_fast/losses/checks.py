@@ -1,0 +1,49 @@
+"""Argument checks shared by the public loss functions.
+
+A wrong shape or a label out of range would otherwise surface as an index error deep
+inside a kernel, or worse as a silently wrong loss, so each is one ValueError that
+names the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None = None) -> None:
+    if x.dim() != 2 or (rows is not None and x.shape[0] != rows) or (cols is not None and x.shape[1] != cols):
+        want = f"{rows if rows is not None else 'N'} x {cols if cols is not None else 'D'}"
+        raise ValueError(f"{name} must be a {want} matrix, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_labels(name: str, labels: Tensor, length: int, num_classes: int | None) -> None:
+    if labels.dim() != 1 or labels.shape[0] != length:
+        raise ValueError(f"{name} must be a vector of length {length}, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if length and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
+        upper = f"{num_classes}" if num_classes is not None else "inf"
+        raise ValueError(
+            f"{name} must lie in [0, {upper}), got values from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
+def check_normal_mask(normal_mask: Tensor, num_classes: int) -> None:
+    if normal_mask.dtype != torch.bool or normal_mask.shape != (num_classes,):
+        raise ValueError(
+            f"normal_mask must be a boolean vector of length C = {num_classes}, "
+            f"got {normal_mask.dtype} of shape {tuple(normal_mask.shape)}"
+        )
+    if bool(normal_mask.all()) or not bool(normal_mask.any()):
+        raise ValueError("normal_mask must mark at least one normal and one abnormal class, got all "
+                         f"{'True' if bool(normal_mask.all()) else 'False'}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")

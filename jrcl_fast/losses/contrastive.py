@@ -1,0 +1,72 @@
+"""One-to-All supervised contrastive loss (O2A), docs/METHOD.md section 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jrcl_fast.losses.checks import check_labels, check_matrix
+from jrcl_fast.losses.dispatch import use_kernels
+from jrcl_fast.losses.reference import o2a_per_anchor_reference
+
+
+def o2a_per_anchor(
+    anchors: Tensor,
+    anchor_labels: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    anchor_offset: int,
+    temperature: float,
+    class_average: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per-anchor O2A loss and positive count against an explicit key set.
+
+    The anchors are rows `anchor_offset ..` of the keys. This split form lets a rank
+    contrast its local anchors with keys gathered from all ranks.
+    """
+    if use_kernels(backend, anchors, keys):
+        from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
+
+        fn = fused_o2a_per_anchor
+    else:
+        fn = o2a_per_anchor_reference
+    return fn(anchors, anchor_labels, keys, key_labels, anchor_offset, temperature, class_average)
+
+
+def mean_over_anchors_with_positives(loss: Tensor, num_pos: Tensor, denominator: Tensor | None = None) -> Tensor:
+    """Average of the per-anchor losses over anchors with a positive; 0 (with zero
+    gradients, not NaN) when there is none. `denominator` overrides the count, as
+    the distributed trainer does with the global count."""
+    count = (num_pos > 0).sum() if denominator is None else denominator
+    return loss.sum() / count.clamp(min=1)
+
+
+def one_to_all_supcon(
+    features: Tensor,
+    labels: Tensor,
+    prototypes: Tensor | None = None,
+    temperature: float = 0.1,
+    class_average: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """O2A loss of N features (rows used as given) against [features; prototypes].
+
+    With `prototypes=None` it is class-averaged SupCon over the batch; with
+    `class_average=False` as well, it is plain SupCon.
+    """
+    n = features.shape[0] if features.dim() == 2 else -1
+    check_matrix("features", features)
+    num_classes = None
+    keys, key_labels = features, labels
+    if prototypes is not None:
+        check_matrix("prototypes", prototypes, cols=features.shape[1])
+        num_classes = prototypes.shape[0]
+    check_labels("labels", labels, n, num_classes)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if prototypes is not None:
+        keys = torch.cat([features, prototypes.to(features.dtype)])
+        key_labels = torch.cat([labels, torch.arange(num_classes, device=labels.device, dtype=labels.dtype)])
+    loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, 0, temperature, class_average, backend)
+    return mean_over_anchors_with_positives(loss, num_pos)

@@ -1,0 +1,19 @@
+"""Choose between the PyTorch reference and the fused Triton kernels."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from jrcl_fast.losses.checks import check_choice
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def use_kernels(backend: str, *tensors: Tensor) -> bool:
+    """`auto` takes the kernels when every tensor is on a CUDA device and the
+    reference otherwise; `torch` and `triton` force one path (`triton` on CPU
+    tensors needs TRITON_INTERPRET=1, set before the kernels are imported)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return all(t.is_cuda for t in tensors)
+    return backend == "triton"

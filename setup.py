@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jrcl_fast",
+    version="0.1.0",
+    description="High-throughput JRCL training for long-tailed image classification",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jrcl_fast", "jrcl_fast.*"]) + ["jrcl_fast.kernels"],
+    # kernels/ lives at the top level of the repo but installs as jrcl_fast.kernels:
+    # a bare `kernels` import name collides with an unrelated PyPI package.
+    package_dir={"jrcl_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "triton>=3.0",
+        # The DALI build for torch's CUDA 13 wheels; use nvidia-dali-cuda120 on CUDA 12 drivers.
+        "nvidia-dali-cuda130",
+        "deepspeed>=0.15",
+        "numpy",
+        "pyyaml",
+        "rich",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
+)
