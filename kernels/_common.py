@@ -1,0 +1,40 @@
+"""Helpers shared by the fused loss kernels: dtype policy, output allocation, online LSE."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_kernel_dtype(name: str, x: Tensor) -> None:
+    """The kernels accumulate in float32, so float64 inputs would be silently
+    downgraded: refuse them (the PyTorch reference serves float64)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: the fused kernels take float32, float16 or bfloat16, got {x.dtype}")
+
+
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer a kernel must fully overwrite comes from here, so tests can
+    replace it with a NaN-filled allocator and prove no element is left unwritten."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def online_lse_rescale(m, s, block_max):
+    """One step of a streaming log-sum-exp: returns the new running max, the finite
+    reference to subtract before exponentiating this block, and the old sum rescaled
+    to it. The reference is 0 while everything seen is -inf (an all-masked block),
+    which keeps exp(-inf - -inf) = NaN out of the sum."""
+    m_new = tl.maximum(m, block_max)
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    return m_new, m_ref, s * tl.exp(m - m_ref)
+
+
+@triton.jit
+def finish_lse(m, s):
+    """Log-sum-exp from the running max and sum; -inf when nothing unmasked was seen."""
+    return tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
