@@ -193,7 +193,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read, override and validate a YAML config."""
+    """Read a YAML config, apply `--set` overrides and validate it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass --config with a file from configs/")
@@ -203,13 +203,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    return parse_config(raw, str(path), overrides)
+
+
+def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
+    """Validate a config mapping (from a YAML file or a checkpoint) into a Config."""
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: must be a mapping of sections (data, model, loss, optim, train, eval)")
-    source = str(path)
+        raise UserError(f"{source}: must be a mapping of sections (data, model, loss, optim, train, eval)")
     for assignment in overrides:
         apply_override(raw, assignment)
     if overrides:
-        source = f"{path} with --set overrides"
+        source = f"{source} with --set overrides"
     config = _build(Config, raw, source, "")
     if config.data.few_shot_max > config.data.many_shot_min:
         raise UserError(f"{source}: key 'data.few_shot_max' must not exceed 'data.many_shot_min'")

@@ -1,0 +1,81 @@
+"""The `jrcl-fast` command: train (then evaluate), eval, check-data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from jrcl_fast.config import load_config, parse_config
+from jrcl_fast.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jrcl-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train on a data set, then evaluate on its test split")
+    train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=0.1 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run in train.output_dir")
+    train.add_argument("--overwrite", action="store_true", help="start over in a train.output_dir that holds a run")
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its data set's test split")
+    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of the checkpoint's config, e.g. --set data.root=/data/places")
+    evaluate.add_argument("--output-dir", type=Path, help="where results go (default: the checkpoint's folder)")
+    return parser
+
+
+def _train(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.engine.trainer import default_device, train
+    from jrcl_fast.evaluation.evaluate import evaluate, publish
+
+    cfg = load_config(args.config, args.overrides)
+    dataset = load_dataset(cfg.data)
+    model = train(cfg, dataset, args.resume, args.overwrite, console)
+    results = evaluate(model, dataset, cfg, default_device())
+    publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
+
+
+def _eval(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.engine.checkpoint import load_checkpoint
+    from jrcl_fast.engine.trainer import default_device
+    from jrcl_fast.evaluation.evaluate import evaluate, publish
+    from jrcl_fast.models import JRCLNet
+
+    saved = load_checkpoint(args.checkpoint)
+    cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
+    dataset = load_dataset(cfg.data)
+    device = default_device()
+    model = JRCLNet(cfg.model, dataset.num_classes).to(device)
+    model.load_state_dict(saved["model"])
+    results = evaluate(model, dataset, cfg, device)
+    publish(results, args.output_dir or args.checkpoint.parent, f"{dataset.name}: test split", console)
+
+
+COMMANDS = {"train": _train, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        COMMANDS[args.command](args, console)
+    except UserError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

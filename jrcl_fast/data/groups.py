@@ -1,0 +1,49 @@
+"""Class groups derived from a data set and its config: shot groups for evaluation
+and the normal group G of the BDC loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jrcl_fast.config import DataConfig
+from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.errors import UserError
+
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def shot_groups(dataset: LongTailedDataset, cfg: DataConfig) -> dict[str, list[int]]:
+    """Many/medium/few-shot classes: the published lists where the data set has them
+    (CXR-LT head/medium/tail), else by training count with the config's thresholds."""
+    if dataset.shot_groups is not None:
+        return dataset.shot_groups
+    counts = dataset.train_counts
+    return {
+        "many": np.flatnonzero(counts > cfg.many_shot_min).tolist(),
+        "medium": np.flatnonzero((counts >= cfg.few_shot_max) & (counts <= cfg.many_shot_min)).tolist(),
+        "few": np.flatnonzero(counts < cfg.few_shot_max).tolist(),
+    }
+
+
+def normal_class_mask(dataset: LongTailedDataset, cfg: DataConfig) -> np.ndarray:
+    """Boolean mask of G over the classes: data.normal_classes by name, else the data
+    set's normal class (No Finding), else the many-shot classes."""
+    if cfg.normal_classes is not None:
+        unknown = [name for name in cfg.normal_classes if name not in dataset.class_names]
+        if unknown:
+            raise UserError(f"data.normal_classes: {unknown[0]!r} is not a class of {dataset.name}; "
+                            f"use names from its class list, e.g. {dataset.class_names[0]!r}")
+        normal = [dataset.class_names.index(name) for name in cfg.normal_classes]
+    elif dataset.normal_classes is not None:
+        normal = dataset.normal_classes
+    else:
+        normal = shot_groups(dataset, cfg)["many"]
+    mask = np.zeros(dataset.num_classes, dtype=bool)
+    mask[normal] = True
+    if mask.all() or not mask.any():
+        raise UserError(
+            f"data.normal_classes: the normal group of {dataset.name} has {int(mask.sum())} of "
+            f"{dataset.num_classes} classes; BDC needs at least one normal and one abnormal class, "
+            "so set data.normal_classes or data.many_shot_min"
+        )
+    return mask

@@ -1,0 +1,36 @@
+"""Evaluate a model on a split and publish the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from jrcl_fast.config import Config
+from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.groups import shot_groups
+from jrcl_fast.data.loaders import build_eval_loader
+from jrcl_fast.evaluation.metrics import classification_metrics, predict
+from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json
+from jrcl_fast.models import JRCLNet
+
+RESULTS_NAME = "results.json"
+PLOT_NAME = "per_class_accuracy.png"
+
+
+def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+    loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size)
+    preds, labels = predict(model, loader, device)
+    if preds.size != len(dataset.test):
+        raise RuntimeError(f"evaluation saw {preds.size} of {len(dataset.test)} test images")
+    return classification_metrics(preds, labels, dataset.train_counts, shot_groups(dataset, cfg.data),
+                                  dataset.class_names)
+
+
+def publish(results: dict[str, Any], out_dir: Path, title: str, console: Console) -> None:
+    print_results(results, console, title)
+    write_json(out_dir / RESULTS_NAME, results)
+    plot_per_class(results, out_dir / PLOT_NAME, title)
+    console.print(f"Results: {out_dir / RESULTS_NAME}, plot: {out_dir / PLOT_NAME}")

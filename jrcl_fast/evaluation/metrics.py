@@ -1,0 +1,56 @@
+"""Long-tailed classification metrics from predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from jrcl_fast.data.groups import SHOT_GROUPS
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels over an eval loader, in loader order."""
+    model.eval()
+    preds, labels = [], []
+    for images, y in loader:
+        preds.append(model(images.to(device, non_blocking=True)).logits.argmax(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,
+                           groups: dict[str, list[int]], class_names: list[str]) -> dict[str, Any]:
+    """Top-1, balanced accuracy, macro-F1, shot-group and per-class accuracy.
+
+    Balanced and group accuracies average per-class accuracy over classes present in
+    the test split, so a head class counts once however many test images it has.
+    """
+    num_classes = len(class_names)
+    test_counts = np.bincount(labels, minlength=num_classes)
+    correct = np.bincount(labels, weights=(preds == labels), minlength=num_classes)
+    present = test_counts > 0
+    per_class = np.where(present, correct / np.maximum(test_counts, 1), np.nan)
+
+    def mean_over(classes: list[int]) -> float | None:
+        values = per_class[[c for c in classes if present[c]]]
+        return float(values.mean()) if values.size else None
+
+    return {
+        "num_test_images": int(labels.size),
+        "top1": float((preds == labels).mean()),
+        "balanced_accuracy": mean_over(list(range(num_classes))),
+        "macro_f1": float(f1_score(labels, preds, labels=np.flatnonzero(present), average="macro", zero_division=0)),
+        "majority_baseline_balanced_accuracy": 1.0 / int(present.sum()),
+        "shot_accuracy": {group: mean_over(groups[group]) for group in SHOT_GROUPS},
+        "shot_classes": {group: [int(c) for c in groups[group]] for group in SHOT_GROUPS},
+        "per_class": [
+            {"class": c, "name": class_names[c], "train_count": int(train_counts[c]),
+             "test_count": int(test_counts[c]), "accuracy": None if not present[c] else float(per_class[c])}
+            for c in range(num_classes)
+        ],
+    }

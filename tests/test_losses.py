@@ -1,0 +1,222 @@
+"""The PyTorch losses against brute-force float64 loops written from the spec
+(docs/METHOD.md), independently of the package: no shared helpers."""
+
+import math
+
+import pytest
+import torch
+
+from jrcl_fast.losses import bdc_loss, ce_bdc_loss, o2a_per_anchor, one_to_all_supcon
+
+
+def brute_o2a(z, y, protos, tau, class_average=True):
+    """Plain loops over anchors and keys, float64, autograd-able."""
+    keys = list(z) + ([] if protos is None else list(protos))
+    key_labels = [int(v) for v in y] + ([] if protos is None else list(range(len(protos))))
+    losses = []
+    for i in range(len(z)):
+        others = [j for j in range(len(keys)) if j != i]
+        pos = [j for j in others if key_labels[j] == int(y[i])]
+        if not pos:
+            continue
+        den = 0.0
+        for c in set(key_labels[j] for j in others):
+            members = [j for j in others if key_labels[j] == c]
+            weight = 1.0 / len(members) if class_average else 1.0
+            den = den + weight * sum(torch.exp(torch.dot(z[i], keys[j]) / tau) for j in members)
+        pos_mean = sum(torch.dot(z[i], keys[j]) / tau for j in pos) / len(pos)
+        losses.append(torch.log(den) - pos_mean)
+    if not losses:
+        return (z * 0).sum() + (0 if protos is None else (protos * 0).sum())
+    return sum(losses) / len(losses)
+
+
+def brute_bdc(logits, binary_logits, normal, divergence):
+    total = 0.0
+    for row, brow in zip(logits, binary_logits):
+        p = torch.softmax(row, 0)
+        p_normal = sum(p[c] for c in range(len(row)) if normal[c])
+        p_abnormal = sum(p[c] for c in range(len(row)) if not normal[c])
+        q = torch.softmax(brow, 0)
+        pi = [p_normal, p_abnormal]
+        if divergence == "js":
+            m = [(pi[k] + q[k]) / 2 for k in range(2)]
+            total = total + sum(0.5 * pi[k] * torch.log(pi[k] / m[k]) + 0.5 * q[k] * torch.log(q[k] / m[k]) for k in range(2))
+        else:
+            total = total + sum(pi[k] * torch.log(pi[k] / q[k]) + q[k] * torch.log(q[k] / pi[k]) for k in range(2))
+    return total / len(logits)
+
+
+def unit_rows(n, d):
+    return torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).requires_grad_()
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+O2A_CASES = [
+    # (N, C, D, label draw)
+    (1, 3, 4, "random"),
+    (7, 5, 8, "random"),
+    (13, 10, 6, "absent"),  # labels only from the first 3 of 10 classes
+    (9, 4, 5, "one_class"),
+    (16, 1, 3, "random"),  # a single class
+    (11, 20, 7, "distinct"),  # every label different: no batch positives
+]
+
+
+def draw_labels(n, c, how):
+    if how == "absent":
+        return torch.randint(0, min(3, c), (n,))
+    if how == "one_class":
+        return torch.full((n,), c - 1)
+    if how == "distinct":
+        return torch.randperm(c)[:n]
+    return torch.randint(0, c, (n,))
+
+
+@pytest.mark.parametrize("n,c,d,how", O2A_CASES)
+@pytest.mark.parametrize("with_prototypes", [True, False])
+@pytest.mark.parametrize("class_average", [True, False])
+def test_o2a_matches_brute_force(n, c, d, how, with_prototypes, class_average):
+    z = unit_rows(n, d)
+    y = draw_labels(n, c, how)
+    protos = unit_rows(c, d) if with_prototypes else None
+    tau = float(torch.empty(1).uniform_(0.05, 1.0))
+    got = one_to_all_supcon(z, y, protos, tau, class_average=class_average, backend="torch")
+    want = brute_o2a(z, y, protos, tau, class_average)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-9, atol=1e-9)
+    tensors = (z,) if protos is None else (z, protos)
+    for g, w in zip(grads(got, *tensors), grads(want, *tensors)):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+
+
+def test_o2a_without_positives_is_zero_with_zero_gradients():
+    z = unit_rows(5, 4)
+    loss = one_to_all_supcon(z, torch.arange(5), None, 0.1, backend="torch")
+    (g,) = grads(loss, z)
+    assert loss.item() == 0.0 and torch.equal(g, torch.zeros_like(z))
+
+
+def test_o2a_with_prototypes_counts_every_anchor():
+    # The anchor's own prototype is always a positive, so every anchor counts.
+    z, protos = unit_rows(6, 4), unit_rows(6, 4)
+    y = torch.arange(6)
+    assert one_to_all_supcon(z, y, protos, 0.2, backend="torch").item() > 0
+
+
+def test_o2a_invariant_to_row_permutation():
+    z, protos = unit_rows(24, 8), unit_rows(5, 8)
+    y = torch.randint(0, 5, (24,))
+    perm = torch.randperm(24)
+    a = one_to_all_supcon(z, y, protos, 0.1, backend="torch")
+    b = one_to_all_supcon(z[perm], y[perm], protos, 0.1, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_class_averaging_removes_head_dominance():
+    """Duplicating a head class's rows leaves a tail anchor's class-averaged
+    denominator unchanged; plain SupCon's grows."""
+    d = 6
+    head = unit_rows(1, d).detach().repeat(2, 1)
+    tail = unit_rows(2, d).detach()
+    for class_average, should_change in ((True, False), (False, True)):
+        small = torch.cat([tail, head])
+        big = torch.cat([tail, head.repeat(5, 1)])
+        ys, yb = torch.tensor([1, 1, 0, 0]), torch.tensor([1, 1] + [0] * 10)
+        # Compare the tail anchors only: both batches give them the same positives.
+        la, _ = o2a_per_anchor(small, ys, small, ys, 0, 0.5, class_average, "torch")
+        lb, _ = o2a_per_anchor(big, yb, big, yb, 0, 0.5, class_average, "torch")
+        assert torch.allclose(la[:2], lb[:2]) != should_change
+
+
+BDC_CASES = [(1, 2), (5, 3), (17, 10), (8, 20)]
+
+
+@pytest.mark.parametrize("b,c", BDC_CASES)
+@pytest.mark.parametrize("divergence", ["js", "sym_kl"])
+def test_bdc_matches_brute_force(b, c, divergence):
+    logits = (3 * torch.randn(b, c, dtype=torch.float64)).requires_grad_()
+    binary = (3 * torch.randn(b, 2, dtype=torch.float64)).requires_grad_()
+    normal = torch.zeros(c, dtype=torch.bool)
+    normal[torch.randperm(c)[: int(torch.randint(1, c, ()))]] = True
+    got = bdc_loss(logits, binary, normal, divergence)
+    want = brute_bdc(logits, binary, normal, divergence)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for g, w in zip(grads(got, logits, binary), grads(want, logits, binary)):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)
+
+
+def test_bdc_one_normal_class_of_many():
+    c = 30
+    logits = torch.randn(6, c, dtype=torch.float64, requires_grad=True)
+    binary = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    normal = torch.zeros(c, dtype=torch.bool)
+    normal[0] = True
+    torch.testing.assert_close(bdc_loss(logits, binary, normal), brute_bdc(logits, binary, normal, "js"))
+
+
+@pytest.mark.parametrize("divergence", ["js", "sym_kl"])
+def test_bdc_finite_when_normal_mass_saturates(divergence):
+    c = 5
+    normal = torch.tensor([True, False, False, False, False])
+    logits = torch.tensor([[200.0, -200.0, -200.0, -200.0, -200.0], [-300.0, 300.0, 0.0, 0.0, 0.0]],
+                          requires_grad=True)
+    binary = torch.tensor([[-50.0, 50.0], [50.0, -50.0]], requires_grad=True)  # maximally inconsistent
+    loss = bdc_loss(logits, binary, normal, divergence)
+    g_logits, g_binary = grads(loss, logits, binary)
+    assert torch.isfinite(loss) and torch.isfinite(g_logits).all() and torch.isfinite(g_binary).all()
+    bound = math.log(2) if divergence == "js" else float("inf")
+    assert 0 < loss.item() <= bound + 1e-6
+
+
+def test_bdc_zero_when_heads_agree():
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    normal = torch.tensor([True, True, False, False, False, False])
+    p = torch.softmax(logits, 1)
+    p_normal = p[:, normal].sum(1)
+    binary = torch.stack([torch.log(p_normal), torch.log1p(-p_normal)], 1)
+    assert bdc_loss(logits, binary, normal).abs().item() < 1e-12
+
+
+def test_ce_bdc_total_is_weighted_sum():
+    b, c = 9, 7
+    logits, binary = torch.randn(b, c, dtype=torch.float64), torch.randn(b, 2, dtype=torch.float64)
+    labels = torch.randint(0, c, (b,))
+    normal = torch.zeros(c, dtype=torch.bool)
+    normal[:2] = True
+    adjustment = torch.randn(c, dtype=torch.float64)
+    out = ce_bdc_loss(logits, binary, labels, normal, adjustment, 0.3, 2.5, "js", backend="torch")
+    ce = sum(-torch.log_softmax(logits[i] + adjustment, 0)[labels[i]] for i in range(b)) / b
+    y_bin = [0 if normal[labels[i]] else 1 for i in range(b)]
+    bce = sum(-torch.log_softmax(binary[i], 0)[y_bin[i]] for i in range(b)) / b
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.binary_ce, bce)
+    torch.testing.assert_close(out.bdc, brute_bdc(logits, binary, normal, "js"))
+    torch.testing.assert_close(out.total, ce + 0.3 * bce + 2.5 * out.bdc)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), "labels must be a vector of length 4"),
+        (lambda: one_to_all_supcon(torch.randn(4), torch.zeros(4, dtype=torch.long)), "features must be a N x D matrix"),
+        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.randn(3, 3)), r"labels must lie in \[0, 3\)"),
+        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.tensor([0, -1, 0, 0])), r"labels must lie in \[0, inf\)"),
+        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5)), "prototypes must be a N x 3 matrix"),
+        (lambda: one_to_all_supcon(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, dtype=torch.long)), "features contains NaN"),
+        (lambda: one_to_all_supcon(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), temperature=0), "temperature must be positive"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 3), torch.tensor([True, False, False])), "binary_logits must be a 4 x 2 matrix"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([True, False])), "normal_mask must be a boolean vector of length C = 3"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.ones(3, dtype=torch.bool)), "got all True"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.zeros(3, dtype=torch.bool)), "got all False"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.full((4, 2), float("inf")), torch.tensor([True, False, False])), "binary_logits contains NaN"),
+        (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([True, False, False]), "kl"), "divergence must be one of"),
+        (lambda: ce_bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 2, 3]), torch.tensor([True, False, False])), r"labels must lie in \[0, 3\)"),
+    ],
+)
+def test_bad_input_names_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
