@@ -1,0 +1,187 @@
+"""Adapters from the published label files of NIH-CXR-LT, MIMIC-CXR-LT and
+iNaturalist 2018 to LongTailedDataset.
+
+Each reader checks the format as it goes: a wrong file is a UserError naming the
+file, the line (or JSON entry) and what was expected, never a KeyError at step 1000.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jrcl_fast.data.dataset import LongTailedDataset, Split
+from jrcl_fast.errors import UserError
+
+
+@dataclass(frozen=True)
+class CxrSpec:
+    """How one CXR-LT data set lays out its split CSVs (CXR-LT benchmark, Holste et al. 2022)."""
+
+    name: str
+    file_prefix: str  # <prefix>_single-label_<split>.csv
+    # Benchmark class order (by training frequency, No Finding first); CSV columns are mapped by name.
+    class_names: tuple[str, ...]
+    id_columns: tuple[str, ...]  # required non-class columns
+    path_column: str  # the image path, relative to image_folder
+    image_folder: str  # relative to the data root
+    # Published head/medium/tail sizes along the class order; None: derive from training counts.
+    shot_sizes: tuple[int, int, int] | None
+
+    def csv_path(self, root: Path, split: str) -> Path:
+        return root / f"{self.file_prefix}_single-label_{split}.csv"
+
+
+NIH_CXR_LT = CxrSpec(
+    name="nih_cxr_lt",
+    file_prefix="nih-cxr-lt",
+    class_names=(
+        "No Finding", "Infiltration", "Atelectasis", "Effusion", "Nodule", "Mass", "Pneumothorax",
+        "Consolidation", "Pleural_Thickening", "Cardiomegaly", "Fibrosis", "Edema", "Tortuous Aorta",
+        "Emphysema", "Pneumonia", "Calcification of the Aorta", "Pneumoperitoneum", "Hernia",
+        "Subcutaneous Emphysema", "Pneumomediastinum",
+    ),
+    id_columns=("id", "subject_id"),
+    path_column="id",
+    image_folder="images",
+    shot_sizes=(7, 10, 3),
+)
+
+MIMIC_CXR_LT = CxrSpec(
+    name="mimic_cxr_lt",
+    file_prefix="mimic-cxr-lt",
+    class_names=(
+        "No Finding", "Lung Opacity", "Cardiomegaly", "Atelectasis", "Pleural Effusion", "Support Devices",
+        "Edema", "Pneumonia", "Pneumothorax", "Lung Lesion", "Fracture", "Enlarged Cardiomediastinum",
+        "Consolidation", "Pleural Other", "Calcification of the Aorta", "Tortuous Aorta", "Pneumoperitoneum",
+        "Subcutaneous Emphysema", "Pneumomediastinum",
+    ),
+    id_columns=("subject_id", "study_id", "dicom_id", "path"),
+    path_column="path",
+    image_folder="",  # `path` is already relative to the MIMIC-CXR-JPG root (files/p10/...)
+    shot_sizes=None,  # the benchmark's MIMIC group sizes are not in the published files
+)
+
+CXR_SPECS = {spec.name: spec for spec in (NIH_CXR_LT, MIMIC_CXR_LT)}
+
+
+def read_cxr_csv(csv_path: Path, spec: CxrSpec, image_root: Path) -> Split:
+    """One single-label split CSV: the one-hot class columns, found by name, give the label."""
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} does not exist; data.root must hold the {spec.name} split CSVs")
+    with csv_path.open(newline="") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, None)
+        expected = (*spec.id_columns, *spec.class_names)
+        if header is None:
+            raise UserError(f"{csv_path}: the file is empty; expected a header with columns {', '.join(expected)}")
+        missing = [c for c in expected if c not in header]
+        if missing:
+            raise UserError(f"{csv_path} line 1: column {missing[0]!r} is missing; "
+                            f"a {spec.name} split needs columns {', '.join(expected)}")
+        class_cols = [header.index(c) for c in spec.class_names]
+        path_col = header.index(spec.path_column)
+        paths, labels = [], []
+        for line, row in enumerate(rows, start=2):
+            if len(row) != len(header):
+                raise UserError(f"{csv_path} line {line}: {len(row)} fields, expected {len(header)} as in the header")
+            one_hot = [row[i].strip() for i in class_cols]
+            bad = next((k for k, v in enumerate(one_hot) if v not in ("0", "1")), None)
+            if bad is not None:
+                raise UserError(f"{csv_path} line {line}: column {spec.class_names[bad]!r} is {one_hot[bad]!r}; "
+                                "expected 0 or 1")
+            hot = [k for k, v in enumerate(one_hot) if v == "1"]
+            if len(hot) != 1:
+                found = ", ".join(spec.class_names[k] for k in hot) or "none"
+                raise UserError(f"{csv_path} line {line}: a single-label row needs exactly one 1 among the "
+                                f"{len(spec.class_names)} class columns, found {len(hot)} ({found})")
+            paths.append(str(Path(spec.image_folder) / row[path_col]))
+            labels.append(hot[0])
+    return Split(image_root, paths, np.asarray(labels, dtype=np.int64), str(csv_path))
+
+
+def read_cxr_split(root: Path, spec: CxrSpec, split: str) -> Split:
+    """`split` is one of train, balanced-val, test, balanced-test (the published file names)."""
+    return read_cxr_csv(spec.csv_path(root, split), spec, root)
+
+
+def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
+    """Train on train, select on balanced-val, test on the imbalanced test split (the
+    benchmark's balanced accuracy); balanced-test is read with read_cxr_split."""
+    groups = None
+    if spec.shot_sizes is not None:
+        many, medium, _ = spec.shot_sizes
+        order = list(range(len(spec.class_names)))
+        groups = {"many": order[:many], "medium": order[many:many + medium], "few": order[many + medium:]}
+    return LongTailedDataset(
+        name=spec.name,
+        class_names=list(spec.class_names),
+        train=read_cxr_split(root, spec, "train"),
+        val=read_cxr_split(root, spec, "balanced-val"),
+        test=read_cxr_split(root, spec, "test"),
+        normal_classes=[spec.class_names.index("No Finding")],
+        shot_groups=groups,
+        grayscale=True,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; data.root must hold the iNaturalist 2018 JSON files")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise UserError(f"{path}: key {missing[0]!r} is missing; expected a COCO-style object with "
+                        "images, annotations and categories")
+    return data
+
+
+def _entry(path: Path, kind: str, i: int, entry: object, keys: tuple[str, ...]) -> dict:
+    if not isinstance(entry, dict) or any(k not in entry for k in keys):
+        raise UserError(f"{path}: {kind} entry {i + 1} is {entry!r:.80}; expected an object with {', '.join(keys)}")
+    return entry
+
+
+def coco_split(path: Path, data: dict, root: Path, class_of: dict[int, int]) -> Split:
+    """Images of one parsed COCO-style file, labelled class_of[category_id]."""
+    label_of_image: dict[int, int] = {}
+    for i, ann in enumerate(data["annotations"]):
+        ann = _entry(path, "annotations", i, ann, ("image_id", "category_id"))
+        if ann["category_id"] not in class_of:
+            raise UserError(f"{path}: annotations entry {i + 1} has category_id {ann['category_id']!r}, "
+                            "which is not among the categories of train2018.json")
+        if ann["image_id"] in label_of_image:
+            raise UserError(f"{path}: annotations entry {i + 1} labels image {ann['image_id']} a second time; "
+                            "expected one label per image")
+        label_of_image[ann["image_id"]] = class_of[ann["category_id"]]
+    paths, labels = [], []
+    for i, image in enumerate(data["images"]):
+        image = _entry(path, "images", i, image, ("id", "file_name"))
+        if image["id"] not in label_of_image:
+            raise UserError(f"{path}: images entry {i + 1} (id {image['id']}) has no annotation; "
+                            "expected exactly one per image")
+        paths.append(image["file_name"])
+        labels.append(label_of_image[image["id"]])
+    return Split(root, paths, np.asarray(labels, dtype=np.int64), str(path))
+
+
+def load_inat2018(root: Path) -> LongTailedDataset:
+    """train2018.json and val2018.json; the published val split is the benchmark's test set."""
+    train_json, val_json = root / "train2018.json", root / "val2018.json"
+    train = _read_json(train_json)
+    categories = sorted((_entry(train_json, "categories", i, c, ("id", "name"))
+                         for i, c in enumerate(train["categories"])), key=lambda c: c["id"])
+    class_of = {c["id"]: k for k, c in enumerate(categories)}
+    return LongTailedDataset(
+        name="inat2018",
+        class_names=[str(c["name"]) for c in categories],
+        train=coco_split(train_json, train, root, class_of),
+        test=coco_split(val_json, _read_json(val_json), root, class_of),
+    )

@@ -1,0 +1,196 @@
+"""Adapters on real-format label files, and check-data on good and bad images.
+
+The CXR-LT tests read the published CSVs in place from ../shared/data/cxr-lt/ and
+skip when that folder is absent; iNaturalist and Places-LT fixtures are written
+here in the published formats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jrcl_fast.config import DataConfig
+from jrcl_fast.data.adapters import MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
+from jrcl_fast.data.check import check_data
+from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.registry import load_dataset
+from jrcl_fast.errors import UserError
+
+CXR_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-lt").resolve()
+needs_cxr = pytest.mark.skipif(not CXR_DIR.is_dir(), reason=f"published CXR-LT CSVs not found at {CXR_DIR}")
+
+
+def gradient(height: int, width: int, channels: int = 3) -> np.ndarray:
+    """A smooth test picture: decoders and resamplers agree on it to a grey level or so."""
+    y, x = np.mgrid[0:height, 0:width]
+    planes = [x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), 128 + 100 * np.sin(x / 7.0)]
+    return np.rint(np.stack(planes[:channels], axis=-1)).astype(np.uint8).squeeze()
+
+
+def cxr_root(tmp_path: Path, spec, train_from: str) -> Path:
+    """A data root holding the published CSVs by link (the train CSV is not published
+    here, so another split stands in) and placeholder images for balanced-val."""
+    root = tmp_path / spec.name
+    root.mkdir()
+    for split, source in (("train", train_from), ("balanced-val", "balanced-val"), ("test", "balanced-test")):
+        spec.csv_path(root, split).symlink_to(spec.csv_path(CXR_DIR, source))
+    val = read_cxr_csv(spec.csv_path(root, "balanced-val"), spec, root)
+    for rel in val.paths:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(16, 16, 1), mode="L").save(root / rel)
+    return root
+
+
+@needs_cxr
+def test_nih_test_csv_class_counts_match_the_published_table() -> None:
+    split = read_cxr_csv(NIH_CXR_LT.csv_path(CXR_DIR, "test"), NIH_CXR_LT, CXR_DIR)
+    counts = dict(zip(NIH_CXR_LT.class_names, np.bincount(split.labels, minlength=20).tolist()))
+    assert len(split) == 20279
+    assert counts["No Finding"] == 13055 and counts["Infiltration"] == 2251 and counts["Effusion"] == 929
+    assert counts["Hernia"] == 40 and counts["Pneumomediastinum"] == 33
+    assert split.paths[0] == "images/00000003_000.png" and split.labels[0] == NIH_CXR_LT.class_names.index("Hernia")
+
+
+@needs_cxr
+@pytest.mark.parametrize("spec, train_from", [(NIH_CXR_LT, "balanced-test"), (MIMIC_CXR_LT, "balanced-test")])
+def test_cxr_load_dataset(tmp_path: Path, spec, train_from: str) -> None:
+    root = cxr_root(tmp_path, spec, train_from)
+    dataset = load_dataset(DataConfig(name=spec.name, root=str(root)))
+    assert dataset.class_names == list(spec.class_names) and dataset.grayscale
+    assert dataset.normal_classes == [0] and dataset.class_names[0] == "No Finding"
+    assert np.bincount(dataset.val.labels).tolist() == [15] * len(spec.class_names)
+    assert np.bincount(dataset.train.labels).tolist() == [30] * len(spec.class_names)
+    if spec is NIH_CXR_LT:
+        groups = dataset.shot_groups
+        assert [len(groups[g]) for g in ("many", "medium", "few")] == [7, 10, 3]
+        assert dataset.class_names[groups["few"][0]] == "Hernia"
+    else:
+        assert dataset.shot_groups is None
+        assert dataset.val.paths[0].startswith("files/p")
+    val_only = LongTailedDataset(spec.name, dataset.class_names, dataset.val, dataset.val)
+    assert check_data(val_only).ok
+
+
+def rewrite_csv(tmp_path: Path, edit) -> Path:
+    """The first rows of the published NIH balanced-val CSV, passed through edit(header, rows)."""
+    with NIH_CXR_LT.csv_path(CXR_DIR, "balanced-val").open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))[:6]
+    header, rows = edit(header, rows)
+    path = tmp_path / "edited.csv"
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
+
+
+def _set(rows: list[list[str]], line: int, column: int, value: str) -> list[list[str]]:
+    rows[line - 2][column] = value
+    return rows
+
+
+@needs_cxr
+@pytest.mark.parametrize("edit, message", [
+    (lambda h, r: ([c for c in h if c != "Hernia"], [row[:8] + row[9:] for row in r]), "line 1: column 'Hernia' is missing"),
+    (lambda h, r: (h, _set(r, 4, h.index("Mass"), "1")), "line 4: a single-label row needs exactly one 1 among the 20 class columns, found 2"),
+    (lambda h, r: (h, _set(r, 3, h.index("Atelectasis"), "0")), "line 3: a single-label row needs exactly one 1 among the 20 class columns, found 0"),
+    (lambda h, r: (h, _set(r, 5, h.index("Edema"), "yes")), "line 5: column 'Edema' is 'yes'; expected 0 or 1"),
+    (lambda h, r: (h, r[:2] + [r[2][:-1]]), "line 4: 21 fields, expected 22"),
+])
+def test_cxr_bad_csv(tmp_path: Path, edit, message: str) -> None:
+    path = rewrite_csv(tmp_path, edit)
+    with pytest.raises(UserError, match=message) as err:
+        read_cxr_csv(path, NIH_CXR_LT, tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_cxr_missing_csv_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nih-cxr-lt_single-label_train.csv does not exist"):
+        load_dataset(DataConfig(name="nih_cxr_lt", root=str(tmp_path)))
+
+
+def write_inat(root: Path, train_images: int = 6) -> None:
+    """iNaturalist 2018 layout: COCO-style train2018.json / val2018.json, images under
+    train_val2018/<supercategory>/<category id>/, with non-contiguous category ids."""
+    categories = [{"id": cid, "name": f"species {cid}", "supercategory": "Plantae"} for cid in (7, 2, 40)]
+    for name, count, offset in (("train2018.json", train_images, 0), ("val2018.json", 3, 100)):
+        images, annotations = [], []
+        for k in range(count):
+            cid = (7, 2, 40)[k % 3]
+            rel = f"train_val2018/Plantae/{cid}/{offset + k:04d}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gradient(600, 800)).save(root / rel, quality=90)  # iNat-like size
+            images.append({"id": offset + k, "file_name": rel, "width": 800, "height": 600})
+            annotations.append({"id": offset + k, "image_id": offset + k, "category_id": cid})
+        (root / name).write_text(json.dumps({"images": images, "annotations": annotations,
+                                             "categories": categories}, indent=1))
+
+
+def test_inat_load_dataset(tmp_path: Path) -> None:
+    write_inat(tmp_path)
+    dataset = load_dataset(DataConfig(name="inat2018", root=str(tmp_path)))
+    assert dataset.class_names == ["species 2", "species 7", "species 40"]  # sorted by category id
+    assert dataset.train.labels.tolist() == [1, 0, 2, 1, 0, 2] and len(dataset.test) == 3
+    assert check_data(dataset).ok
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["annotations"][1].update(category_id=99), "annotations entry 2 has category_id 99"),
+    (lambda d: d["annotations"].pop(), "images entry 3 .id 102. has no annotation"),
+    (lambda d: d.pop("categories"), "key 'categories' is missing"),
+    (lambda d: d["images"][0].pop("file_name"), "images entry 1 .* expected an object with id, file_name"),
+])
+def test_inat_bad_json(tmp_path: Path, edit, message: str) -> None:
+    write_inat(tmp_path)
+    path = tmp_path / "val2018.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=message):
+        load_dataset(DataConfig(name="inat2018", root=str(tmp_path)))
+
+
+def test_inat_invalid_json_names_the_line(tmp_path: Path) -> None:
+    write_inat(tmp_path)
+    (tmp_path / "val2018.json").write_text('{\n "images": [\n  {"id": 1,}\n ]\n}')
+    with pytest.raises(UserError, match=r"val2018.json line 3: not valid JSON"):
+        load_dataset(DataConfig(name="inat2018", root=str(tmp_path)))
+
+
+def test_places_lt_still_loads(tmp_path: Path) -> None:
+    for split in ("train", "val", "test"):
+        lines = []
+        for k in range(4):
+            rel = f"data_256/{split}/{k}.jpg"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gradient(256, 256)).save(tmp_path / rel)
+            lines.append(f"{rel} {k * 100}\n")
+        (tmp_path / f"Places_LT_{split}.txt").write_text("".join(lines))
+    dataset = load_dataset(DataConfig(name="places_lt", root=str(tmp_path)))
+    assert dataset.num_classes == 365 and dataset.train.labels.tolist() == [0, 100, 200, 300]
+    assert check_data(dataset).checked == 12
+
+
+def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) -> None:
+    from jrcl_fast.data.filelist import read_file_list
+
+    Image.fromarray(gradient(64, 80)).save(tmp_path / "rgb.jpg")
+    Image.fromarray(gradient(64, 80, 1), mode="L").save(tmp_path / "gray.png")
+    Image.fromarray(gradient(64, 80, 1).astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    full = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (tmp_path / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    names = ["rgb.jpg", "gray.png", "gray16.png", "truncated.jpg", "noise.png", "gone.png"]
+    (tmp_path / "list.txt").write_text("".join(f"{n} {i % 2}\n" for i, n in enumerate(names)))
+    split = read_file_list(tmp_path / "list.txt", tmp_path)
+    report = check_data(LongTailedDataset("places_lt", ["a", "b"], split, split), num_workers=2)
+    assert report.checked == 12 and not report.ok
+    train_bad = [(b.entry, Path(b.path).name, b.reason.split(" ")[0]) for b in report.bad if b.split == "train"]
+    assert train_bad == [(4, "truncated.jpg", "corrupt"), (5, "noise.png", "corrupt"), (6, "gone.png", "missing")]
+    assert report.lines()[0] == "places_lt: 12 images decoded, 6 bad"
+    with pytest.raises(UserError, match="gone.png, which does not exist"):
+        split.check_files_exist()
