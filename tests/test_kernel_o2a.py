@@ -1,0 +1,188 @@
+"""Fused O2A kernel against the PyTorch reference and a float64 brute force.
+
+On CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET),
+which is serial and slow: CPU shapes stay at n <= 100. Every run starts from a fresh
+random seed (printed, so a failure can be replayed) and with the kernels' output
+buffers poisoned with NaN, so matching the reference proves every element was written.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_gpu
+from torch import Tensor
+
+from jrcl_fast.kernels import _common
+from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
+from jrcl_fast.losses import one_to_all_supcon
+from jrcl_fast.losses.reference import o2a_per_anchor_reference
+
+TAU = 0.1
+
+
+@pytest.fixture(autouse=True)
+def poisoned_random_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+
+
+def brute_force(
+    anchors: Tensor, keys: Tensor, key_labels: list[int], offset: int, tau: float, class_average: bool
+) -> tuple[Tensor, list[int]]:
+    """The O2A definition, one anchor and one key at a time, in float64 (differentiable)."""
+    count = Counter(key_labels)
+    losses, num_pos = [], []
+    for i in range(anchors.shape[0]):
+        me, y = offset + i, key_labels[offset + i]
+        den, pos = 0.0, []
+        for j, label in enumerate(key_labels):
+            if j == me:
+                continue
+            s = torch.dot(anchors[i], keys[j]) / tau
+            weight = 1.0 / max(count[label] - (label == y), 1) if class_average else 1.0
+            den = den + weight * torch.exp(s)
+            if label == y:
+                pos.append(s)
+        num_pos.append(len(pos))
+        losses.append(torch.log(den) - sum(pos) / len(pos) if pos else 0.0 * anchors[i].sum())
+    return torch.stack(losses), num_pos
+
+
+def random_problem(
+    n: int, m: int, offset: int, dim: int, num_classes: int, device: str, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Unit-norm keys whose labels use about half of the classes (the rest are absent),
+    with a few anchors given a label seen nowhere else (no positive)."""
+    keys = F.normalize(torch.randn(m, dim, device=device), dim=1).to(dtype)
+    present = torch.randperm(num_classes, device=device)[: max(1, num_classes // 2)]
+    labels = present[torch.randint(0, len(present), (m,), device=device)]
+    absent = [c for c in range(num_classes) if c not in set(present.tolist())]
+    lonely = torch.randperm(n, device=device)[: min(3, len(absent), n // 2)] + offset
+    labels[lonely] = torch.tensor(absent[: len(lonely)], device=device, dtype=labels.dtype)
+    return keys, labels
+
+
+def run_with_grads(fn, anchors: Tensor, keys: Tensor, labels: Tensor, offset: int, class_average: bool, upstream: Tensor):
+    """Loss, positives and the gradients of sum(upstream * loss) w.r.t. independent
+    leaf copies of the anchors and the keys."""
+    a = anchors.detach().clone().requires_grad_()
+    k = keys.detach().clone().requires_grad_()
+    n = a.shape[0]
+    loss, num_pos = fn(a, labels[offset : offset + n], k, labels, offset, TAU, class_average)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), num_pos, a.grad, k.grad
+
+
+# (n, M, anchor offset, D, classes): n = M = 1 is an anchor alone; offset > 0 puts
+# keys of "other ranks" on both sides; C = 365 leaves most anchors without positives.
+CASES = [(1, 1, 0, 32, 20), (1, 40, 17, 32, 20), (70, 70, 0, 32, 20), (45, 130, 50, 128, 365), (67, 67, 0, 128, 20)]
+
+
+@pytest.mark.parametrize("class_average", [True, False])
+@pytest.mark.parametrize("n,m,offset,dim,num_classes", CASES)
+def test_matches_reference_and_brute_force(
+    n: int, m: int, offset: int, dim: int, num_classes: int, class_average: bool, device: str
+) -> None:
+    keys, labels = random_problem(n, m, offset, dim, num_classes, device)
+    anchors = keys[offset : offset + n]
+    upstream = torch.rand(n, device=device) + 0.5
+    loss, num_pos, grad_a, grad_k = run_with_grads(fused_o2a_per_anchor, anchors, keys, labels, offset, class_average, upstream)
+
+    for tensor in (loss, grad_a, grad_k):
+        assert torch.isfinite(tensor).all()
+    assert loss.dtype == torch.float32 and num_pos.dtype == torch.int64
+    assert grad_a.dtype == anchors.dtype and grad_k.dtype == keys.dtype
+    if n > 1:  # the problem covers anchors with and without positives
+        assert (num_pos == 0).any() and (num_pos > 0).any()
+
+    ref = run_with_grads(o2a_per_anchor_reference, anchors, keys, labels, offset, class_average, upstream)
+    torch.testing.assert_close(num_pos, ref[1])
+    for got, want in zip((loss, grad_a, grad_k), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+    a64 = anchors.detach().double().cpu().requires_grad_()
+    k64 = keys.detach().double().cpu().requires_grad_()
+    bf_loss, bf_num_pos = brute_force(a64, k64, labels.tolist(), offset, TAU, class_average)
+    # materialize: with a lone anchor nothing depends on the keys.
+    bf_grads = torch.autograd.grad((bf_loss * upstream.double().cpu()).sum(), (a64, k64), materialize_grads=True)
+    assert num_pos.tolist() == bf_num_pos
+    for got, want in zip((loss, grad_a, grad_k), (bf_loss.detach(), *bf_grads)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=5e-5)
+
+
+def test_anchor_without_any_other_key_is_zero(device: str) -> None:
+    a = torch.randn(1, 32, device=device, requires_grad=True)
+    label = torch.zeros(1, dtype=torch.long, device=device)
+    loss, num_pos = fused_o2a_per_anchor(a, label, a, label, 0, TAU)
+    loss.sum().backward()
+    assert loss.item() == 0.0 and num_pos.item() == 0
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("needs", ["anchors", "keys"])
+def test_gradient_to_one_input_only(needs: str, device: str) -> None:
+    keys, labels = random_problem(40, 90, 25, 32, 20, device)
+    a = keys[25:65].clone().requires_grad_(needs == "anchors")
+    k = keys.clone().requires_grad_(needs == "keys")
+    loss, _ = fused_o2a_per_anchor(a, labels[25:65], k, labels, 25, TAU)
+    loss.sum().backward()
+    ref_a = keys[25:65].clone().requires_grad_(needs == "anchors")
+    ref_k = keys.clone().requires_grad_(needs == "keys")
+    o2a_per_anchor_reference(ref_a, labels[25:65], ref_k, labels, 25, TAU)[0].sum().backward()
+    got, want = (a.grad, ref_a.grad) if needs == "anchors" else (k.grad, ref_k.grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert (k.grad if needs == "anchors" else a.grad) is None
+
+
+@pytest.mark.parametrize("num_classes,class_average", [(1, True), (20, True), (20, False)])
+def test_public_dispatch_matches_torch(num_classes: int, class_average: bool, device: str) -> None:
+    """one_to_all_supcon(backend="triton") through torch.cat of features and prototypes:
+    the features receive both the anchor and the key gradient."""
+    features = F.normalize(torch.randn(53, 64, device=device), dim=1)
+    prototypes = F.normalize(torch.randn(num_classes, 64, device=device), dim=1)
+    labels = torch.randint(0, num_classes, (53,), device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        f = features.clone().requires_grad_()
+        p = prototypes.clone().requires_grad_()
+        loss = one_to_all_supcon(f, labels, p, temperature=TAU, class_average=class_average, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), f.grad, p.grad)
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_rejects_float64(device: str) -> None:
+    x = torch.randn(4, 32, device=device, dtype=torch.float64)
+    labels = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        fused_o2a_per_anchor(x, labels, x, labels, 0, TAU)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("num_classes", [365, 8142])
+@pytest.mark.parametrize("dim", [128, 256])
+def test_compiled_gpu(dtype: torch.dtype, tol: float, num_classes: int, dim: int) -> None:
+    """Compiled kernels at training-like sizes, half precision included: keys are the
+    gathered features of four "ranks" plus prototypes, the anchors one rank's rows."""
+    n, ranks = 1000, 4
+    keys, labels = random_problem(n, n * ranks, n, dim, num_classes, "cuda", dtype)
+    prototypes = F.normalize(torch.randn(num_classes, dim, device="cuda"), dim=1).to(dtype)
+    keys = torch.cat([keys, prototypes])
+    labels = torch.cat([labels, torch.arange(num_classes, device="cuda")])
+    upstream = torch.rand(n, device="cuda")
+    got = run_with_grads(fused_o2a_per_anchor, keys[n : 2 * n], keys, labels, n, True, upstream)
+    want = run_with_grads(o2a_per_anchor_reference, keys[n : 2 * n], keys, labels, n, True, upstream)
+    torch.testing.assert_close(got[1], want[1])
+    for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3])):
+        assert torch.isfinite(g).all() and g.dtype == w.dtype
+        # Half-precision gradients go through a half-precision dS tile: error relative to the largest entry.
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * w.float().abs().max().item())
