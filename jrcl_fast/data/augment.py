@@ -15,6 +15,8 @@ class Augmentation:
     eval_crop_fraction: float  # eval: resize to size / fraction, then centre crop
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Decode to one channel and replicate to RGB at the end (DALI path: cheaper crops).
+    grayscale: bool = False
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -23,9 +25,9 @@ GRAY_MEAN, GRAY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 AUGMENTATIONS = {
     "natural": Augmentation((0.08, 1.0), True, 0.0, 0.4, 0.875, IMAGENET_MEAN, IMAGENET_STD),
     # Chest X-rays: grayscale, laterality matters (no flip), no colour; mild crop and rotation.
-    "xray": Augmentation((0.7, 1.0), False, 10.0, 0.0, 0.875, GRAY_MEAN, GRAY_STD),
+    "xray": Augmentation((0.7, 1.0), False, 10.0, 0.0, 0.875, GRAY_MEAN, GRAY_STD, True),
     # Digits: 8 px originals; a flipped 2 is not a 2.
-    "digits": Augmentation((0.6, 1.0), False, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD),
+    "digits": Augmentation((0.6, 1.0), False, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD, True),
 }
 
 AUGMENTATION_OF_DATASET = {

@@ -1,0 +1,218 @@
+"""DALI data path: the same batches as torch_loader.py, decoded and augmented by DALI.
+
+Sample order, sampling and sharding come from sampling.py alone: a Python feed reads
+the encoded bytes of this rank's indices, in order, into fn.external_source, and DALI
+decodes ("mixed" on a GPU, "cpu" without) and augments. So the torchvision and DALI
+paths walk the same samples, epoch for epoch and rank for rank. Transform parameters
+come from augment.py.
+
+Train batches are (images B x V x 3 x H x W float32, labels B int64) and eval batches
+(images B x 3 x H x W, labels B), on the GPU when DALI decodes there, else on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import DataNode, Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from jrcl_fast.data.augment import Augmentation, eval_resize
+from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.sampling import epoch_indices, eval_indices
+from jrcl_fast.errors import UserError
+
+ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default
+
+
+class EncodedFeed:
+    """fn.external_source batches of (encoded file bytes, labels) for split samples at
+    `indices`, in order; the last batch may be short."""
+
+    def __init__(self, split: Split, indices: np.ndarray, batch_size: int):
+        self.split, self.indices, self.batch_size = split, indices, batch_size
+        self._pos = 0
+
+    def __iter__(self) -> EncodedFeed:
+        self._pos = 0
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], np.ndarray]:
+        batch = self.indices[self._pos:self._pos + self.batch_size]
+        if batch.size == 0:
+            raise StopIteration
+        self._pos += batch.size
+        encoded = []
+        for j in batch:
+            path = self.split.root / self.split.paths[j]
+            if not path.is_file():
+                raise UserError(f"{self.split.source}: entry {j + 1} names {path}, which does not exist; "
+                                "fix the path or data.root")
+            encoded.append(np.fromfile(path, dtype=np.uint8))
+        return encoded, self.split.labels[batch]
+
+
+def _read(feed: EncodedFeed, gpu: bool) -> tuple[DataNode, DataNode]:
+    encoded, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    return encoded, labels.gpu() if gpu else labels
+
+
+def _decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
+    # X-rays stay one channel through the crops and are replicated to RGB at output size.
+    # EXIF orientation is ignored, as PIL's decode in the torchvision path ignores it.
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", adjust_orientation=False,
+                             output_type=types.GRAY if aug.grayscale else types.RGB)
+
+
+def _to_rgb(images: DataNode, aug: Augmentation) -> DataNode:
+    return fn.cat(images, images, images, axis=2) if aug.grayscale else images
+
+
+def _normalize(images: DataNode, aug: Augmentation, **crop_mirror: object) -> DataNode:
+    """uint8 HWC -> normalised float CHW, as ToDtype(scale=True) then Normalize."""
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255.0 * m for m in aug.mean], std=[255.0 * s for s in aug.std],
+                                    **crop_mirror)
+
+
+def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNode:
+    """One random view, in torchvision's order: resized crop, (flip), rotation, colour jitter."""
+    view = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(aug.crop_scale),
+                                  random_aspect_ratio=list(ASPECT_RATIO), antialias=True)
+    if aug.rotation_degrees:
+        angle = fn.random.uniform(range=[-aug.rotation_degrees, aug.rotation_degrees])
+        view = fn.rotate(view, angle=angle, keep_size=True, fill_value=0)
+    view = _to_rgb(view, aug)
+    if aug.color_jitter:
+        low, high = 1.0 - aug.color_jitter, 1.0 + aug.color_jitter
+        view = fn.color_twist(view, brightness=fn.random.uniform(range=[low, high]),
+                              contrast=fn.random.uniform(range=[low, high]),
+                              saturation=fn.random.uniform(range=[low, high]))
+    mirror = fn.random.coin_flip(probability=0.5) if aug.flip else 0
+    return _normalize(view, aug, mirror=mirror)
+
+
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, num_views: int,
+                   gpu: bool) -> tuple[DataNode, DataNode]:
+    """Decode once, then num_views independent random views stacked as V x 3 x H x W."""
+    encoded, labels = _read(feed, gpu)
+    images = _decode(encoded, aug, gpu)
+    return fn.stack(*[_train_view(images, image_size, aug) for _ in range(num_views)]), labels
+
+
+def _half_to_even(d: DataNode) -> DataNode:
+    """round(d / 2) with Python's round-half-to-even, for integer d >= 0."""
+    k = d // 2
+    return k + (d - 2 * k) * (k - 2 * (k // 2))
+
+
+def _float(x: DataNode) -> DataNode:
+    return fn.cast(x, dtype=types.FLOAT)
+
+
+@pipeline_def(enable_conditionals=False)
+def eval_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, gpu: bool) -> tuple[DataNode, DataNode]:
+    """Resize the shorter side to image_size / eval_crop_fraction, centre crop.
+
+    Sizes and crop offsets follow torchvision's integer rules exactly (long side
+    truncated, offset rounded half to even) so both paths crop the same pixels;
+    DALI's own resize_shorter and crop_pos 0.5 round differently by a pixel.
+    """
+    encoded, labels = _read(feed, gpu)
+    shape = fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)
+    height, width = shape[0], shape[1]
+    short, size, resize = dmath.min(height, width), image_size, eval_resize(image_size, aug)
+    new_h, new_w = (resize * height) // short, (resize * width) // short
+    images = fn.resize(_decode(encoded, aug, gpu), resize_x=_float(new_w), resize_y=_float(new_h), antialias=True)
+    # crop_pos is relative: anchor = crop_pos * (extent - size), so pass offset / (extent - size).
+    pos_y = _float(_half_to_even(new_h - size)) / _float(dmath.max(new_h - size, 1))
+    pos_x = _float(_half_to_even(new_w - size)) / _float(dmath.max(new_w - size, 1))
+    images = _normalize(_to_rgb(images, aug), aug, crop=[size, size], crop_pos_x=pos_x, crop_pos_y=pos_y)
+    return images, labels
+
+
+def dali_on_gpu() -> bool:
+    """DALI decodes on the GPU ("mixed") whenever torch sees one; else everything runs on the CPU."""
+    return torch.cuda.is_available()
+
+
+class DaliBatches:
+    """Passes over a pipeline as (images, labels) torch tensors; each pass builds a
+    fresh pipeline, so the object can be iterated again like a DataLoader. A decode
+    failure becomes a UserError that points at check-data."""
+
+    def __init__(self, make_pipeline: Callable[[], Pipeline], num_batches: int, source: str):
+        self.make_pipeline, self.num_batches, self.source = make_pipeline, num_batches, source
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_batches == 0:  # DALI cannot start on an empty feed
+            return
+        batches = DALIGenericIterator([self.make_pipeline()], ["images", "labels"], size=-1)
+        while True:
+            try:
+                batch = next(batches)[0]
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                reason = str(err).strip().splitlines()[0]
+                raise UserError(f"{self.source}: DALI failed on a batch ({reason}); run 'jrcl-fast check-data' "
+                                "to list every missing or corrupt image") from None
+            yield batch["images"], batch["labels"]
+
+
+def _pipeline_seed(*parts: int) -> int:
+    """A distinct, reproducible DALI seed per (seed, epoch, rank)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _device_id(gpu: bool) -> int | None:
+    return torch.cuda.current_device() if gpu else None
+
+
+class DaliTrainLoader:
+    """Epoch-indexed train loader with the contract of TorchTrainLoader: drop-last
+    batches from epoch_indices, so every rank runs len() steps per epoch."""
+
+    def __init__(self, split: Split, image_size: int, aug: Augmentation, num_views: int, batch_size: int,
+                 sampler: str, seed: int, num_threads: int = 1, rank: int = 0, world_size: int = 1):
+        self.split, self.image_size, self.aug, self.num_views = split, image_size, aug, num_views
+        self.batch_size, self.sampler, self.seed = batch_size, sampler, seed
+        self.num_threads, self.rank, self.world_size = max(1, num_threads), rank, world_size
+        self.gpu = dali_on_gpu()
+
+    def __len__(self) -> int:
+        return len(self.split) // (self.batch_size * self.world_size)
+
+    def epoch(self, epoch: int) -> DaliBatches:
+        # A fresh pipeline per epoch: its feed and random seed are the epoch's, and an
+        # epoch the trainer leaves early leaves nothing behind for the next.
+        indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
+                                self.rank, self.world_size)
+
+        def make() -> Pipeline:
+            return train_pipeline(EncodedFeed(self.split, indices, self.batch_size), self.image_size, self.aug,
+                                  self.num_views, self.gpu, batch_size=self.batch_size, num_threads=self.num_threads,
+                                  device_id=_device_id(self.gpu), seed=_pipeline_seed(self.seed, epoch, self.rank))
+
+        return DaliBatches(make, len(indices) // self.batch_size, self.split.source)
+
+
+def dali_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_size: int, num_threads: int = 1,
+                     rank: int = 0, world_size: int = 1) -> DaliBatches:
+    """Every sample of the split exactly once across ranks (eval_indices); the last batch may be short."""
+    indices = eval_indices(len(split), rank, world_size)
+    gpu = dali_on_gpu()
+
+    def make() -> Pipeline:
+        return eval_pipeline(EncodedFeed(split, indices, batch_size), image_size, aug, gpu, batch_size=batch_size,
+                             num_threads=max(1, num_threads), device_id=_device_id(gpu), seed=0)
+
+    return DaliBatches(make, -(-len(indices) // batch_size), split.source)

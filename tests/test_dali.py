@@ -1,0 +1,134 @@
+"""The DALI path against the torchvision reference: same samples, same eval pixels,
+same batch contract, sharding without overlap. Runs CPU-only DALI when there is no GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from jrcl_fast.config import DataConfig  # noqa: E402
+from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
+from jrcl_fast.data.dali_pipelines import DaliTrainLoader, dali_eval_loader  # noqa: E402
+from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
+from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
+from jrcl_fast.data.sampling import epoch_indices  # noqa: E402
+from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader  # noqa: E402
+from jrcl_fast.errors import UserError  # noqa: E402
+from test_data_adapters import gradient  # noqa: E402
+
+SIZES = [(60, 80), (80, 60), (37, 91), (64, 64), (128, 200), (300, 257), (45, 45)]
+NATURAL, XRAY = AUGMENTATIONS["natural"], AUGMENTATIONS["xray"]
+
+
+def make_split(root: Path, n: int, ext: str = "png", mode: str = "RGB", labels: np.ndarray | None = None) -> Split:
+    """n images of varied sizes; labels default to the sample index, so a label names its sample."""
+    paths = []
+    for i in range(n):
+        height, width = SIZES[i % len(SIZES)]
+        pixels = gradient(height, width, 1 if mode in ("L", "I;16") else 3)
+        image = Image.fromarray(pixels.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(pixels, mode)
+        paths.append(f"{mode.replace(';', '')}_{i}.{ext}")
+        image.save(root / paths[-1], **({"quality": 95} if ext == "jpg" else {}))
+    return Split(root, paths, np.arange(n) if labels is None else labels, "fixture.txt")
+
+
+def collect(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*[(x.cpu().clone(), y.cpu().clone()) for x, y in batches])
+    return torch.cat(images), torch.cat(labels)
+
+
+@pytest.mark.parametrize("ext, mode, aug, grey_levels", [
+    ("png", "RGB", NATURAL, 1),  # same pixels, same crop window; resamplers round apart by <= 1 level
+    ("jpg", "RGB", NATURAL, 2),  # two JPEG decoders on top
+    ("png", "L", XRAY, 1),
+    ("png", "I;16", XRAY, 1),  # 16-bit rescaled to 8 bit by both
+])
+def test_eval_matches_torchvision(tmp_path: Path, ext: str, mode: str, aug, grey_levels: int) -> None:
+    split = make_split(tmp_path, 9, ext, mode)
+    dali_images, dali_labels = collect(dali_eval_loader(split, 32, aug, batch_size=4))
+    torch_images, torch_labels = collect(torch_eval_loader(split, 32, aug, batch_size=4))
+    assert dali_images.shape == torch_images.shape == (9, 3, 32, 32) and dali_images.dtype == torch.float32
+    assert torch.equal(dali_labels, torch_labels)
+    # In 8-bit grey levels: normalised differences times std times 255.
+    levels = (dali_images - torch_images).abs() * torch.tensor(aug.std).view(3, 1, 1) * 255
+    assert levels.max().item() <= grey_levels + 1e-3 and levels.mean().item() < 0.25
+
+
+def test_eval_sees_every_sample_once_across_ranks_and_passes(tmp_path: Path) -> None:
+    split = make_split(tmp_path, 23)
+    seen = []
+    for rank in range(2):
+        loader = dali_eval_loader(split, 16, NATURAL, batch_size=5, rank=rank, world_size=2)
+        for _ in range(2):  # a second pass over the same loader, as each eval epoch makes
+            _, labels = collect(loader)
+            assert len(loader) == 3 and len(labels) == (12, 11)[rank]
+        seen += labels.tolist()
+    assert sorted(seen) == list(range(23))
+
+
+@pytest.mark.parametrize("sampler", ["instance", "class_balanced", "sqrt"])
+def test_train_walks_the_samples_of_sampling_py_like_torch(tmp_path: Path, sampler: str) -> None:
+    labels = np.array([0] * 12 + [1] * 5 + [2] * 2)
+    split = make_split(tmp_path, len(labels), labels=labels)
+    for rank in range(2):
+        dali = DaliTrainLoader(split, 16, NATURAL, 2, batch_size=3, sampler=sampler, seed=5, rank=rank, world_size=2)
+        ref = TorchTrainLoader(split, 16, NATURAL, 2, batch_size=3, sampler=sampler, seed=5, rank=rank, world_size=2)
+        assert len(dali) == len(ref) == 3
+        images, dali_labels = collect(dali.epoch(4))
+        expected = labels[epoch_indices(labels, sampler, 5, 4, 3, rank, 2)]
+        assert dali_labels.tolist() == expected.tolist() == collect(ref.epoch(4))[1].tolist()
+        assert images.shape == (9, 2, 3, 16, 16)
+
+
+def test_train_shards_cover_the_epoch_without_overlap(tmp_path: Path) -> None:
+    split = make_split(tmp_path, 17)  # 17 = 2 global batches of 2 x 4, and one left over
+    shards = []
+    for rank in range(2):
+        loader = DaliTrainLoader(split, 16, NATURAL, 1, batch_size=4, sampler="instance", seed=0, rank=rank,
+                                 world_size=2)
+        batches = list(loader.epoch(0))
+        assert len(batches) == len(loader) == 2 and all(len(y) == 4 for _, y in batches)  # drop-last
+        shards.append({int(v) for _, y in batches for v in y})
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 16
+    whole = DaliTrainLoader(split, 16, NATURAL, 1, batch_size=8, sampler="instance", seed=0)
+    assert shards[0] | shards[1] == set(collect(whole.epoch(0))[1].tolist())
+
+
+def test_train_views_are_independent_and_epochs_differ(tmp_path: Path) -> None:
+    split = make_split(tmp_path, 8, "png", "L")
+    loader = DaliTrainLoader(split, 24, XRAY, 3, batch_size=4, sampler="instance", seed=1)
+    images, _ = collect(loader.epoch(0))
+    assert images.shape == (8, 3, 3, 24, 24) and torch.isfinite(images).all()
+    assert torch.equal(images[:, :, 0], images[:, :, 1])  # grayscale replicated to 3 channels
+    assert not torch.equal(images[:, 0], images[:, 1])  # views are separate random draws
+    assert torch.equal(images, collect(loader.epoch(0))[0])  # an epoch is reproducible
+    assert not torch.equal(collect(loader.epoch(0))[1], collect(loader.epoch(1))[1])
+
+
+def test_corrupt_and_missing_images_fail_with_a_pointer_to_check_data(tmp_path: Path) -> None:
+    split = make_split(tmp_path, 4, "jpg")
+    (tmp_path / split.paths[2]).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(UserError, match="fixture.txt: DALI failed on a batch .*jrcl-fast check-data"):
+        collect(dali_eval_loader(split, 16, NATURAL, batch_size=2))
+    (tmp_path / split.paths[2]).unlink()
+    with pytest.raises(UserError, match="entry 3 names .*jpg, which does not exist"):
+        collect(dali_eval_loader(split, 16, NATURAL, batch_size=2))
+
+
+def test_factories_pick_the_loader_of_the_config(tmp_path: Path) -> None:
+    split = make_split(tmp_path, 12, labels=np.arange(12) % 3)
+    dataset = LongTailedDataset("places_lt", ["a", "b", "c"], split, split)
+    for loader in ("torch", "dali"):
+        cfg = DataConfig(name="places_lt", root=str(tmp_path), image_size=16, num_views=2, loader=loader)
+        train = build_train_loader(dataset, cfg, batch_size=4, seed=0)
+        assert isinstance(train, DaliTrainLoader if loader == "dali" else TorchTrainLoader)
+        images, labels = next(iter(train.epoch(0)))
+        assert images.shape == (4, 2, 3, 16, 16) and labels.dtype == torch.int64
+        images, labels = collect(build_eval_loader(dataset.test, dataset.name, cfg, batch_size=5))
+        assert images.shape == (12, 3, 16, 16) and labels.dtype == torch.int64
