@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a key of the checkpoint's config, e.g. --set data.root=/data/places")
     evaluate.add_argument("--output-dir", type=Path, help="where results go (default: the checkpoint's folder)")
+
+    check = sub.add_parser("check-data", help="decode every image of the config's data set; list missing or corrupt ones")
+    check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set data.root=/data/nih (repeatable)")
     return parser
 
 
@@ -60,7 +66,20 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     publish(results, args.output_dir or args.checkpoint.parent, f"{dataset.name}: test split", console)
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+def _check_data(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.data.check import check_data
+    from jrcl_fast.data.registry import load_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_data(load_dataset(cfg.data), num_workers=os.cpu_count() or 1)
+    for line in report.lines():
+        console.print(line, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise UserError(f"{len(report.bad)} of {report.checked} images are missing or corrupt (listed above); "
+                        "replace them or remove their entries from the split files")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data}
 
 
 def main(argv: list[str] | None = None) -> int:

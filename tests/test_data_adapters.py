@@ -194,3 +194,17 @@ def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) ->
     assert report.lines()[0] == "places_lt: 12 images decoded, 6 bad"
     with pytest.raises(UserError, match="gone.png, which does not exist"):
         split.check_files_exist()
+
+
+def test_check_data_command(tmp_path: Path, capsys) -> None:
+    from jrcl_fast.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "places_lt.yaml"
+    for split in ("train", "val", "test"):
+        Image.fromarray(gradient(32, 32)).save(tmp_path / f"{split}.jpg")
+        (tmp_path / f"Places_LT_{split}.txt").write_text(f"{split}.jpg 3\n")
+    assert main(["check-data", "--config", str(config), "--set", f"data.root={tmp_path}"]) == 0
+    (tmp_path / "val.jpg").write_bytes(b"not an image")
+    assert main(["check-data", "--config", str(config), "--set", f"data.root={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert "val entry 1: " in out and "val.jpg: corrupt" in out and "1 of 3 images are missing or corrupt" in err
