@@ -23,10 +23,15 @@ _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
+def _softplus(x):
+    """log(1 + e^x) without overflow."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def _logaddexp(x, y):
-    """log(e^x + e^y), finite when one side is -inf."""
-    hi = tl.maximum(x, y)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
+    """log(e^x + e^y)."""
+    return x + _softplus(y - x)
 
 
 @triton.jit
@@ -89,9 +94,15 @@ def _ce_bdc_kernel(
         if HAS_ADJ:
             max_adj, ref_adj, sum_adj = online_lse_rescale(max_adj, sum_adj, tl.max(z_adj, 0))
             sum_adj += tl.sum(tl.exp(z_adj - ref_adj), 0)
-    lse_n = finish_lse(max_n, sum_n)
-    lse_a = finish_lse(max_a, sum_a)
-    lse = _logaddexp(lse_n, lse_a)
+    # log pi_group = lse_group - lse, written so that no two logit-sized numbers are
+    # subtracted after rounding: the group maxima differ by an exact-ish logit
+    # difference and the sums are O(C). Keeps log pi accurate to its own magnitude
+    # (near 0 for the dominant group) when the logits are in the hundreds.
+    top = tl.maximum(max_n, max_a)
+    log_total = tl.log(sum_n * tl.exp(max_n - top) + sum_a * tl.exp(max_a - top))
+    log_pi_n = (max_n - top) + tl.log(sum_n) - log_total
+    log_pi_a = (max_a - top) + tl.log(sum_a) - log_total
+    lse = top + log_total
     lse_adj = lse
     if HAS_ADJ:
         lse_adj = finish_lse(max_adj, sum_adj)
@@ -103,22 +114,22 @@ def _ce_bdc_kernel(
     ce = lse_adj - z_label
 
     # Binary head: column 0 is normal; the target is 1 when the label is abnormal.
+    # log q from the logit difference alone, for the same reason as log pi.
     b0 = tl.load(b_ptr + row * stride_b).to(tl.float32)
     b1 = tl.load(b_ptr + row * stride_b + 1).to(tl.float32)
-    lse_b = _logaddexp(b0, b1)
-    log_q0 = b0 - lse_b
-    log_q1 = b1 - lse_b
+    log_q0 = -_softplus(b1 - b0)
+    log_q1 = -_softplus(b0 - b1)
     abnormal = tl.load(normal_ptr + label) == 0
-    bce = lse_b - tl.where(abnormal, b1, b0)
+    bce = -tl.where(abnormal, log_q1, log_q0)
 
-    div_n, g_pi_n, g_q0 = _divergence_term(lse_n - lse, log_q0, SYM_KL)
-    div_a, g_pi_a, g_q1 = _divergence_term(lse_a - lse, log_q1, SYM_KL)
+    div_n, g_pi_n, g_q0 = _divergence_term(log_pi_n, log_q0, SYM_KL)
+    div_a, g_pi_a, g_q1 = _divergence_term(log_pi_a, log_q1, SYM_KL)
     tl.store(ce_ptr + row, ce)
     tl.store(bce_ptr + row, bce)
     tl.store(bdc_ptr + row, div_n + div_a)
 
     if COMPUTE_GRAD:
-        # d/db_k: binary CE gives q_k - [k = target]; BDC goes through log q_k = b_k - lse_b.
+        # d/db_k: binary CE gives q_k - [k = target]; BDC goes through log q_k = b_k - logsumexp(b).
         q0 = tl.exp(log_q0)
         q1 = tl.exp(log_q1)
         g_q = g_q0 + g_q1
@@ -128,15 +139,18 @@ def _ce_bdc_kernel(
         tl.store(db_row, (inv_batch * db0).to(db_ptr.dtype.element_ty))
         tl.store(db_row + 1, (inv_batch * db1).to(db_ptr.dtype.element_ty))
 
-        # Pass 2, d/dz_c: CE gives softmax(z + adj)_c - [c = y]; log pi_group = lse_group - lse
-        # gives [c in group] softmax_group(z)_c - softmax(z)_c.
+        # Pass 2, d/dz_c: CE gives softmax(z + adj)_c - [c = y]. Through log pi_group =
+        # lse_group - lse, BDC gives g_group softmax_group(z)_c - (g_n + g_a) p_c; with
+        # p_c = pi_group softmax_group(z)_c this is +-h softmax_group(z)_c, where
+        # h = g_n pi_a - g_a pi_n is formed once per row instead of cancelling per class
+        # (g reaches |log pi - log q| ~ 100 when the heads saturate).
+        h = g_pi_n * tl.exp(log_pi_a) - g_pi_a * tl.exp(log_pi_n)
         dz_row = dz_ptr + row * stride_dz
         for start in range(0, C, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             ok, z, normal, z_adj = _load_block(z_row, normal_ptr, adj_ptr, cols, C, HAS_ADJ)
             d_ce = tl.exp(z_adj - lse_adj) - tl.where(cols == label, 1.0, 0.0)
-            d_group = tl.where(normal, g_pi_n * tl.exp(z - lse_n), g_pi_a * tl.exp(z - lse_a))
-            d_bdc = d_group - (g_pi_n + g_pi_a) * tl.exp(z - lse)
+            d_bdc = tl.where(normal, h * tl.exp(z - max_n) / sum_n, -h * tl.exp(z - max_a) / sum_a)
             dz = inv_batch * (d_ce + lambda_bdc * d_bdc)
             tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
