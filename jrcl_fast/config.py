@@ -120,19 +120,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        return _coerce(value, args[0], source, key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise UserError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise UserError(f"{source}: key '{key}' must be a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -140,13 +140,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     return float(value) if tp is float else value
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: {prefix or 'the file'} must be a mapping of keys to values, got {raw!r}")
+        what = f"section '{prefix[:-1]}'" if prefix else "the file"
+        raise UserError(f"{source}: {what} must be a mapping of keys to values, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -164,7 +165,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], raw[name], source, f"{dotted}.")
             continue
-        value = _coerce(raw[name], hints[name], f"{source}: key '{dotted}'")
+        value = _coerce(raw[name], hints[name], source, dotted)
         if dotted in CHOICES and value not in CHOICES[dotted]:
             raise UserError(f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
         if dotted in POSITIVE and not value > 0:

@@ -15,3 +15,13 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """A digits-lt cache shared by the whole session (written once)."""
+    from jrcl_fast.data.digits_lt import prepare_digits_lt
+
+    root = tmp_path_factory.mktemp("digits_cache")
+    prepare_digits_lt(root)
+    return root

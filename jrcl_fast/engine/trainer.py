@@ -98,6 +98,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                         "--overwrite to start over, or set another train.output_dir")
     if resume and not ckpt_path.exists():
         raise UserError(f"--resume: {ckpt_path} does not exist; start without --resume")
+    dataset.train.check_files_exist()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

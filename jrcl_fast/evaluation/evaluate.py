@@ -21,6 +21,7 @@ PLOT_NAME = "per_class_accuracy.png"
 
 
 def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+    dataset.test.check_files_exist()
     loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size)
     preds, labels = predict(model, loader, device)
     if preds.size != len(dataset.test):

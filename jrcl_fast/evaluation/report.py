@@ -20,8 +20,8 @@ def _pct(value: float | None) -> str:
 
 
 def print_results(results: dict[str, Any], console: Console, title: str) -> None:
-    summary = Table(title=title)
-    for column in ("top-1", "balanced acc", "macro-F1", *[f"{g}-shot" for g in SHOT_GROUPS], "majority baseline (bal.)"):
+    summary = Table(title=f"{title} (%)")
+    for column in ("top-1", "balanced acc", "macro-F1", *SHOT_GROUPS, "majority (bal.)"):
         summary.add_column(column, justify="right")
     summary.add_row(
         _pct(results["top1"]), _pct(results["balanced_accuracy"]), _pct(results["macro_f1"]),

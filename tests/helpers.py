@@ -1,0 +1,38 @@
+"""Shared test helpers: a tiny digits-lt config and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few seconds per epoch on 2 CPU cores: 8 px digits, small heads.
+TINY_OVERRIDES = {
+    "data": {"image_size": 8},
+    "model": {"projection_dim": 16, "projection_hidden_dim": 32},
+    "train": {"epochs": 3, "batch_size": 32, "threads": 2},
+    "optim": {"warmup_epochs": 1},
+}
+
+
+def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Path:
+    """Write configs/digits_lt.yaml with the tiny overrides (and `sections`) to tmp_path."""
+    raw = yaml.safe_load((REPO / "configs" / "digits_lt.yaml").read_text())
+    for section, values in {**TINY_OVERRIDES, **sections}.items():
+        raw[section].update(values)
+    raw["data"]["root"] = str(data_root)
+    raw["train"]["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "160"}  # wide enough that table headers do not wrap
+    return subprocess.run([sys.executable, "-m", "jrcl_fast", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)

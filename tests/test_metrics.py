@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from jrcl_fast.config import DataConfig
+from jrcl_fast.data.dataset import LongTailedDataset, Split
+from jrcl_fast.data.groups import normal_class_mask, shot_groups
+from jrcl_fast.errors import UserError
+from jrcl_fast.evaluation.metrics import classification_metrics
+
+
+def brute_metrics(preds, labels, groups, num_classes):
+    acc = {}
+    for c in range(num_classes):
+        idx = [i for i in range(len(labels)) if labels[i] == c]
+        if idx:
+            acc[c] = sum(preds[i] == c for i in idx) / len(idx)
+    f1s = []
+    for c in acc:
+        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    group_acc = {g: (np.mean([acc[c] for c in cs if c in acc]) if any(c in acc for c in cs) else None)
+                 for g, cs in groups.items()}
+    return sum(acc.values()) / len(acc), np.mean(f1s), group_acc
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_metrics_match_brute_force(trial):
+    rng = np.random.default_rng()
+    num_classes = int(rng.integers(2, 12))
+    labels = rng.integers(0, num_classes, int(rng.integers(1, 200)))
+    preds = np.where(rng.random(labels.size) < 0.6, labels, rng.integers(0, num_classes, labels.size))
+    counts = rng.integers(0, 300, num_classes)
+    groups = {"many": np.flatnonzero(counts > 100).tolist(), "medium": np.flatnonzero((counts >= 20) & (counts <= 100)).tolist(),
+              "few": np.flatnonzero(counts < 20).tolist()}
+    got = classification_metrics(preds, labels, counts, groups, [f"c{c}" for c in range(num_classes)])
+    balanced, macro_f1, group_acc = brute_metrics(preds.tolist(), labels.tolist(), groups, num_classes)
+    assert got["top1"] == pytest.approx(np.mean(preds == labels))
+    assert got["balanced_accuracy"] == pytest.approx(balanced)
+    assert got["macro_f1"] == pytest.approx(macro_f1)
+    for g in groups:
+        assert got["shot_accuracy"][g] == pytest.approx(group_acc[g]) if group_acc[g] is not None else got["shot_accuracy"][g] is None
+    assert sum(r["test_count"] for r in got["per_class"]) == labels.size
+
+
+def dataset_with_counts(counts, normal=None, published=None):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    split = Split(root=None, paths=["x"] * labels.size, labels=labels, source="train.txt")
+    test = Split(root=None, paths=["x"] * len(counts), labels=np.arange(len(counts)), source="test.txt")
+    return LongTailedDataset("toy", [f"c{c}" for c in range(len(counts))], split, test,
+                             normal_classes=normal, shot_groups=published)
+
+
+def test_shot_groups_follow_thresholds_and_published_lists():
+    data = dataset_with_counts([150, 101, 100, 20, 19, 1])
+    cfg = DataConfig(name="digits_lt", root="x")
+    assert shot_groups(data, cfg) == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    cfg = DataConfig(name="digits_lt", root="x", many_shot_min=50, few_shot_max=2)
+    assert shot_groups(data, cfg) == {"many": [0, 1, 2], "medium": [3, 4], "few": [5]}
+    published = {"many": [5], "medium": [0], "few": [1, 2, 3, 4]}
+    assert shot_groups(dataset_with_counts([150, 101, 100, 20, 19, 1], published=published), cfg) == published
+
+
+def test_normal_group_resolution():
+    cfg = DataConfig(name="digits_lt", root="x")
+    assert normal_class_mask(dataset_with_counts([150, 50, 5]), cfg).tolist() == [True, False, False]
+    assert normal_class_mask(dataset_with_counts([150, 50, 5], normal=[2]), cfg).tolist() == [False, False, True]
+    named = DataConfig(name="digits_lt", root="x", normal_classes=["c1"])
+    assert normal_class_mask(dataset_with_counts([150, 50, 5], normal=[2]), named).tolist() == [False, True, False]
+    with pytest.raises(UserError, match="'c9' is not a class"):
+        normal_class_mask(dataset_with_counts([150, 50, 5]), DataConfig(name="digits_lt", root="x", normal_classes=["c9"]))
+    with pytest.raises(UserError, match="has 0 of 3 classes"):
+        normal_class_mask(dataset_with_counts([50, 50, 5]), cfg)
