@@ -9,27 +9,18 @@ proves every element was written.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 from conftest import requires_gpu
+from kernel_fixtures import poisoned_random_run  # noqa: F401 (autouse)
 from torch import Tensor
 
-from jrcl_fast.kernels import _common
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 from jrcl_fast.losses import ce_bdc_loss
 from jrcl_fast.losses.reference import ce_bdc_reference
 
 LAMBDA_BIN, LAMBDA_BDC = 0.7, 1.3
-
-
-@pytest.fixture(autouse=True)
-def poisoned_random_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
-    seed = random.randrange(2**31)
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")
 
 
 def brute_force(
@@ -89,7 +80,7 @@ def test_matches_reference_and_brute_force(
 ) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(batch, num_classes, scale, device)
     adjustment = torch.randn(num_classes, device=device) if adjusted else None
-    upstream = random.uniform(0.5, 2.0)
+    upstream = torch.empty(()).uniform_(0.5, 2.0).item()
     values, grad_z, grad_b = run_with_grads(fused_ce_bdc, logits, binary_logits, labels, normal_mask, adjustment, divergence, upstream)
     for x in (*values, grad_z, grad_b):
         assert torch.isfinite(x).all()

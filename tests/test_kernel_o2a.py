@@ -8,29 +8,20 @@ buffers poisoned with NaN, so matching the reference proves every element was wr
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_gpu
+from kernel_fixtures import poisoned_random_run  # noqa: F401 (autouse)
 from torch import Tensor
 
-from jrcl_fast.kernels import _common
 from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
 from jrcl_fast.losses import one_to_all_supcon
 from jrcl_fast.losses.reference import o2a_per_anchor_reference
 
 TAU = 0.1
-
-
-@pytest.fixture(autouse=True)
-def poisoned_random_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
-    seed = random.randrange(2**31)
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")
 
 
 def brute_force(

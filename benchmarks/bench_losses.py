@@ -1,0 +1,322 @@
+"""JRCL loss kernels: PyTorch eager reference vs torch.compile of it vs the fused Triton kernels.
+
+Times forward, backward and forward+backward of the O2A contrastive loss (N features
+against [features; C prototypes], D = 128) and of CE + binary CE + BDC (B = N rows,
+C classes), in float32 and bfloat16, with CUDA events (warm-up, then the median of
+many repeats), and the peak memory each adds. Each row is set against its floor:
+the least time the op's FLOPs take at the measured matmul rate, or its minimal
+bytes at the measured copy bandwidth, whichever is larger.
+
+    python benchmarks/bench_losses.py --quick --out losses.json   # reduced sweep
+    python benchmarks/bench_losses.py --out losses.json           # N x C x dtype sweep
+
+Without a GPU only the eager reference runs, on small shapes, as a smoke test: the
+kernel and torch.compile figures need a CUDA device. Not a test: docs/BENCHMARKS.md
+records the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
+
+DIM = 128
+TEMPERATURE = 0.1
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    loss: str  # "o2a" or "ce_bdc"
+    n: int  # features (O2A) or rows (CE+BDC)
+    classes: int
+    dtype: str
+
+
+@dataclass
+class Row:
+    loss: str
+    impl: str
+    n: int
+    classes: int
+    dim: int
+    dtype: str
+    mode: str
+    ms: float | None  # median; None when the row did not run
+    peak_mib: float | None
+    flops: float
+    bytes: float
+    floor_ms: float | None  # None without a GPU (no measured rates)
+    x_floor: float | None  # achieved time / floor time (1 = at the roofline)
+    status: str  # "ok", "OOM" or the error
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    return f"CPU: {model}"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_ms(run: Callable[[], None], before: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median time of `run`, with `before` (untimed) ahead of each call. CUDA events
+    on a GPU; wall clock after a synchronize otherwise."""
+    for _ in range(warmup):
+        before()
+        run()
+    times = []
+    for _ in range(repeats):
+        before()
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def machine_rates(quick: bool) -> dict[str, float]:
+    """Matmul FLOP/s per dtype (float32 without TF32, as the fused kernel computes it)
+    and copy bandwidth (bytes read + written per second) of this GPU."""
+    size = 4096 if quick else 8192
+    rates = {}
+    for name, dtype in DTYPES.items():
+        a = torch.randn(size, size, device="cuda", dtype=dtype)
+        b = torch.randn(size, size, device="cuda", dtype=dtype)
+        ms = median_ms(lambda: a @ b, lambda: None, 3, 10)
+        rates[f"matmul_{name}_flops"] = 2 * size**3 / (ms * 1e-3)
+    src = torch.empty(1 << 28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), lambda: None, 3, 10)
+    rates["copy_bytes_per_s"] = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    return rates
+
+
+def o2a_setup(case: Case, device: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(inputs, leaves): unit-norm features with labels over C classes and C prototypes."""
+    dtype = DTYPES[case.dtype]
+    features = F.normalize(torch.randn(case.n, DIM, device=device), dim=1).to(dtype).requires_grad_()
+    prototypes = F.normalize(torch.randn(case.classes, DIM, device=device), dim=1).to(dtype).requires_grad_()
+    labels = torch.randint(0, case.classes, (case.n,), device=device)
+    key_labels = torch.cat([labels, torch.arange(case.classes, device=device)])
+    return (features, prototypes, labels, key_labels), (features, prototypes)
+
+
+def o2a_objective(per_anchor: Callable) -> Callable[..., Tensor]:
+    """The training use: features are anchors and keys, prototypes extra keys."""
+
+    def objective(features: Tensor, prototypes: Tensor, labels: Tensor, key_labels: Tensor) -> Tensor:
+        keys = torch.cat([features, prototypes])
+        loss, num_pos = per_anchor(features, labels, keys, key_labels, 0, TEMPERATURE, True)
+        return loss.sum() / (num_pos > 0).sum().clamp(min=1)
+
+    return objective
+
+
+def ce_bdc_setup(case: Case, device: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    dtype = DTYPES[case.dtype]
+    logits = (3 * torch.randn(case.n, case.classes, device=device)).to(dtype).requires_grad_()
+    binary_logits = torch.randn(case.n, 2, device=device).to(dtype).requires_grad_()
+    labels = torch.randint(0, case.classes, (case.n,), device=device)
+    normal_mask = torch.arange(case.classes, device=device) < max(1, case.classes // 3)
+    adjustment = torch.log_softmax(torch.randn(case.classes, device=device), 0)  # log priors
+    return (logits, binary_logits, labels, normal_mask, adjustment), (logits, binary_logits)
+
+
+def ce_bdc_objective(fn: Callable) -> Callable[..., Tensor]:
+    return lambda *inputs: fn(*inputs)[0]
+
+
+def floor(case: Case, mode: str, rates: dict[str, float] | None) -> tuple[float, float, float | None]:
+    """(FLOPs, bytes, floor ms) of the op itself. O2A: one N x M x D matmul forward
+    and two backward (dA, dK), with M = N + C; reading (and for the backward writing)
+    the N + M rows once. CE+BDC: memory-bound, reading the logits once forward and
+    writing their gradient once backward (its few FLOPs per logit are not counted)."""
+    elem = DTYPES[case.dtype].itemsize
+    fwd, bwd = mode != "bwd", mode != "fwd"
+    if case.loss == "o2a":
+        m = case.n + case.classes
+        flops = 2 * case.n * m * DIM * (fwd + 2 * bwd)
+        nbytes = (case.n + m) * DIM * elem * (fwd + 2 * bwd)
+    else:
+        flops = 0.0
+        nbytes = case.n * case.classes * elem * (fwd + bwd)
+    if rates is None:
+        return flops, nbytes, None
+    seconds = max(flops / rates[f"matmul_{case.dtype}_flops"], nbytes / rates["copy_bytes_per_s"])
+    return flops, nbytes, seconds * 1e3
+
+
+def measure(objective: Callable[..., Tensor], inputs: tuple, leaves: tuple, mode: str, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """Median ms and peak MiB allocated beyond the inputs for one mode."""
+    holder: dict[str, Tensor] = {}
+
+    def clear() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    def prepare() -> None:
+        clear()
+        if mode == "bwd":
+            holder["out"] = objective(*inputs)
+
+    run = {
+        "fwd": lambda: objective(*inputs),
+        "bwd": lambda: holder.pop("out").backward(),
+        "fwd+bwd": lambda: objective(*inputs).backward(),
+    }[mode]
+    ms = median_ms(run, prepare, warmup, repeats)
+    if not torch.cuda.is_available():
+        return ms, None
+    gc.collect()
+    prepare()  # for "bwd" the forward graph is part of the baseline
+    synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    synchronize()
+    holder.clear()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def implementations(loss: str, gpu: bool) -> dict[str, Callable[..., Tensor]]:
+    if loss == "o2a":
+        reference, wrap = o2a_per_anchor_reference, o2a_objective
+    else:
+        reference, wrap = ce_bdc_reference, ce_bdc_objective
+    impls = {"eager": wrap(reference)}
+    if gpu:
+        from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
+        from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
+
+        impls["compile"] = wrap(torch.compile(reference, dynamic=False))
+        impls["triton"] = wrap(fused_o2a_per_anchor if loss == "o2a" else fused_ce_bdc)
+    return impls
+
+
+def sweep(quick: bool, gpu: bool) -> list[Case]:
+    if gpu:
+        sizes, classes, dtypes = ((4096,), (20, 8142), ("fp32", "bf16")) if quick else (
+            (4096, 16384, 65536), (20, 365, 8142), ("fp32", "bf16"))
+    else:  # the eager reference on shapes a CPU finishes in seconds
+        sizes, classes, dtypes = ((256,), (20, 365), ("fp32",)) if quick else ((256, 1024), (20, 365), ("fp32",))
+    return [Case(loss, n, c, d) for loss in ("o2a", "ce_bdc") for n in sizes for c in classes for d in dtypes]
+
+
+def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int, repeats: int) -> list[Row]:
+    device = "cuda" if gpu else "cpu"
+    setup = o2a_setup if case.loss == "o2a" else ce_bdc_setup
+    torch._dynamo.reset()  # fresh compile per shape: no recompile limit falls back to eager
+    rows = []
+    for impl, objective in implementations(case.loss, gpu).items():
+        for mode in MODES:
+            flops, nbytes, floor_ms = floor(case, mode, rates)
+            ms = peak = None
+            try:
+                inputs, leaves = setup(case, device)
+                ms, peak = measure(objective, inputs, leaves, mode, warmup, repeats)
+                status = "ok"
+            except torch.cuda.OutOfMemoryError:
+                status = "OOM"
+            except Exception as error:  # a failing row is reported, not fatal to the sweep
+                status = f"error: {type(error).__name__}: {error}".splitlines()[0][:200]
+            inputs = leaves = None
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+            x_floor = ms / floor_ms if ms is not None and floor_ms else None
+            rows.append(Row(case.loss, impl, case.n, case.classes, DIM, case.dtype, mode, ms, peak,
+                            flops, nbytes, floor_ms, x_floor, status))
+    return rows
+
+
+def print_table(console: Console, rows: list[Row], device: str) -> None:
+    table = Table(title=f"JRCL loss kernels on {device} (D = {DIM}; median ms)")
+    for column in ("loss", "impl", "N", "C", "dtype", "mode", "ms", "peak MiB", "GFLOP", "MB", "floor ms", "x floor"):
+        table.add_column(column, justify="left" if column in ("loss", "impl", "dtype", "mode") else "right")
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for r in rows:
+        ms = num(r.ms, ".3f") if r.status == "ok" else r.status
+        table.add_row(r.loss, r.impl, str(r.n), str(r.classes), r.dtype, r.mode, ms, num(r.peak_mib, ".1f"),
+                      num(r.flops / 1e9, ".1f"), num(r.bytes / 1e6, ".1f"), num(r.floor_ms, ".3f"), num(r.x_floor, ".1f"))
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sweep")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (median reported)")
+    args = parser.parse_args()
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # the table is wide; logs are not terminals
+    gpu = torch.cuda.is_available()
+    device = device_name()
+    # CPU shapes are tiny: many repeats are cheap and the median rides out a busy machine.
+    warmup, repeats = (3, args.repeats or (10 if args.quick else 30)) if gpu else (3, args.repeats or 15)
+    if not gpu:
+        console.print("[bold yellow]No CUDA GPU: only the eager PyTorch reference runs, on small shapes, as a "
+                      "smoke test. The fused-kernel and torch.compile figures need a GPU.[/]")
+    rates = machine_rates(args.quick) if gpu else None
+    if rates:
+        console.print("matmul TFLOP/s: " + ", ".join(f"{k.split('_')[1]} {v / 1e12:.1f}" for k, v in rates.items()
+                                                      if k.startswith("matmul"))
+                      + f"; copy bandwidth {rates['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+    rows = []
+    for case in sweep(args.quick, gpu):
+        console.print(f"[dim]{case}[/]")
+        rows += run_case(case, gpu, rates, warmup, repeats)
+    print_table(console, rows, device)
+    if args.out:
+        args.out.write_text(json.dumps({
+            "device": device,
+            "torch": torch.__version__,
+            "triton": triton_version(),
+            "rates": rates,
+            "gpu_figures": gpu,
+            "rows": [asdict(r) for r in rows],
+        }, indent=1))
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
