@@ -1,0 +1,143 @@
+"""Training-input throughput: DALI vs the torchvision DataLoader, side by side.
+
+Both loaders read the same generated files, apply the same augmentation (augment.py:
+natural for the JPEG profiles, xray for the PNG one), make the same number of views
+and use the same worker count (DataLoader worker processes = DALI threads). A row
+times full training epochs, start-up included, on a warm page cache; the loaders
+alternate for --repeats rounds and the best round of each counts, so load from other
+processes on a shared machine biases neither side (the JSON records the load average).
+
+    python benchmarks/bench_data.py --quick          # a minute or two on 2 cores
+    python benchmarks/bench_data.py --json out.json  # a few thousand images
+
+Not a test: the figures depend on the machine; docs/BENCHMARKS.md records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from jrcl_fast.data.augment import AUGMENTATIONS
+from jrcl_fast.data.dali_pipelines import DaliTrainLoader, dali_on_gpu
+from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.torch_loader import TorchTrainLoader
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    size: tuple[int, int]  # height, width
+    grayscale: bool
+    ext: str
+    count: int
+    quick_count: int
+
+    @property
+    def augmentation(self) -> str:
+        return "xray" if self.grayscale else "natural"
+
+
+PROFILES = (
+    Profile("places-like 256 px JPEG", (256, 256), False, "jpg", 2000, 256),
+    Profile("inat-like 800x600 JPEG", (600, 800), False, "jpg", 1000, 128),
+    Profile("cxr-like 1024 px gray PNG", (1024, 1024), True, "png", 400, 64),
+)
+
+
+def synthetic_photo(rng: np.random.Generator, size: tuple[int, int], grayscale: bool) -> Image.Image:
+    """Smooth structure plus grain, so encoded sizes resemble photos (noise alone
+    would not compress, flat colour would compress to nothing)."""
+    channels = 1 if grayscale else 3
+    coarse = rng.integers(0, 256, (size[0] // 32 + 1, size[1] // 32 + 1, channels), dtype=np.uint8)
+    base = Image.fromarray(coarse.squeeze(), "L" if grayscale else "RGB").resize(size[::-1], Image.BICUBIC)
+    grain = rng.normal(0, 6, (*size, channels)).squeeze()
+    return Image.fromarray(np.clip(np.asarray(base, np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def generate(folder: Path, profile: Profile, count: int) -> Split:
+    """`count` images of the profile under folder, written once and reused."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        rel = f"{profile.ext}_{profile.size[0]}x{profile.size[1]}/{i:05d}.{profile.ext}"
+        if not (folder / rel).is_file():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            synthetic_photo(rng, profile.size, profile.grayscale).save(folder / rel, quality=90)
+        paths.append(rel)
+    return Split(folder, paths, np.arange(count) % 100, f"generated {profile.name}")
+
+
+def images_per_second(loader: TorchTrainLoader | DaliTrainLoader) -> float:
+    start, seen = time.perf_counter(), 0
+    for images, _ in loader.epoch(0):
+        seen += images.shape[0]
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/jrcl_bench_data"), help="where images are generated")
+    parser.add_argument("--quick", action="store_true", help="a few hundred images instead of a few thousand")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers = DALI threads")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds per loader; the best counts")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    rows = []
+    for profile in PROFILES:
+        split = generate(args.folder, profile, profile.quick_count if args.quick else profile.count)
+        for path in split.paths:  # warm the page cache for both loaders alike
+            (split.root / path).read_bytes()
+        common = (split, args.image_size, AUGMENTATIONS[profile.augmentation], args.views, args.batch_size,
+                  "instance", 0)
+        loaders = (TorchTrainLoader(*common, num_workers=args.workers),
+                   DaliTrainLoader(*common, num_threads=args.workers))
+        rounds = [[images_per_second(loader) for loader in loaders] for _ in range(args.repeats)]
+        torch_rate, dali_rate = np.max(rounds, axis=0).tolist()
+        rows.append({"profile": profile.name, "images": len(split), "torch_images_per_s": round(torch_rate, 1),
+                     "dali_images_per_s": round(dali_rate, 1), "dali_over_torch": round(dali_rate / torch_rate, 2)})
+
+    device = torch.cuda.get_device_name() if dali_on_gpu() else f"CPU only: {cpu_model()}"
+    table = Table(title=f"Train input, {args.views} views of {args.image_size} px, batch {args.batch_size}, "
+                        f"{args.workers} workers ({device})")
+    for column in ("profile", "images", "torchvision img/s", "DALI img/s", "DALI / torchvision"):
+        table.add_column(column, justify="left" if column == "profile" else "right")
+    for row in rows:
+        table.add_row(row["profile"], str(row["images"]), f"{row['torch_images_per_s']:.1f}",
+                      f"{row['dali_images_per_s']:.1f}", f"{row['dali_over_torch']:.2f}x")
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "cpu": cpu_model(), "cores": os.cpu_count(),
+                                         "load_average_1_5_15_min": os.getloadavg(),
+                                         "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
