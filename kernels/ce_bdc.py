@@ -129,15 +129,15 @@ def _ce_bdc_kernel(
     tl.store(bdc_ptr + row, div_n + div_a)
 
     if COMPUTE_GRAD:
-        # d/db_k: binary CE gives q_k - [k = target]; BDC goes through log q_k = b_k - logsumexp(b).
+        # d/db_0 (d/db_1 is its negative): binary CE gives q_0 - [target = 0]; BDC, through
+        # log q_k = b_k - logsumexp(b), gives g_q0 - (g_q0 + g_q1) q_0. Both are written
+        # with q_1 = 1 - q_0 substituted, so nothing cancels when the head saturates.
         q0 = tl.exp(log_q0)
         q1 = tl.exp(log_q1)
-        g_q = g_q0 + g_q1
-        db0 = lambda_bin * (q0 - tl.where(abnormal, 0.0, 1.0)) + lambda_bdc * (g_q0 - g_q * q0)
-        db1 = lambda_bin * (q1 - tl.where(abnormal, 1.0, 0.0)) + lambda_bdc * (g_q1 - g_q * q1)
+        db0 = lambda_bin * tl.where(abnormal, q0, -q1) + lambda_bdc * (g_q0 * q1 - g_q1 * q0)
         db_row = db_ptr + row * stride_db
         tl.store(db_row, (inv_batch * db0).to(db_ptr.dtype.element_ty))
-        tl.store(db_row + 1, (inv_batch * db1).to(db_ptr.dtype.element_ty))
+        tl.store(db_row + 1, (-inv_batch * db0).to(db_ptr.dtype.element_ty))
 
         # Pass 2, d/dz_c: CE gives softmax(z + adj)_c - [c = y]. Through log pi_group =
         # lse_group - lse, BDC gives g_group softmax_group(z)_c - (g_n + g_a) p_c; with

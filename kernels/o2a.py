@@ -247,6 +247,8 @@ def fused_o2a_per_anchor(
     for name, x in (("anchors", anchors), ("keys", keys)):
         check_kernel_dtype(name, x)
     n, m = anchors.shape[0], keys.shape[0]
+    if keys.dtype != anchors.dtype:
+        raise TypeError(f"anchors and keys must share a dtype, got {anchors.dtype} and {keys.dtype}")
     if keys.shape[1] != anchors.shape[1]:
         raise ValueError(f"anchors and keys must have the same width, got {anchors.shape[1]} and {keys.shape[1]}")
     if not 0 <= anchor_offset <= m - n:

@@ -150,11 +150,13 @@ def test_public_dispatch_matches_torch(num_classes: int, class_average: bool, de
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
-def test_rejects_float64(device: str) -> None:
+def test_rejects_float64_and_mixed_dtypes(device: str) -> None:
     x = torch.randn(4, 32, device=device, dtype=torch.float64)
     labels = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.raises(TypeError, match="float64"):
         fused_o2a_per_anchor(x, labels, x, labels, 0, TAU)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_o2a_per_anchor(x.half(), labels, x.float(), labels, 0, TAU)
 
 
 @requires_gpu
