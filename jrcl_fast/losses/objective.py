@@ -10,6 +10,7 @@ from torch import Tensor
 from jrcl_fast.config import LossConfig
 from jrcl_fast.losses.classifier import ce_bdc_loss
 from jrcl_fast.losses.contrastive import one_to_all_supcon
+from jrcl_fast.losses.reference import upcast
 
 
 def logit_adjustment(train_counts: np.ndarray, tau: float) -> Tensor | None:
@@ -47,7 +48,7 @@ class JRCLObjective:
             terms.update(ce=classifier.ce, binary_ce=classifier.binary_ce, bdc=classifier.bdc)
         else:
             adjusted = logits0 if self.adjustment is None else logits0 + self.adjustment
-            total = F.cross_entropy(adjusted.float(), labels)
+            total = F.cross_entropy(upcast(adjusted), labels)
             terms["ce"] = total
         if cfg.lambda_con:
             contrastive = one_to_all_supcon(

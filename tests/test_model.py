@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from jrcl_fast.config import ModelConfig
+from jrcl_fast.models import JRCLNet
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnet152", "resnext50_32x4d"])
+def test_heads_and_shapes(backbone):
+    cfg = ModelConfig(backbone=backbone, small_input_stem=True, projection_dim=24, projection_hidden_dim=32)
+    model = JRCLNet(cfg, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 32, 32))
+    assert out.logits.shape == (3, 7) and out.binary_logits.shape == (3, 2) and out.features.shape == (3, 24)
+    torch.testing.assert_close(out.features.norm(dim=1), torch.ones(3))
+    assert model.normalized_prototypes().shape == (7, 24)
+    torch.testing.assert_close(model.normalized_prototypes().norm(dim=1), torch.ones(7))
+
+
+def test_small_input_stem_keeps_spatial_resolution():
+    small = JRCLNet(ModelConfig(backbone="resnet18", small_input_stem=True), 10).backbone
+    standard = JRCLNet(ModelConfig(backbone="resnet18", small_input_stem=False), 10).backbone
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        small_map = torch.nn.Sequential(small.conv1, small.bn1, small.relu, small.maxpool)(x)
+        standard_map = torch.nn.Sequential(standard.conv1, standard.bn1, standard.relu, standard.maxpool)(x)
+    assert small_map.shape[-1] == 32 and standard_map.shape[-1] == 8

@@ -1,0 +1,53 @@
+"""The JRCL objective composes the public losses as docs/METHOD.md section 3 says."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jrcl_fast.config import LossConfig
+from jrcl_fast.losses import bdc_loss, one_to_all_supcon
+from jrcl_fast.losses.objective import JRCLObjective
+
+
+def inputs(batch=6, views=2, classes=5, dim=8):
+    n = batch * views
+    logits = torch.randn(n, classes, dtype=torch.float64, requires_grad=True)
+    binary = torch.randn(n, 2, dtype=torch.float64, requires_grad=True)
+    features = F.normalize(torch.randn(n, dim, dtype=torch.float64), dim=1).requires_grad_()
+    protos = F.normalize(torch.randn(classes, dim, dtype=torch.float64), dim=1).requires_grad_()
+    return logits, binary, features, protos, torch.randint(0, classes, (batch,))
+
+
+def test_total_is_the_weighted_sum_over_the_right_views():
+    cfg = LossConfig(logit_adjust_tau=0.7, lambda_con=0.35, lambda_bdc=1.5, lambda_bin=0.5, temperature=0.2,
+                     backend="torch")
+    counts = np.array([100, 40, 10, 3, 1])
+    normal = np.array([True, False, False, False, False])
+    logits, binary, features, protos, labels = inputs()
+    total, terms = JRCLObjective(cfg, counts, normal, torch.device("cpu"))(logits, binary, features, labels, 2, protos)
+
+    b = labels.shape[0]
+    prior = counts / counts.sum()
+    ce = F.cross_entropy(logits[:b] + torch.tensor(0.7 * np.log(prior)), labels)  # view 0 only
+    y_bin = torch.tensor([0 if normal[y] else 1 for y in labels])
+    bce = F.cross_entropy(binary[:b], y_bin)
+    bdc = bdc_loss(logits[:b], binary[:b], torch.tensor(normal))
+    con = one_to_all_supcon(features, labels.repeat(2), protos, 0.2)  # every view
+    want = ce + 0.5 * bce + 1.5 * bdc + 0.35 * con
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(terms["contrastive"], con.detach())
+    assert not any(t.requires_grad for t in terms.values())
+    g_total = torch.autograd.grad(total, (logits, features, protos))
+    g_want = torch.autograd.grad(want, (logits, features, protos))
+    for g, w in zip(g_total, g_want):
+        torch.testing.assert_close(g, w)
+    assert g_total[0][b:].abs().max() == 0  # the second view's logits get no gradient
+
+
+def test_zero_weights_skip_their_terms():
+    cfg = LossConfig(lambda_con=0, lambda_bdc=0, lambda_bin=0, backend="torch")
+    logits, binary, features, protos, labels = inputs()
+    total, terms = JRCLObjective(cfg, np.array([5, 4, 3, 2, 1]), np.array([True] + [False] * 4),
+                                 torch.device("cpu"))(logits, binary, features, labels, 2, protos)
+    assert set(terms) == {"ce", "total"}
+    torch.testing.assert_close(total, F.cross_entropy(logits[: labels.shape[0]], labels))
