@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_gpu
-from kernel_fixtures import poisoned_random_run  # noqa: F401 (autouse)
+from kernel_testing import compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
 from torch import Tensor
 
+from jrcl_fast.kernels import ce_bdc
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 from jrcl_fast.losses import ce_bdc_loss
 from jrcl_fast.losses.reference import ce_bdc_reference
@@ -142,6 +143,23 @@ def test_rejects_float64(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(4, 20, 1.0, device, torch.float64)
     with pytest.raises(TypeError, match="float64"):
         fused_ce_bdc(logits, binary_logits, labels, normal_mask)
+
+
+def test_kernel_compiles_for_sm90() -> None:
+    """The kernel through the real compiler for each dtype and variant in use."""
+    specs = []
+    for dtype, num_classes, has_adj, sym_kl, grad in (
+        ("fp32", 365, True, False, True), ("bf16", 8142, False, True, True), ("fp16", 8142, True, False, False)
+    ):
+        types = dict.fromkeys(("C", "stride_z", "stride_b", "stride_dz", "stride_db"), "i32")
+        types |= dict.fromkeys(("z_ptr", "b_ptr", "dz_ptr", "db_ptr"), f"*{dtype}")
+        types |= dict.fromkeys(("adj_ptr", "ce_ptr", "bce_ptr", "bdc_ptr"), "*fp32")
+        types |= dict.fromkeys(("lambda_bin", "lambda_bdc", "inv_batch"), "fp32")
+        types |= {"y_ptr": "*i64", "normal_ptr": "*i8"}
+        block, num_warps = ce_bdc._block_c(num_classes)
+        flags = {"HAS_ADJ": has_adj, "SYM_KL": sym_kl, "COMPUTE_GRAD": grad, "BLOCK_C": block}
+        specs.append(("jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", types, flags, num_warps))
+    compile_for_sm90(specs)
 
 
 @requires_gpu

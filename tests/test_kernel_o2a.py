@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_gpu
-from kernel_fixtures import poisoned_random_run  # noqa: F401 (autouse)
+from kernel_testing import compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
 from torch import Tensor
 
+from jrcl_fast.kernels import o2a
 from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
 from jrcl_fast.losses import one_to_all_supcon
 from jrcl_fast.losses.reference import o2a_per_anchor_reference
@@ -157,6 +158,21 @@ def test_rejects_float64_and_mixed_dtypes(device: str) -> None:
         fused_o2a_per_anchor(x, labels, x, labels, 0, TAU)
     with pytest.raises(TypeError, match="share a dtype"):
         fused_o2a_per_anchor(x.half(), labels, x.float(), labels, 0, TAU)
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """The three kernels through the real compiler at their launch configurations."""
+    specs = []
+    for dtype, elem_size, dim in (("fp32", 4, 128), ("bf16", 2, 128), ("fp16", 2, 256)):
+        types = dict.fromkeys(("n", "M", "D", "anchor_offset", "stride_a", "stride_k", "stride_da", "stride_dk"), "i32")
+        types |= dict.fromkeys(("a_ptr", "k_ptr", "da_ptr", "dk_ptr"), f"*{dtype}")
+        types |= dict.fromkeys(("loss_ptr", "log_den_ptr", "coef_ptr", "inv_num_pos_ptr"), "*fp32")
+        types |= {"ya_ptr": "*i64", "yk_ptr": "*i64", "count_ptr": "*i32", "num_pos_ptr": "*i32", "inv_tau": "fp32"}
+        config = o2a._launch_config(dim, elem_size)
+        num_warps = config.pop("num_warps")
+        for kernel in ("_o2a_fwd_kernel", "_o2a_bwd_anchors_kernel", "_o2a_bwd_keys_kernel"):
+            specs.append(("jrcl_fast.kernels.o2a", kernel, types, {"CLASS_AVERAGE": dtype != "fp16", **config}, num_warps))
+    compile_for_sm90(specs)
 
 
 @requires_gpu
