@@ -277,7 +277,7 @@ def print_table(console: Console, rows: list[Row], device: str) -> None:
     for r in rows:
         ms = num(r.ms, ".3f") if r.status == "ok" else r.status
         table.add_row(r.loss, r.impl, str(r.n), str(r.classes), r.dtype, r.mode, ms, num(r.peak_mib, ".1f"),
-                      num(r.flops / 1e9, ".1f"), num(r.bytes / 1e6, ".1f"), num(r.floor_ms, ".3f"), num(r.x_floor, ".1f"))
+                      num(r.flops / 1e9, ".1f"), num(r.bytes / 1e6, ".1f"), num(r.floor_ms, ".3g"), num(r.x_floor, ".1f"))
     console.print(table)
 
 
