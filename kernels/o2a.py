@@ -10,12 +10,17 @@ over anchor blocks (gradient of the anchors) and once in a pass over key blocks
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
+
+# Whether @triton.jit below builds interpreted functions (decided at import, as here).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # tf32 would perturb s = a.k / tau by ~1e-3 relative, i.e. ~1e-2 absolute at tau = 0.1,
 # which is visible in the loss; "ieee" keeps float32 inputs exact (it does not affect
@@ -260,6 +265,10 @@ def fused_o2a_per_anchor(
         raise ValueError(f"anchors and keys must have the same width, got {anchors.shape[1]} and {keys.shape[1]}")
     if not 0 <= anchor_offset <= m - n:
         raise ValueError(f"anchors must be rows {anchor_offset}..{anchor_offset + n - 1} of {m} keys")
+    if _INTERPRETED and anchors.dtype == torch.bfloat16:
+        # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584):
+        # run it in float32, which holds bfloat16 products exactly; autograd casts the grads back.
+        anchors, keys = anchors.float(), keys.float()
     return _O2AFunction.apply(
         anchors.contiguous(),
         keys.contiguous(),
