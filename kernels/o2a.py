@@ -23,8 +23,8 @@ from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # tf32 would perturb s = a.k / tau by ~1e-3 relative, i.e. ~1e-2 absolute at tau = 0.1,
-# which is visible in the loss; "ieee" keeps float32 inputs exact (it does not affect
-# the half-precision tensor-core path).
+# which is visible in the loss; "ieee" keeps float32 inputs at float32 precision (at the
+# cost of CUDA-core instead of tensor-core FLOPs; half-precision inputs are unaffected).
 _DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
