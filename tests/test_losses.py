@@ -220,3 +220,14 @@ def test_ce_bdc_total_is_weighted_sum():
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_auto_backend_dispatch():
+    from jrcl_fast.losses.dispatch import use_kernels
+
+    cpu = torch.zeros(2, 2)
+    assert not use_kernels("auto", cpu) and use_kernels("triton", cpu) and not use_kernels("torch", cpu)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_kernels("cuda", cpu)
+    if torch.cuda.is_available():
+        assert use_kernels("auto", cpu.cuda()) and not use_kernels("auto", cpu.double().cuda())
