@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from jrcl_fast.config import load_config, parse_config
-from jrcl_fast.errors import UserError
+from jrcl_fast.errors import RankFailure, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jrcl-fast", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK wins.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train on a data set, then evaluate on its test split")
@@ -25,10 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="start over in a train.output_dir that holds a run")
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on its data set's test split")
-    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument("--checkpoint", required=True, type=Path,
+                          help="a run's checkpoints/ folder (its latest epoch), or one epoch folder in it")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a key of the checkpoint's config, e.g. --set data.root=/data/places")
-    evaluate.add_argument("--output-dir", type=Path, help="where results go (default: the checkpoint's folder)")
+    evaluate.add_argument("--output-dir", type=Path, help="where results go (default: the checkpoint's run folder)")
 
     check = sub.add_parser("check-data", help="decode every image of the config's data set; list missing or corrupt ones")
     check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
@@ -38,32 +42,44 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
+    import torch.distributed as dist
+
     from jrcl_fast.data.registry import load_dataset
-    from jrcl_fast.engine.trainer import default_device, train
+    from jrcl_fast.engine.distributed import launched_ranks
+    from jrcl_fast.engine.trainer import device_of, train
     from jrcl_fast.evaluation.evaluate import evaluate, publish
 
+    ranks = launched_ranks(args.local_rank)
+    if not ranks.is_main:
+        console.quiet = True  # rank 0 speaks for the job
     cfg = load_config(args.config, args.overrides)
     dataset = load_dataset(cfg.data)
-    model = train(cfg, dataset, args.resume, args.overwrite, console)
-    results = evaluate(model, dataset, cfg, default_device())
-    publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
+    model = train(cfg, dataset, args.resume, args.overwrite, console, ranks)
+    results = evaluate(model, dataset, cfg, device_of(ranks), ranks)
+    if ranks.is_main:
+        publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.data.registry import load_dataset
-    from jrcl_fast.engine.checkpoint import load_checkpoint
-    from jrcl_fast.engine.trainer import default_device
+    from jrcl_fast.engine.checkpoint import read_model_states, run_dir_of
+    from jrcl_fast.engine.distributed import Ranks
+    from jrcl_fast.engine.trainer import device_of
     from jrcl_fast.evaluation.evaluate import evaluate, publish
     from jrcl_fast.models import JRCLNet
 
-    saved = load_checkpoint(args.checkpoint)
+    saved = read_model_states(args.checkpoint)
+    if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
+        raise UserError(f"checkpoint {args.checkpoint} holds no weights and config; it is not a jrcl-fast checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
     dataset = load_dataset(cfg.data)
-    device = default_device()
+    device = device_of(Ranks())
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(saved["module"])  # half-precision runs saved half weights: loaded as fp32
     results = evaluate(model, dataset, cfg, device)
-    publish(results, args.output_dir or args.checkpoint.parent, f"{dataset.name}: test split", console)
+    publish(results, args.output_dir or run_dir_of(args.checkpoint), f"{dataset.name}: test split", console)
 
 
 def _check_data(args: argparse.Namespace, console: Console) -> None:
@@ -90,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
+    except RankFailure as err:  # quotes backend text, which may contain [brackets]
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         return 130

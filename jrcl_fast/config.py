@@ -49,6 +49,10 @@ class ModelConfig:
     small_input_stem: bool = False  # 3x3 stride-1 stem, no max-pool: for inputs of ~32 px
     projection_dim: int = 128
     projection_hidden_dim: int = 512
+    # Normalisation layers. batch: per-rank statistics, so N ranks x b is not exactly
+    # 1 rank x N*b; sync_batch: statistics over all ranks (GPU); group: per-sample, so
+    # the result does not depend on how the batch is split across ranks.
+    norm: str = "batch"  # batch | sync_batch | group
 
 
 @dataclass
@@ -82,6 +86,15 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # train.batch_size is the micro batch of one rank; one optimizer step sees
+    # batch_size x gradient_accumulation_steps x world size images.
+    gradient_accumulation_steps: int = 1
+    # auto: DeepSpeed when launched distributed or on a GPU, else the plain local engine
+    # (no DeepSpeed start-up cost; fp32). deepspeed forces DeepSpeed even for 1 CPU process.
+    engine: str = "auto"  # auto | local | deepspeed
+    deepspeed_config: str = "configs/ds_config.json"  # precision, ZeRO stage, clipping
+    # A collective that waits longer than this (a rank died or hangs) fails the job.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -104,13 +117,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("torch", "dali"),
     "data.sampler": ("instance", "class_balanced", "sqrt"),
     "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
+    "model.norm": ("batch", "sync_batch", "group"),
+    "train.engine": ("auto", "local", "deepspeed"),
     "loss.divergence": ("js", "sym_kl"),
     "loss.backend": ("auto", "torch", "triton"),
     "optim.name": ("sgd", "adamw"),
 }
 POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_size", "eval.batch_size",
             "model.projection_dim", "model.projection_hidden_dim", "loss.temperature", "optim.lr",
-            "data.imbalance_ratio"}
+            "data.imbalance_ratio", "train.gradient_accumulation_steps", "train.collective_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
                 "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",
                 "train.threads", "optim.momentum"}

@@ -7,3 +7,10 @@ class UserError(Exception):
     The CLI prints its message as one line, without a traceback. The message names
     the file, line, key or argument at fault and says what to do.
     """
+
+
+class RankFailure(Exception):
+    """A collective with the other ranks failed or timed out: one died or hangs.
+
+    The CLI prints its message without a traceback and exits with code 1.
+    """

@@ -34,7 +34,8 @@ def test_train_then_eval_writes_results(tmp_path, digits_root):
     assert (run / "per_class_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # eval of the checkpoint reproduces the training run's results
-    again = run_cli("eval", "--checkpoint", str(run / "last.pt"), "--output-dir", str(tmp_path / "eval"))
+    assert (run / "checkpoints" / "latest").read_text() == "epoch_0003"
+    again = run_cli("eval", "--checkpoint", str(run / "checkpoints"), "--output-dir", str(tmp_path / "eval"))
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
 

@@ -43,8 +43,10 @@ class SplitDataset(Dataset):
     """Images of a split at the given indices, each as `num_views` transformed views
     (num_views = 0: a single eval image without a view axis)."""
 
-    def __init__(self, split: Split, indices: np.ndarray, transform: T.Compose, num_views: int = 0):
+    def __init__(self, split: Split, indices: np.ndarray, transform: T.Compose, num_views: int = 0,
+                 seeds: np.ndarray | None = None):
         self.split, self.indices, self.transform, self.num_views = split, indices, transform, num_views
+        self.seeds = seeds
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -55,7 +57,11 @@ class SplitDataset(Dataset):
         label = int(self.split.labels[j])
         if self.num_views == 0:
             return self.transform(image), label
-        return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
+        # A per-item seed makes the views independent of rank count and worker order.
+        with torch.random.fork_rng(devices=[]):
+            if self.seeds is not None:
+                torch.manual_seed(int(self.seeds[i]))
+            return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
 
 
 class TorchTrainLoader:
@@ -73,7 +79,12 @@ class TorchTrainLoader:
     def epoch(self, epoch: int) -> DataLoader:
         indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
                                 self.rank, self.world_size)
-        dataset = SplitDataset(self.split, indices, self.transform, self.num_views)
+        # Seeded by the position in the global epoch order, so that N ranks x b
+        # augment exactly as 1 rank x N*b does.
+        b, w = self.batch_size, self.world_size
+        positions = np.arange(len(indices) // b)[:, None] * (w * b) + self.rank * b + np.arange(b)
+        seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0].astype(np.int64) + positions.reshape(-1)
+        dataset = SplitDataset(self.split, indices, self.transform, self.num_views, seeds)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=False)
 

@@ -1,7 +1,17 @@
-"""Checkpoint files, written atomically."""
+"""Checkpoint folders, in DeepSpeed's layout, never torn.
+
+A run's `checkpoints/` folder holds one tag folder per saved epoch (`epoch_0003/`) and
+a `latest` file naming the newest complete one. Both engines write a tag folder
+(DeepSpeed: `mp_rank_00_model_states.pt` with the weights and the client state, plus
+ZeRO optimizer shards); `latest` is replaced atomically only after every rank has
+written and fsynced its files, so a kill at any moment leaves `latest` naming a whole
+checkpoint. Older tag folders, and any half-written one, are deleted after that.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +20,61 @@ import torch
 from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.errors import UserError
 
+CHECKPOINT_DIR = "checkpoints"  # in train.output_dir
+LATEST = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights file
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+
+def epoch_tag(epochs_done: int) -> str:
+    return f"epoch_{epochs_done:04d}"
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk (DeepSpeed's torch.save does not)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def commit_latest(save_dir: Path, tag: str) -> None:
+    """Point `latest` at `tag` atomically, then delete every other tag folder."""
+    atomic_write_bytes(save_dir / LATEST, lambda f: f.write(tag.encode()))
+    for other in save_dir.iterdir():
+        if other.is_dir() and other.name != tag:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def latest_tag(save_dir: Path) -> str | None:
+    path = save_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def save_model_states(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def run_dir_of(path: Path) -> Path:
+    """The run folder a checkpoint path belongs to (the parent of its checkpoints/)."""
+    path = path.resolve()
+    for folder in [path, *path.parents]:
+        if folder.name == CHECKPOINT_DIR:
+            return folder.parent
+    return path if path.is_dir() else path.parent
+
+
+def read_model_states(path: Path) -> dict[str, Any]:
+    """The weights file of a checkpoint: `path` is a run's checkpoints/ folder (its
+    latest tag), a tag folder, or the weights file itself."""
+    if path.is_dir():
+        tag = latest_tag(path)
+        path = path / tag / MODEL_STATES if tag else path / MODEL_STATES
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check --checkpoint or train.output_dir")
+        raise UserError(f"checkpoint {path} does not exist; pass --checkpoint RUN/checkpoints "
+                        "(train.output_dir/checkpoints) of a run that finished an epoch")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a foreign or damaged file: say which, not a pickle traceback

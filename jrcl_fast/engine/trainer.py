@@ -1,15 +1,19 @@
-"""The training loop: epochs of JRCL steps, per-epoch metrics and checkpoints.
+"""The training loop: epochs of JRCL steps, per-step and per-epoch metrics, checkpoints.
+
+One loop for every engine (engines.py): DeepSpeed with any number of ranks, or the
+local fp32 engine of a plain one-process CPU run.
 
 Resuming is exact on the CPU: the sample order and the augmentation randomness of an
-epoch depend only on (seed, epoch), and a checkpoint is written after every epoch, so
-a run killed anywhere and resumed repeats the interrupted epoch bit for bit.
+epoch depend only on (seed, epoch) and the sample's place in the global batch, and a
+checkpoint is written after every epoch, so a run killed anywhere and resumed repeats
+the interrupted epoch bit for bit. Rank 0 writes the metrics.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,46 +26,30 @@ from jrcl_fast.config import Config, config_to_dict
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.groups import normal_class_mask
 from jrcl_fast.data.loaders import build_train_loader
-from jrcl_fast.engine.checkpoint import load_checkpoint, save_checkpoint
+from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
+from jrcl_fast.engine.distributed import (Ranks, collective_failures, global_one_to_all_supcon, is_distributed,
+                                          mean_over_ranks)
+from jrcl_fast.engine.engines import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
+from jrcl_fast.losses.contrastive import one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import JRCLNet
 
-CHECKPOINT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
+STEPS_NAME = "steps.jsonl"
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device_of(ranks: Ranks) -> torch.device:
+    return torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
-    """Augmentations draw from torch's global generator: fix it per epoch."""
+    """Fix torch's global generator per epoch (augmentations reseed per sample)."""
     torch.manual_seed(seed * 1_000_003 + epoch)
 
 
-@dataclass
-class TrainState:
-    model: JRCLNet
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    epochs_done: int = 0
-
-
-def checkpoint_payload(state: TrainState, cfg: Config, dataset: LongTailedDataset) -> dict:
-    """Everything `jrcl-fast eval` and `--resume` need, the config included."""
-    return {
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "epochs_done": state.epochs_done,
-        "config": config_to_dict(cfg),
-        "class_names": dataset.class_names,
-    }
-
-
-def _trim_metrics(path: Path, epochs_done: int) -> None:
+def _trim_jsonl(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs after the checkpoint: they will be run again."""
     if not path.exists():
         return
@@ -69,7 +57,7 @@ def _trim_metrics(path: Path, epochs_done: int) -> None:
     atomic_write_bytes(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
-def _append_metrics(path: Path, record: dict) -> None:
+def _append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -89,76 +77,121 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console) -> JRCLNet:
-    """Train `cfg` on `dataset`; returns the trained model (checkpoint in train.output_dir)."""
-    out_dir = Path(cfg.train.output_dir)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
-    if ckpt_path.exists() and not (resume or overwrite):
+def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    if latest_tag(ckpt_dir) and not (resume or overwrite):
         raise UserError(f"train.output_dir {out_dir} already holds a run; pass --resume to continue it, "
                         "--overwrite to start over, or set another train.output_dir")
-    if resume and not ckpt_path.exists():
-        raise UserError(f"--resume: {ckpt_path} does not exist; start without --resume")
+    if resume and not latest_tag(ckpt_dir):
+        raise UserError(f"--resume: {ckpt_dir} holds no finished epoch; start without --resume")
+
+
+def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
+          ranks: Ranks = Ranks()) -> JRCLNet:
+    """Train `cfg` on `dataset` as rank `ranks.rank`; returns the trained model in fp32
+    (checkpoints in train.output_dir/checkpoints)."""
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
+    _check_output_dir(out_dir, resume, overwrite)
     dataset.train.check_files_exist()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = default_device()
+    device = device_of(ranks)
 
     torch.manual_seed(cfg.train.seed)
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
-    loader = build_train_loader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed)
+    loader = build_train_loader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, ranks.rank,
+                                ranks.world_size)
+    accum = cfg.train.gradient_accumulation_steps
+    # Whole accumulation cycles per epoch, so that an epoch's checkpoint holds no partial gradient.
+    micro_steps = len(loader) // accum * accum
+    if micro_steps == 0:
+        raise UserError(f"train.gradient_accumulation_steps {accum} exceeds the {len(loader)} steps of an epoch; "
+                        "lower it or train.batch_size")
     optimizer = build_optimizer(cfg.optim, model)
-    state = TrainState(model, optimizer, build_scheduler(cfg.optim, optimizer, len(loader), cfg.train.epochs))
-    objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
+    scheduler = build_scheduler(cfg.optim, optimizer, micro_steps // accum, cfg.train.epochs)
+    engine, description = build_engine(cfg, ranks, model, optimizer, scheduler)
+    contrastive = global_one_to_all_supcon if is_distributed() else one_to_all_supcon
+    objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device,
+                              contrastive)
+    # bf16/fp16 engines hold the weights in half precision: feed them in that dtype.
+    dtype = next(engine.module.parameters()).dtype
 
+    epochs_done = 0
     if resume:
-        saved = load_checkpoint(ckpt_path)
+        _, saved = engine.load_checkpoint(str(ckpt_dir), latest_tag(ckpt_dir))
         if saved["config"] != config_to_dict(cfg):
-            raise UserError(f"--resume: the config differs from the one {ckpt_path} was trained with; "
+            raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
                             "resume with the same config and --set overrides")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        state.epochs_done = saved["epochs_done"]
-        console.print(f"Resuming {out_dir} after epoch {state.epochs_done}")
-        _trim_metrics(metrics_path, state.epochs_done)
-    else:
+        epochs_done = saved["epochs_done"]
+        console.print(f"Resuming {out_dir} after epoch {epochs_done}")
+        if ranks.is_main:
+            _trim_jsonl(metrics_path, epochs_done)
+            _trim_jsonl(steps_path, epochs_done)
+    elif ranks.is_main:
         metrics_path.unlink(missing_ok=True)
+        steps_path.unlink(missing_ok=True)
+    console.print(f"Training with the {description}; global batch "
+                  f"{cfg.train.batch_size * ranks.world_size * accum} images")
 
     views = cfg.data.num_views
-    with _progress(console) as progress:
-        task = progress.add_task("train", total=len(loader) * cfg.train.epochs,
-                                 completed=len(loader) * state.epochs_done, epoch=state.epochs_done + 1, ips=0.0,
+    with _progress(console) as progress, collective_failures(ranks, cfg.train.collective_timeout_s):
+        task = progress.add_task("train", total=micro_steps * cfg.train.epochs,
+                                 completed=micro_steps * epochs_done, epoch=epochs_done + 1, ips=0.0,
                                  loss=float("nan"))
-        for epoch in range(state.epochs_done, cfg.train.epochs):
-            model.train()
+        for epoch in range(epochs_done, cfg.train.epochs):
+            engine.module.train()
             seed_epoch(cfg.train.seed, epoch)
             sums: dict[str, float] = {}
             images_seen, start = 0, time.perf_counter()
-            for images, labels in loader.epoch(epoch):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            for step, (images, labels) in enumerate(itertools.islice(loader.epoch(epoch), micro_steps)):
+                images = images.to(device, dtype, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
                 batch = labels.shape[0]
                 # View-major rows: [view 0 of every image; view 1; ...] in one backbone pass.
-                out = model(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
-                loss, terms = objective(out.logits, out.binary_logits, out.features, labels, views,
-                                        model.normalized_prototypes())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                state.scheduler.step()
+                out = engine(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
+                # The losses run in fp32 whatever the engine's precision.
+                loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
+                                        labels, views, engine.module.normalized_prototypes().float())
+                engine.backward(loss)
+                engine.step()
+                terms = mean_over_ranks(terms)  # the global batch's loss on every rank
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                images_seen += batch
+                    sums[name] = sums.get(name, 0.0) + value
+                images_seen += batch * ranks.world_size
                 ips = images_seen / (time.perf_counter() - start)
-                progress.update(task, advance=1, epoch=epoch + 1, ips=ips, loss=float(terms["total"]))
+                progress.update(task, advance=1, epoch=epoch + 1, ips=ips, loss=terms["total"])
+                if ranks.is_main:
+                    _append_jsonl(steps_path, {"epoch": epoch + 1, "step": epoch * micro_steps + step + 1,
+                                               **{f"loss_{name}": value for name, value in terms.items()}})
             if not np.isfinite(sums.get("total", 0.0)):
                 raise RuntimeError(f"the training loss became non-finite in epoch {epoch + 1}; lower optim.lr")
-            state.epochs_done = epoch + 1
-            steps = len(loader)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+            epochs_done = epoch + 1
+            record = {"epoch": epochs_done, "lr": engine.get_lr()[0],
                       "images_per_s": images_seen / (time.perf_counter() - start),
-                      **{f"loss_{name}": total / steps for name, total in sums.items()}}
-            # Metrics first: a kill between the two leaves a line that --resume trims.
-            _append_metrics(metrics_path, record)
-            save_checkpoint(ckpt_path, checkpoint_payload(state, cfg, dataset))
+                      **{f"loss_{name}": total / micro_steps for name, total in sums.items()}}
+            # Metrics first: a kill between the two leaves lines that --resume trims.
+            if ranks.is_main:
+                _append_jsonl(metrics_path, record)
+            save(engine, ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(cfg),
+                                                 "class_names": dataset.class_names}, ranks)
+    return fp32_copy(engine.module, cfg, dataset.num_classes, device)
+
+
+def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ranks) -> None:
+    """Write the epoch's tag folder on every rank, flush it, then let rank 0 move `latest`."""
+    tag = epoch_tag(epochs_done)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    fsync_tree(ckpt_dir / tag)
+    if is_distributed():
+        torch.distributed.barrier()  # every rank's files are on disk before `latest` names them
+    if ranks.is_main:
+        commit_latest(ckpt_dir, tag)
+
+
+def fp32_copy(module: torch.nn.Module, cfg: Config, num_classes: int, device: torch.device) -> JRCLNet:
+    """The trained weights in a plain fp32 JRCLNet, as `jrcl-fast eval` loads them."""
+    model = JRCLNet(cfg.model, num_classes).to(device)
+    model.load_state_dict(module.state_dict())
     return model

@@ -12,6 +12,8 @@ from jrcl_fast.config import Config
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.groups import shot_groups
 from jrcl_fast.data.loaders import build_eval_loader
+from jrcl_fast.data.sampling import eval_indices
+from jrcl_fast.engine.distributed import Ranks, gather_shards
 from jrcl_fast.evaluation.metrics import classification_metrics, predict
 from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json
 from jrcl_fast.models import JRCLNet
@@ -20,12 +22,17 @@ RESULTS_NAME = "results.json"
 PLOT_NAME = "per_class_accuracy.png"
 
 
-def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
+             ranks: Ranks = Ranks()) -> dict[str, Any]:
+    """Metrics on the test split. Under several ranks each evaluates its shard
+    (sampling.eval_indices) and the predictions are gathered in sample order, so every
+    test image counts exactly once; every rank returns the same results."""
     dataset.test.check_files_exist()
-    loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size)
+    loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank,
+                               ranks.world_size)
     preds, labels = predict(model, loader, device)
-    if preds.size != len(dataset.test):
-        raise RuntimeError(f"evaluation saw {preds.size} of {len(dataset.test)} test images")
+    positions = [eval_indices(len(dataset.test), r, ranks.world_size) for r in range(ranks.world_size)]
+    preds, labels = gather_shards(preds, positions), gather_shards(labels, positions)
     return classification_metrics(preds, labels, dataset.train_counts, shot_groups(dataset, cfg.data),
                                   dataset.class_names)
 

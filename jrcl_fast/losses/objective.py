@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,8 +26,12 @@ def logit_adjustment(train_counts: np.ndarray, tau: float) -> Tensor | None:
 class JRCLObjective:
     """Weighted sum of the JRCL terms; a weight of 0 skips its term entirely."""
 
-    def __init__(self, cfg: LossConfig, train_counts: np.ndarray, normal_mask: np.ndarray, device: torch.device):
+    def __init__(self, cfg: LossConfig, train_counts: np.ndarray, normal_mask: np.ndarray, device: torch.device,
+                 contrastive: Callable[..., Tensor] = one_to_all_supcon):
+        """`contrastive` has one_to_all_supcon's signature; the distributed trainer
+        passes a version that contrasts with the keys of every rank."""
         self.cfg = cfg
+        self.contrastive = contrastive
         adjustment = logit_adjustment(train_counts, cfg.logit_adjust_tau)
         self.adjustment = None if adjustment is None else adjustment.to(device)
         self.normal_mask = torch.as_tensor(normal_mask, device=device)
@@ -51,7 +57,7 @@ class JRCLObjective:
             total = F.cross_entropy(upcast(adjusted), labels)
             terms["ce"] = total
         if cfg.lambda_con:
-            contrastive = one_to_all_supcon(
+            contrastive = self.contrastive(
                 features, labels.repeat(num_views), prototypes if cfg.use_prototypes else None,
                 cfg.temperature, cfg.class_average, cfg.backend,
             )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,20 @@ class JRCLOutput(NamedTuple):
     features: Tensor  # N x D, L2-normalised projections for the contrastive loss
 
 
-def build_backbone(name: str, small_input_stem: bool) -> tuple[nn.Module, int]:
+def norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """Normalisation of `channels` features: BatchNorm (sync_batch is converted to
+    SyncBatchNorm by the trainer once ranks exist) or 32-group GroupNorm."""
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.BatchNorm2d
+
+
+def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tuple[nn.Module, int]:
     """A torchvision backbone without its classifier, and its feature width.
 
     Weights start random: nothing is downloaded at run time.
     """
-    net = getattr(torchvision.models, name)(weights=None)
+    net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer(norm))
     if small_input_stem:
         # For ~32 px inputs the 7x7/2 stem and max-pool would leave 1 x 1 maps.
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
@@ -36,12 +45,13 @@ def build_backbone(name: str, small_input_stem: bool) -> tuple[nn.Module, int]:
 class JRCLNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        self.backbone, width = build_backbone(cfg.backbone, cfg.small_input_stem)
+        self.backbone, width = build_backbone(cfg.backbone, cfg.small_input_stem, cfg.norm)
         self.classifier = nn.Linear(width, num_classes)
         self.binary_head = nn.Linear(width, 2)
         self.projection = nn.Sequential(
             nn.Linear(width, cfg.projection_hidden_dim),
-            nn.BatchNorm1d(cfg.projection_hidden_dim),
+            nn.GroupNorm(math.gcd(32, cfg.projection_hidden_dim), cfg.projection_hidden_dim)
+            if cfg.norm == "group" else nn.BatchNorm1d(cfg.projection_hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(cfg.projection_hidden_dim, cfg.projection_dim),
         )

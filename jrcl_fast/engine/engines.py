@@ -1,0 +1,143 @@
+"""The engine the training loop drives: DeepSpeed, or a local stand-in with its API.
+
+The loop calls `engine(images)`, `engine.backward(loss)`, `engine.step()`,
+`engine.get_lr()`, `engine.save_checkpoint(...)` and `engine.load_checkpoint(...)` only,
+so one loop serves both. DeepSpeed runs whenever the job is launched with several
+ranks or a GPU is present (train.engine: auto). A plain one-process CPU run uses
+LocalEngine instead: DeepSpeed's communication backend compiles a C++ extension on its
+first use on the CPU (about a minute on 2 cores), which would double the Quick start.
+LocalEngine follows DeepSpeed's semantics (loss divided by the accumulation steps, an
+optimizer and scheduler step at each accumulation boundary, the same clipping and the
+same checkpoint layout) in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jrcl_fast.config import Config
+from jrcl_fast.engine.checkpoint import MODEL_STATES, save_model_states
+from jrcl_fast.engine.distributed import Ranks, init_process_group
+from jrcl_fast.errors import UserError
+
+# Keys of the DeepSpeed config that the YAML config owns.
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+class LocalEngine:
+    """One process, fp32, no DeepSpeed: the subset of DeepSpeedEngine the loop uses."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, accumulation_steps: int, clip: float):
+        self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
+        self.accumulation_steps, self.clip = accumulation_steps, clip
+        self.micro_steps = 0
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+    def backward(self, loss: Tensor) -> None:
+        (loss / self.accumulation_steps).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation_steps:
+            return
+        if self.clip > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any],
+                        save_latest: bool = False) -> None:
+        save_model_states(Path(save_dir) / tag / MODEL_STATES, {
+            "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(), **client_state})
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
+        path = Path(load_dir) / tag / MODEL_STATES
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state.pop("module"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
+        self.micro_steps = 0
+        return str(path), state
+
+
+def use_deepspeed(cfg: Config, ranks: Ranks) -> bool:
+    if cfg.train.engine == "local" and ranks.world_size > 1:
+        raise UserError(f"train.engine=local runs one process, but this job was launched with "
+                        f"{ranks.world_size} ranks; use train.engine=auto or deepspeed")
+    return cfg.train.engine == "deepspeed" or (
+        cfg.train.engine == "auto" and (ranks.world_size > 1 or torch.cuda.is_available()))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """train.deepspeed_config with the batch keys filled from the YAML config; a
+    batch key the file sets must agree with it."""
+    path = Path(cfg.train.deepspeed_config)
+    if not path.is_file():
+        raise UserError(f"train.deepspeed_config {path} does not exist; point it at a DeepSpeed JSON config "
+                        "such as configs/ds_config.json (paths are relative to the working directory)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    micro, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
+    wanted = dict(zip(BATCH_KEYS, (micro, accum, micro * accum * world_size)))
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise UserError(
+                f"{path}: {key}={ds[key]} disagrees with the YAML config (train.batch_size={micro} per rank x "
+                f"train.gradient_accumulation_steps={accum} x {world_size} rank(s) gives {key}={value}); "
+                f"remove {key} from {path} or make them agree")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise UserError(f"{path}: remove the '{key}' section; the {key} comes from the YAML optim section")
+    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+        raise UserError(f"{path}: fp16 needs a GPU (DeepSpeed's CPU backend supports bf16 and fp32); "
+                        "set fp16.enabled to false and bf16.enabled to true or false")
+    return {**ds, **wanted}
+
+
+def precision_of(ds: dict[str, Any]) -> str:
+    for name in ("bf16", "fp16"):
+        if ds.get(name, {}).get("enabled"):
+            return name
+    return "fp32"
+
+
+def build_engine(cfg: Config, ranks: Ranks, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Any, str]:
+    """The engine for this run, and a one-line description of it for the log."""
+    ds = deepspeed_config(cfg, ranks.world_size)
+    if not use_deepspeed(cfg, ranks):
+        return (LocalEngine(model, optimizer, scheduler, cfg.train.gradient_accumulation_steps,
+                            float(ds.get("gradient_clipping", 0.0))), "local engine, 1 process, fp32")
+    import deepspeed
+
+    init_process_group(ranks, cfg.train.collective_timeout_s)
+    if cfg.model.norm == "sync_batch" and ranks.world_size > 1:
+        if not torch.cuda.is_available():
+            raise UserError("model.norm=sync_batch needs GPUs; on the CPU use model.norm=group for statistics "
+                            "that do not depend on the rank count")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if not torch.cuda.is_available():
+        # DeepSpeed casts the parameters only; the CPU BatchNorm kernels want the
+        # running statistics in the parameters' dtype too.
+        dtype = next(engine.module.parameters()).dtype
+        for buffer in engine.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(dtype)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    return engine, f"DeepSpeed, {ranks.world_size} rank(s), {precision_of(ds)}, ZeRO stage {stage}"

@@ -1,0 +1,274 @@
+"""Data-parallel training: the global contrastive batch, sharded evaluation, and real
+2-rank runs under the deepspeed launcher (CPU, gloo) against 1-rank runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from helpers import REPO, run_cli, tiny_config
+
+WORLD = 2
+# DeepSpeed compiles its CPU comm extension once; keep it in the build area CI reuses.
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- 2 processes, no launcher
+
+def problem(seed=0, per_rank=6, views=2, dim=8, classes=4):
+    """A tiny 'model' (linear map + prototypes) and a global batch of inputs."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(dim, dim, dtype=torch.float64, generator=g)
+    protos = torch.randn(classes, dim, dtype=torch.float64, generator=g)
+    x = torch.randn(WORLD, views * per_rank, dim, dtype=torch.float64, generator=g)  # rank-major
+    labels = torch.randint(0, classes, (WORLD, per_rank), generator=g).repeat(1, views)
+    return weight, protos, x, labels
+
+
+def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_average, backend):
+    """The common bug: gather without gradient, own rows put back, no world-size factor."""
+    from jrcl_fast.engine.distributed import gather_rows
+    from jrcl_fast.losses.contrastive import mean_over_anchors_with_positives, o2a_per_anchor
+
+    rank, n = dist.get_rank(), features.shape[0]
+    keys = gather_rows(features.detach())
+    keys = torch.cat([keys[: rank * n], features, keys[(rank + 1) * n:], prototypes])
+    key_labels = torch.cat([gather_rows(labels), torch.arange(prototypes.shape[0])])
+    loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, rank * n, temperature, class_average, backend)
+    count = (num_pos > 0).sum()
+    dist.all_reduce(count)
+    return mean_over_anchors_with_positives(loss, num_pos, count)
+
+
+def worker(rank, port, out_dir):
+    from jrcl_fast.data.sampling import eval_indices
+    from jrcl_fast.engine.distributed import gather_shards, global_one_to_all_supcon
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    weight, protos, x, labels = problem()
+    grads = {}
+    for name, fn in (("global", global_one_to_all_supcon), ("naive", naive_one_to_all_supcon)):
+        w, p = weight.clone().requires_grad_(), protos.clone().requires_grad_()
+        loss = fn(F.normalize(x[rank] @ w, dim=1), labels[rank], F.normalize(p, dim=1), 0.1, True, "torch")
+        loss.backward()
+        # DeepSpeed's gradient averaging over ranks
+        for t in (w.grad, p.grad):
+            dist.all_reduce(t)
+            t /= WORLD
+        grads[name] = (w.grad, p.grad, loss.detach())
+
+    # evaluation shards: each rank predicts its eval_indices; gathered in sample order
+    n = 11
+    mine = eval_indices(n, rank, WORLD)
+    positions = [eval_indices(n, r, WORLD) for r in range(WORLD)]
+    gathered = gather_shards(mine * 10, positions)
+    try:
+        gather_shards(mine, [np.arange(n), np.arange(n)])  # a sample counted twice must be refused
+        refused = False
+    except RuntimeError:
+        refused = True
+    torch.save({"grads": grads, "gathered": gathered, "refused": refused}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_batch_gradients_equal_one_process_and_naive_gather_does_not(tmp_path):
+    from jrcl_fast.engine.distributed import free_port
+    from jrcl_fast.losses.contrastive import one_to_all_supcon
+
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    weight, protos, x, labels = problem()
+    w, p = weight.clone().requires_grad_(), protos.clone().requires_grad_()
+    # one process on the concatenated batch (the row order does not change the loss)
+    loss = one_to_all_supcon(F.normalize(x.reshape(-1, x.shape[-1]) @ w, dim=1), labels.reshape(-1),
+                             F.normalize(p, dim=1), 0.1, True, "torch")
+    loss.backward()
+
+    for result in results:
+        gw, gp, _ = result["grads"]["global"]
+        torch.testing.assert_close(gw, w.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gp, p.grad, rtol=1e-10, atol=1e-12)
+        nw, _, _ = result["grads"]["naive"]
+        assert not torch.allclose(nw, w.grad, rtol=1e-3), "the naive gather must fail the same check"
+    # the mean over ranks of the returned loss is the global loss (what the trainer logs)
+    torch.testing.assert_close(sum(r["grads"]["global"][2] for r in results) / WORLD, loss.detach())
+
+    for result in results:  # every test sample exactly once, in sample order
+        np.testing.assert_array_equal(result["gathered"], np.arange(11) * 10)
+        assert result["refused"]
+
+
+# ---------------------------------------------------------------- real runs (CLI, launcher)
+
+def run_env():
+    return {**os.environ, "COLUMNS": "160", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS,
+            "OMP_NUM_THREADS": "1"}
+
+
+def launcher_cmd(config, *extra, ranks=WORLD):
+    from jrcl_fast.engine.distributed import free_port
+
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "jrcl_fast",
+            "train", "--config", str(config), *extra]
+
+
+def launch(config, *extra, timeout=600):
+    return subprocess.run(launcher_cmd(config, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=run_env())
+
+
+def dist_config(tmp_path, name, ds=None, **sections):
+    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    ds_path = folder / "ds.json"
+    base = json.loads((REPO / "configs" / "ds_config.json").read_text())
+    ds_path.write_text(json.dumps({**base, "bf16": {"enabled": False}, **(ds or {})}))
+    train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), **sections.pop("train", {})}
+    model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}
+    return tiny_config(folder, sections.pop("digits_root"), model=model, train=train, **sections)
+
+
+def equivalence_config(tmp_path, name, digits_root, **train):
+    """16 px, plain SGD at a small rate: a smooth trajectory. In a chaotic one (8 px,
+    momentum, lr 0.05) rounding differences, such as another summation order or even
+    another thread count in one process, grow past any tolerance within 20 steps."""
+    return dist_config(tmp_path, name, digits_root=digits_root, data={"image_size": 16},
+                       optim={"lr": 0.0005, "momentum": 0.0, "warmup_epochs": 1}, train=train)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, digits_root):
+    tmp = tmp_path_factory.mktemp("two_rank")
+    config = equivalence_config(tmp, "straight", digits_root)
+    done = launch(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return config, done
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_twice_the_batch(two_rank_run, tmp_path, digits_root):
+    config, done = two_rank_run
+    run = config.parent / "run"
+    assert "DeepSpeed, 2 rank(s), fp32, ZeRO stage 0" in done.stdout
+    one = equivalence_config(tmp_path, "one", digits_root, batch_size=32)
+    single = run_cli("train", "--config", str(one))
+    assert single.returncode == 0, single.stderr
+    assert "local engine" in single.stdout
+
+    two_steps, one_steps = read_jsonl(run / "steps.jsonl"), read_jsonl(one.parent / "run" / "steps.jsonl")
+    assert len(two_steps) == len(one_steps) == 20
+    for term in ("loss_total", "loss_contrastive", "loss_ce"):
+        a, b = np.array([s[term] for s in two_steps]), np.array([s[term] for s in one_steps])
+        assert np.abs(a - b).max() / np.abs(b).max() < 1e-4, (term, a, b)
+
+    # rank 0 wrote the results; every test image counted once
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_test_images"] == sum(r["test_count"] for r in results["per_class"])
+    single_results = json.loads((one.parent / "run" / "results.json").read_text())
+    assert results["num_test_images"] == single_results["num_test_images"]
+
+    # jrcl-fast eval reads the DeepSpeed checkpoint and reproduces the run's results
+    again = run_cli("eval", "--checkpoint", str(run / "checkpoints"), "--output-dir", str(tmp_path / "eval"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
+
+
+@pytest.mark.slow
+def test_killed_launcher_job_resumes_on_the_same_trajectory(two_rank_run, tmp_path, digits_root):
+    config, _ = two_rank_run
+    straight = config.parent / "run"
+    killed = equivalence_config(tmp_path, "killed", digits_root)
+    steps = killed.parent / "run" / "steps.jsonl"
+    proc = subprocess.Popen(launcher_cmd(killed), cwd=REPO, env=run_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if steps.exists() and len(steps.read_text().splitlines()) >= 13:  # in epoch 2, after its checkpoint
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    ckpt = killed.parent / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "epoch_0001"
+
+    resumed = launch(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout
+    assert read_jsonl(steps) == read_jsonl(straight / "steps.jsonl")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0002", "latest"]
+    assert json.loads((killed.parent / "run" / "results.json").read_text()) == json.loads(
+        (straight / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_in_bf16_with_accumulation_and_clipping(tmp_path, digits_root, stage):
+    config = dist_config(tmp_path, f"zero{stage}", digits_root=digits_root,
+                         ds={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+                             "gradient_clipping": 1.0},
+                         train={"epochs": 1, "gradient_accumulation_steps": 2},
+                         model={"norm": "batch"})
+    done = launch(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"DeepSpeed, 2 rank(s), bf16, ZeRO stage {stage}" in done.stdout
+    assert "global batch 64 images" in done.stdout
+    (metrics,) = read_jsonl(config.parent / "run" / "metrics.jsonl")
+    assert np.isfinite(metrics["loss_total"])
+
+
+def test_batch_keys_of_the_deepspeed_config_must_agree(tmp_path, digits_root):
+    config = dist_config(tmp_path, "mismatch", digits_root=digits_root, ds={"train_micro_batch_size_per_gpu": 8})
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 2
+    assert "train_micro_batch_size_per_gpu=8 disagrees with the YAML config" in done.stderr
+
+
+def test_fp16_without_a_gpu_is_a_clear_error(tmp_path, digits_root):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is supported on a GPU")
+    config = dist_config(tmp_path, "fp16", digits_root=digits_root, ds={"fp16": {"enabled": True}})
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 2 and "fp16 needs a GPU" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path, digits_root):
+    from jrcl_fast.engine.distributed import free_port
+
+    config = dist_config(tmp_path, "dead", digits_root=digits_root,
+                         train={"epochs": 50, "collective_timeout_s": 30})
+    env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD)}
+    procs = [subprocess.Popen([sys.executable, "-m", "jrcl_fast", "train", "--config", str(config)], cwd=REPO,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(WORLD)]
+    steps = config.parent / "run" / "steps.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not steps.exists():
+        time.sleep(0.05)
+    procs[1].kill()
+    start = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.time() - start < 60
+    assert procs[0].returncode == 1
+    assert "rank 0 of 2: a collective with the other ranks failed" in err, err[-3000:]
+    assert "Traceback" not in err
