@@ -160,7 +160,6 @@ def test_bdc_one_normal_class_of_many():
 
 @pytest.mark.parametrize("divergence", ["js", "sym_kl"])
 def test_bdc_finite_when_normal_mass_saturates(divergence):
-    c = 5
     normal = torch.tensor([True, False, False, False, False])
     logits = torch.tensor([[200.0, -200.0, -200.0, -200.0, -200.0], [-300.0, 300.0, 0.0, 0.0, 0.0]],
                           requires_grad=True)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.adapters import CXR_SPECS, load_cxr_lt, load_inat2018
-from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.digits_lt import load_digits_lt
 from jrcl_fast.data.filelist import read_file_list
