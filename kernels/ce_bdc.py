@@ -150,7 +150,10 @@ def _ce_bdc_kernel(
             cols = start + tl.arange(0, BLOCK_C)
             ok, z, normal, z_adj = _load_block(z_row, normal_ptr, adj_ptr, cols, C, HAS_ADJ)
             d_ce = tl.exp(z_adj - lse_adj) - tl.where(cols == label, 1.0, 0.0)
-            d_bdc = tl.where(normal, h * tl.exp(z - max_n) / sum_n, -h * tl.exp(z - max_a) / sum_a)
+            # Each class against its own group's max: exp(z - max) <= 1, never overflows.
+            group_max = tl.where(normal, max_n, max_a)
+            group_sum = tl.where(normal, sum_n, sum_a)
+            d_bdc = tl.where(normal, h, -h) * tl.exp(z - group_max) / group_sum
             dz = inv_batch * (d_ce + lambda_bdc * d_bdc)
             tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
