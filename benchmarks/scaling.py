@@ -3,7 +3,7 @@ global contrastive batch vs the gradient all-reduce, from the model's real sizes
 
     python benchmarks/scaling.py --config configs/inat2018.yaml --classes 8142
 
-Prints the Markdown tables of docs/SCALING.md.
+Prints the sizes and per-step bytes that docs/SCALING.md tabulates.
 """
 
 from __future__ import annotations

@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, console)
     except UserError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
-    except RankFailure as err:  # quotes backend text, which may contain [brackets]
+    except RankFailure as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:

@@ -88,3 +88,14 @@ def test_eval_of_missing_or_foreign_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert_user_error(run_cli("eval", "--checkpoint", str(junk)), "is not a jrcl-fast checkpoint")
+
+
+def test_diverging_run_stops_with_a_clear_message(tmp_path, digits_root):
+    config = tiny_config(tmp_path, digits_root, optim={"lr": 1e12, "warmup_epochs": 0}, train={"epochs": 2})
+    assert_user_error(run_cli("train", "--config", str(config)), "training diverged in epoch", "lower optim.lr")
+
+
+def test_markup_like_text_in_an_error_is_printed_verbatim(tmp_path, digits_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {name: digits_lt, root: x}\n'[/bold]': 1\n")
+    assert_user_error(run_cli("train", "--config", str(bad)), "unknown key '[/bold]'")

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -32,6 +31,7 @@ from jrcl_fast.engine.distributed import (Ranks, collective_failures, global_one
 from jrcl_fast.engine.engines import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
+from jrcl_fast.losses.checks import NonFiniteError
 from jrcl_fast.losses.contrastive import one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import JRCLNet
@@ -47,6 +47,11 @@ def device_of(ranks: Ranks) -> torch.device:
 def seed_epoch(seed: int, epoch: int) -> None:
     """Fix torch's global generator per epoch (augmentations reseed per sample)."""
     torch.manual_seed(seed * 1_000_003 + epoch)
+
+
+def diverged(epoch: int, step: int, what: str) -> UserError:
+    return UserError(f"training diverged in epoch {epoch + 1}, step {step + 1} ({what}); "
+                     "lower optim.lr or raise optim.warmup_epochs, then start again")
 
 
 def _trim_jsonl(path: Path, epochs_done: int) -> None:
@@ -152,8 +157,13 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                 # View-major rows: [view 0 of every image; view 1; ...] in one backbone pass.
                 out = engine(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
                 # The losses run in fp32 whatever the engine's precision.
-                loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
-                                        labels, views, engine.module.normalized_prototypes().float())
+                try:
+                    loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
+                                            labels, views, engine.module.normalized_prototypes().float())
+                except NonFiniteError as err:
+                    raise diverged(epoch, step, f"non-finite model outputs: {err}") from None
+                if not torch.isfinite(loss):
+                    raise diverged(epoch, step, "non-finite loss")
                 engine.backward(loss)
                 engine.step()
                 terms = mean_over_ranks(terms)  # the global batch's loss on every rank
@@ -165,8 +175,6 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                 if ranks.is_main:
                     _append_jsonl(steps_path, {"epoch": epoch + 1, "step": epoch * micro_steps + step + 1,
                                                **{f"loss_{name}": value for name, value in terms.items()}})
-            if not np.isfinite(sums.get("total", 0.0)):
-                raise RuntimeError(f"the training loss became non-finite in epoch {epoch + 1}; lower optim.lr")
             epochs_done = epoch + 1
             record = {"epoch": epochs_done, "lr": engine.get_lr()[0],
                       "images_per_s": images_seen / (time.perf_counter() - start),

@@ -11,6 +11,10 @@ import torch
 from torch import Tensor
 
 
+class NonFiniteError(ValueError):
+    """An input holds NaN or infinity: in training, the sign of a diverged run."""
+
+
 def check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None = None) -> None:
     if x.dim() != 2 or (rows is not None and x.shape[0] != rows) or (cols is not None and x.shape[1] != cols):
         want = f"{rows if rows is not None else 'N'} x {cols if cols is not None else 'D'}"
@@ -18,7 +22,7 @@ def check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 
 def check_labels(name: str, labels: Tensor, length: int, num_classes: int | None) -> None:
