@@ -128,7 +128,7 @@ POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_si
             "data.imbalance_ratio", "train.gradient_accumulation_steps", "train.collective_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
                 "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",
-                "train.threads", "optim.momentum"}
+                "train.threads", "optim.momentum", "data.many_shot_min", "data.few_shot_max"}
 
 
 def _type_name(tp: Any) -> str:
@@ -235,6 +235,10 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{source}: key 'data.few_shot_max' must not exceed 'data.many_shot_min'")
     if not 0 < config.data.test_fraction < 1:
         raise UserError(f"{source}: key 'data.test_fraction' must lie strictly between 0 and 1")
+    if config.data.imbalance_ratio < 1:
+        raise UserError(f"{source}: key 'data.imbalance_ratio' is the head/tail count ratio and must be at least 1")
+    if config.optim.min_lr > config.optim.lr:
+        raise UserError(f"{source}: key 'optim.min_lr' must not exceed 'optim.lr'")
     return config
 
 

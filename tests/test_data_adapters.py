@@ -17,6 +17,7 @@ from PIL import Image
 
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.adapters import MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
+from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.check import check_data
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.registry import load_dataset
@@ -62,7 +63,7 @@ def test_nih_test_csv_class_counts_match_the_published_table() -> None:
 def test_cxr_load_dataset(tmp_path: Path, spec, train_from: str) -> None:
     root = cxr_root(tmp_path, spec, train_from)
     dataset = load_dataset(DataConfig(name=spec.name, root=str(root)))
-    assert dataset.class_names == list(spec.class_names) and dataset.grayscale
+    assert dataset.class_names == list(spec.class_names) and augmentation_for(dataset.name).grayscale
     assert dataset.normal_classes == [0] and dataset.class_names[0] == "No Finding"
     assert np.bincount(dataset.val.labels).tolist() == [15] * len(spec.class_names)
     assert np.bincount(dataset.train.labels).tolist() == [30] * len(spec.class_names)

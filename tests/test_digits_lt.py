@@ -26,6 +26,11 @@ def test_written_once_and_deterministic(tmp_path):
     assert tree_digest(prepare_digits_lt(tmp_path / "c", 50, 0.3, seed=4)) != tree_digest(a)
 
 
+def test_default_profile_counts(tmp_path):
+    # n_c = floor(122 * 50^(-c/9)), worked out by hand for the default split.
+    assert load_digits_lt(tmp_path, 50.0, 0.3, seed=0).train_counts.tolist() == [122, 78, 51, 33, 21, 13, 8, 5, 3, 2]
+
+
 def test_long_tail_profile_and_stratified_test(tmp_path):
     ratio = 20.0
     data = load_digits_lt(tmp_path, ratio, 0.25, seed=0)

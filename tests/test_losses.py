@@ -104,7 +104,10 @@ def test_o2a_with_prototypes_counts_every_anchor():
     # The anchor's own prototype is always a positive, so every anchor counts.
     z, protos = unit_rows(6, 4), unit_rows(6, 4)
     y = torch.arange(6)
-    assert one_to_all_supcon(z, y, protos, 0.2, backend="torch").item() > 0
+    keys, key_labels = torch.cat([z, protos]), torch.cat([y, torch.arange(6)])
+    loss, num_pos = o2a_per_anchor(z, y, keys, key_labels, 0, 0.2, True, "torch")
+    assert num_pos.tolist() == [1] * 6  # each anchor's only positive is its prototype
+    torch.testing.assert_close(one_to_all_supcon(z, y, protos, 0.2, backend="torch"), loss.mean())
 
 
 def test_o2a_invariant_to_row_permutation():

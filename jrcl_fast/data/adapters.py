@@ -125,7 +125,6 @@ def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
         test=read_cxr_split(root, spec, "test"),
         normal_classes=[spec.class_names.index("No Finding")],
         shot_groups=groups,
-        grayscale=True,
     )
 
 

@@ -43,7 +43,6 @@ class LongTailedDataset:
     normal_classes: list[int] | None = None
     # Published head/medium/tail class lists (CXR-LT); None: derive from training counts.
     shot_groups: dict[str, list[int]] | None = None
-    grayscale: bool = False
     train_counts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:

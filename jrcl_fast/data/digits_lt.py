@@ -82,5 +82,4 @@ def load_digits_lt(cache_root: str | Path, imbalance_ratio: float, test_fraction
         class_names=[str(c) for c in range(10)],
         train=read_file_list(folder / "train.txt", folder),
         test=read_file_list(folder / "test.txt", folder),
-        grayscale=True,
     )

@@ -41,10 +41,14 @@ def eval_transform(image_size: int, aug: Augmentation) -> T.Compose:
 
 class SplitDataset(Dataset):
     """Images of a split at the given indices, each as `num_views` transformed views
-    (num_views = 0: a single eval image without a view axis)."""
+    drawn from its entry of `seeds` (num_views = 0: a single eval image without a view
+    axis, no seeds)."""
 
     def __init__(self, split: Split, indices: np.ndarray, transform: T.Compose, num_views: int = 0,
                  seeds: np.ndarray | None = None):
+        if num_views and (seeds is None or len(seeds) != len(indices)):
+            raise ValueError("training views need one seed per sample: without them every sample would "
+                             "get the same augmentation")
         self.split, self.indices, self.transform, self.num_views = split, indices, transform, num_views
         self.seeds = seeds
 
@@ -59,8 +63,7 @@ class SplitDataset(Dataset):
             return self.transform(image), label
         # A per-item seed makes the views independent of rank count and worker order.
         with torch.random.fork_rng(devices=[]):
-            if self.seeds is not None:
-                torch.manual_seed(int(self.seeds[i]))
+            torch.manual_seed(int(self.seeds[i]))
             return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -135,6 +136,8 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
             _trim_jsonl(metrics_path, epochs_done)
             _trim_jsonl(steps_path, epochs_done)
     elif ranks.is_main:
+        # Starting over: an old `latest` must not survive to be resumed by mistake.
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
         steps_path.unlink(missing_ok=True)
     console.print(f"Training with the {description}; global batch "
