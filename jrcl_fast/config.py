@@ -73,7 +73,7 @@ class LossConfig:
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only (Nesterov when > 0); AdamW keeps its default betas
     weight_decay: float = 5e-4
     warmup_epochs: int = 0
     min_lr: float = 0.0

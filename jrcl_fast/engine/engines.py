@@ -5,7 +5,8 @@ The loop calls `engine(images)`, `engine.backward(loss)`, `engine.step()`,
 so one loop serves both. DeepSpeed runs whenever the job is launched with several
 ranks or a GPU is present (train.engine: auto). A plain one-process CPU run uses
 LocalEngine instead: DeepSpeed's communication backend compiles a C++ extension on its
-first use on the CPU (about a minute on 2 cores), which would double the Quick start.
+start on the CPU (1 to 3 minutes on 2 cores, measured), which would more than double the
+Quick start.
 LocalEngine follows DeepSpeed's semantics (loss divided by the accumulation steps, an
 optimizer and scheduler step at each accumulation boundary, the same clipping and the
 same checkpoint layout) in fp32.
