@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from jrcl_fast.errors import RankFailure
-from jrcl_fast.losses.contrastive import mean_over_anchors_with_positives, o2a_per_anchor
+from jrcl_fast.losses.contrastive import append_prototypes, mean_over_anchors_with_positives, o2a_per_anchor
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,8 @@ def global_one_to_all_supcon(features: Tensor, labels: Tensor, prototypes: Tenso
     ranks of the returned value is the global loss.
     """
     world, n = dist.get_world_size(), features.shape[0]
-    keys = all_gather_tensor_autograd(features.contiguous(), 0, dist.group.WORLD)
-    key_labels = gather_rows(labels)
-    if prototypes is not None:
-        keys = torch.cat([keys, prototypes.to(features.dtype)])
-        key_labels = torch.cat([key_labels, torch.arange(prototypes.shape[0], device=labels.device,
-                                                         dtype=labels.dtype)])
+    keys, key_labels = append_prototypes(all_gather_tensor_autograd(features.contiguous(), 0, dist.group.WORLD),
+                                         gather_rows(labels), prototypes)
     loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, dist.get_rank() * n, temperature,
                                    class_average, backend)
     count = (num_pos > 0).sum()

@@ -30,10 +30,10 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
     dataset.test.check_files_exist()
     loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank,
                                ranks.world_size)
-    preds, labels = predict(model, loader, device)
     positions = [eval_indices(len(dataset.test), r, ranks.world_size) for r in range(ranks.world_size)]
-    preds, labels = gather_shards(preds, positions), gather_shards(labels, positions)
-    return classification_metrics(preds, labels, dataset.train_counts, shot_groups(dataset, cfg.data),
+    # Gathered in sample order, the predictions line up with the split's own labels.
+    preds = gather_shards(predict(model, loader, device), positions)
+    return classification_metrics(preds, dataset.test.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
                                   dataset.class_names)
 
 

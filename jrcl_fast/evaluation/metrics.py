@@ -13,14 +13,11 @@ from jrcl_fast.data.groups import SHOT_GROUPS
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels over an eval loader, in loader order."""
+def predict(model: nn.Module, loader, device: torch.device) -> np.ndarray:
+    """Predicted labels over an eval loader, in loader order."""
     model.eval()
-    preds, labels = [], []
-    for images, y in loader:
-        preds.append(model(images.to(device, non_blocking=True)).logits.argmax(1).cpu())
-        labels.append(y.cpu())
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    preds = [model(images.to(device, non_blocking=True)).logits.argmax(1).cpu() for images, _ in loader]
+    return torch.cat(preds).numpy()
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,

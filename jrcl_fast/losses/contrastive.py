@@ -42,6 +42,14 @@ def mean_over_anchors_with_positives(loss: Tensor, num_pos: Tensor, denominator:
     return loss.sum() / count.clamp(min=1)
 
 
+def append_prototypes(keys: Tensor, key_labels: Tensor, prototypes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The contrast set [keys; prototypes] with labels [key_labels; 0..C-1]."""
+    if prototypes is None:
+        return keys, key_labels
+    arange = torch.arange(prototypes.shape[0], device=key_labels.device, dtype=key_labels.dtype)
+    return torch.cat([keys, prototypes.to(keys.dtype)]), torch.cat([key_labels, arange])
+
+
 def one_to_all_supcon(
     features: Tensor,
     labels: Tensor,
@@ -65,8 +73,6 @@ def one_to_all_supcon(
     check_labels("labels", labels, n, num_classes)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if prototypes is not None:
-        keys = torch.cat([features, prototypes.to(features.dtype)])
-        key_labels = torch.cat([labels, torch.arange(num_classes, device=labels.device, dtype=labels.dtype)])
+    keys, key_labels = append_prototypes(keys, key_labels, prototypes)
     loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, 0, temperature, class_average, backend)
     return mean_over_anchors_with_positives(loss, num_pos)
