@@ -10,6 +10,9 @@ processes on a shared machine biases neither side (the JSON records the load ave
     python benchmarks/bench_data.py --quick          # a minute or two on 2 cores
     python benchmarks/bench_data.py --json out.json  # a few thousand images
 
+With --steps it also breaks one image's work into the steps each path runs (decode,
+then each transform of one view), timed on one thread, to show where the time goes.
+
 Not a test: the figures depend on the machine; docs/BENCHMARKS.md records them.
 """
 
@@ -21,19 +24,23 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from nvidia.dali import fn, pipeline_def
+from nvidia.dali.pipeline import DataNode
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from jrcl_fast.data.augment import AUGMENTATIONS
-from jrcl_fast.data.dali_pipelines import DaliTrainLoader, dali_on_gpu
+from jrcl_fast.data.augment import AUGMENTATIONS, Augmentation
+from jrcl_fast.data.dali_pipelines import DaliTrainLoader, dali_on_gpu, decode, view_steps
 from jrcl_fast.data.dataset import Split
-from jrcl_fast.data.torch_loader import TorchTrainLoader
+from jrcl_fast.data.images import load_rgb
+from jrcl_fast.data.torch_loader import TorchTrainLoader, train_transform
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,76 @@ def images_per_second(loader: TorchTrainLoader | DaliTrainLoader) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def torch_step_ms(split: Split, image_size: int, aug: Augmentation) -> list[tuple[str, float]]:
+    """ms per image of PIL decode, then of each train_transform step of one view, on one
+    thread (a DataLoader worker runs one thread)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = _torch_step_seconds(split, train_transform(image_size, aug).transforms)
+    finally:
+        torch.set_num_threads(threads)
+    return [(name, 1e3 * t / len(split)) for name, t in seconds.items()]
+
+
+def _torch_step_seconds(split: Split, steps: list[Callable]) -> dict[str, float]:
+    seconds = {"PIL decode (load_rgb)": 0.0} | {type(step).__name__: 0.0 for step in steps}
+    for path in split.paths:
+        start = time.perf_counter()
+        x = load_rgb(split.root / path)
+        seconds["PIL decode (load_rgb)"] += time.perf_counter() - start
+        for step in steps:
+            start = time.perf_counter()
+            x = step(x)
+            seconds[type(step).__name__] += time.perf_counter() - start
+    return seconds
+
+
+def dali_step_ms(split: Split, image_size: int, aug: Augmentation, repeats: int = 10) -> list[tuple[str, float]]:
+    """ms per image of DALI CPU decode, then of each view_steps step of one view, on one
+    thread: pipeline k runs the first k steps, a step costs the difference of two
+    consecutive pipelines (best of `repeats` runs each, the feed's cost cancels)."""
+    encoded = [np.fromfile(split.root / path, dtype=np.uint8) for path in split.paths]
+    stages = [("decoders.image (cpu)", lambda x: decode(x, aug, gpu=False)), *view_steps(image_size, aug)]
+
+    @pipeline_def(batch_size=len(encoded), num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1)
+    def first(k: int) -> DataNode:
+        x = fn.external_source(source=lambda: encoded, batch=True)
+        for _, stage in stages[:k]:
+            x = stage(x)
+        return x
+
+    seconds = []
+    for k in range(len(stages) + 1):
+        pipe = first(k)
+        pipe.build()
+        pipe.run()  # warm-up: allocations
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipe.run()
+            runs.append(time.perf_counter() - start)
+        seconds.append(min(runs))
+    return [(name, 1e3 * (seconds[k + 1] - seconds[k]) / len(encoded)) for k, (name, _) in enumerate(stages)]
+
+
+def steps_table(profile: Profile, path_steps: dict[str, list[tuple[str, float]]], views: int) -> Table:
+    table = Table(title=f"{profile.name}: where one image's time goes (1 thread, ms per image)")
+    for column in ("path", "step", "ms"):
+        table.add_column(column, justify="right" if column == "ms" else "left")
+    for path, steps in path_steps.items():
+        for i, (step, ms) in enumerate(steps):
+            table.add_row(path if i == 0 else "", step if i == 0 else f"view: {step}", f"{ms:.2f}")
+        table.add_row("", f"decode + {views} x view", f"{image_ms(steps, views):.2f}", end_section=True)
+    return table
+
+
+def image_ms(steps: list[tuple[str, float]], views: int) -> float:
+    """The first step is the decode, done once; the others run once per view."""
+    return steps[0][1] + views * sum(ms for _, ms in steps[1:])
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -106,10 +183,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds per loader; the best counts")
+    parser.add_argument("--steps", action="store_true", help="also time each path's steps on one thread")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    rows = []
+    console, rows = Console(), []
     for profile in PROFILES:
         split = generate(args.folder, profile, profile.quick_count if args.quick else profile.count)
         for path in split.paths:  # warm the page cache for both loaders alike
@@ -122,6 +200,16 @@ def main() -> None:
         torch_rate, dali_rate = np.max(rounds, axis=0).tolist()
         rows.append({"profile": profile.name, "images": len(split), "torch_images_per_s": round(torch_rate, 1),
                      "dali_images_per_s": round(dali_rate, 1), "dali_over_torch": round(dali_rate / torch_rate, 2)})
+        if args.steps:
+            sample = Split(split.root, split.paths[:64], split.labels[:64], split.source)
+            aug = AUGMENTATIONS[profile.augmentation]
+            path_steps = {"torchvision": torch_step_ms(sample, args.image_size, aug),
+                          "DALI CPU": dali_step_ms(sample, args.image_size, aug)}
+            console.print(steps_table(profile, path_steps, args.views))
+            rows[-1]["steps_ms_per_image"] = {path: [{"step": name, "ms": round(ms, 3)} for name, ms in steps]
+                                              for path, steps in path_steps.items()}
+            rows[-1]["steps_image_ms"] = {path: round(image_ms(steps, args.views), 3)
+                                          for path, steps in path_steps.items()}
 
     device = torch.cuda.get_device_name() if dali_on_gpu() else f"CPU only: {cpu_model()}"
     table = Table(title=f"Train input, {args.views} views of {args.image_size} px, batch {args.batch_size}, "
@@ -131,7 +219,7 @@ def main() -> None:
     for row in rows:
         table.add_row(row["profile"], str(row["images"]), f"{row['torch_images_per_s']:.1f}",
                       f"{row['dali_images_per_s']:.1f}", f"{row['dali_over_torch']:.2f}x")
-    Console().print(table)
+    console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"device": device, "cpu": cpu_model(), "cores": os.cpu_count(),
                                          "load_average_1_5_15_min": os.getloadavg(),

@@ -61,7 +61,8 @@ def _read(feed: EncodedFeed, gpu: bool) -> tuple[DataNode, DataNode]:
     return encoded, labels.gpu() if gpu else labels
 
 
-def _decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
+def decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
+    """Encoded bytes -> uint8 HWC, on the GPU ("mixed") or the CPU."""
     # X-rays stay one channel through the crops and are replicated to RGB at output size.
     # EXIF orientation is ignored, as PIL's decode in the torchvision path ignores it.
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", adjust_orientation=False,
@@ -79,21 +80,44 @@ def _normalize(images: DataNode, aug: Augmentation, **crop_mirror: object) -> Da
                                     **crop_mirror)
 
 
-def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNode:
-    """One random view, in torchvision's order: resized crop, (flip), rotation, colour jitter."""
-    view = fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(aug.crop_scale),
-                                  random_aspect_ratio=list(ASPECT_RATIO), antialias=True)
-    if aug.rotation_degrees:
+def view_steps(image_size: int, aug: Augmentation) -> list[tuple[str, Callable[[DataNode], DataNode]]]:
+    """One random training view as named steps, in torchvision's order (train_transform):
+    resized crop, rotation, colour jitter, then flip with normalisation. Each call of a
+    step draws fresh random parameters. Named so benchmarks/bench_data.py can time them."""
+    def resized_crop(images: DataNode) -> DataNode:
+        return fn.random_resized_crop(images, size=[image_size, image_size], random_area=list(aug.crop_scale),
+                                      random_aspect_ratio=list(ASPECT_RATIO), antialias=True)
+
+    def rotation(view: DataNode) -> DataNode:
         angle = fn.random.uniform(range=[-aug.rotation_degrees, aug.rotation_degrees])
-        view = fn.rotate(view, angle=angle, keep_size=True, fill_value=0)
-    view = _to_rgb(view, aug)
-    if aug.color_jitter:
+        return fn.rotate(view, angle=angle, keep_size=True, fill_value=0)
+
+    def to_rgb(view: DataNode) -> DataNode:
+        return _to_rgb(view, aug)
+
+    def color_jitter(view: DataNode) -> DataNode:
         low, high = 1.0 - aug.color_jitter, 1.0 + aug.color_jitter
-        view = fn.color_twist(view, brightness=fn.random.uniform(range=[low, high]),
+        return fn.color_twist(view, brightness=fn.random.uniform(range=[low, high]),
                               contrast=fn.random.uniform(range=[low, high]),
                               saturation=fn.random.uniform(range=[low, high]))
-    mirror = fn.random.coin_flip(probability=0.5) if aug.flip else 0
-    return _normalize(view, aug, mirror=mirror)
+
+    def flip_normalize(view: DataNode) -> DataNode:
+        return _normalize(view, aug, mirror=fn.random.coin_flip(probability=0.5) if aug.flip else 0)
+
+    steps = [("fn.random_resized_crop", resized_crop)]
+    if aug.rotation_degrees:
+        steps.append(("fn.rotate", rotation))
+    if aug.grayscale:
+        steps.append(("fn.cat (gray to RGB)", to_rgb))
+    if aug.color_jitter:
+        steps.append(("fn.color_twist", color_jitter))
+    return steps + [("fn.crop_mirror_normalize", flip_normalize)]
+
+
+def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNode:
+    for _, step in view_steps(image_size, aug):
+        images = step(images)
+    return images
 
 
 @pipeline_def(enable_conditionals=False)
@@ -101,7 +125,7 @@ def train_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, num_vi
                    gpu: bool) -> tuple[DataNode, DataNode]:
     """Decode once, then num_views independent random views stacked as V x 3 x H x W."""
     encoded, labels = _read(feed, gpu)
-    images = _decode(encoded, aug, gpu)
+    images = decode(encoded, aug, gpu)
     return fn.stack(*[_train_view(images, image_size, aug) for _ in range(num_views)]), labels
 
 
@@ -128,7 +152,7 @@ def eval_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, gpu: bo
     height, width = shape[0], shape[1]
     short, size, resize = dmath.min(height, width), image_size, eval_resize(image_size, aug)
     new_h, new_w = (resize * height) // short, (resize * width) // short
-    images = fn.resize(_decode(encoded, aug, gpu), resize_x=_float(new_w), resize_y=_float(new_h), antialias=True)
+    images = fn.resize(decode(encoded, aug, gpu), resize_x=_float(new_w), resize_y=_float(new_h), antialias=True)
     # crop_pos is relative: anchor = crop_pos * (extent - size), so pass offset / (extent - size).
     pos_y = _float(_half_to_even(new_h - size)) / _float(dmath.max(new_h - size, 1))
     pos_x = _float(_half_to_even(new_w - size)) / _float(dmath.max(new_w - size, 1))
