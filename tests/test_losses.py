@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from jrcl_fast.engine.distributed import global_one_to_all_supcon
 from jrcl_fast.losses import bdc_loss, ce_bdc_loss, o2a_per_anchor, one_to_all_supcon
 
 
@@ -203,13 +205,6 @@ def test_ce_bdc_total_is_weighted_sum():
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), "labels must be a vector of length 4"),
-        (lambda: one_to_all_supcon(torch.randn(4), torch.zeros(4, dtype=torch.long)), "features must be a N x D matrix"),
-        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.randn(3, 3)), r"labels must lie in \[0, 3\)"),
-        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.tensor([0, -1, 0, 0])), r"labels must lie in \[0, inf\)"),
-        (lambda: one_to_all_supcon(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5)), "prototypes must be a N x 3 matrix"),
-        (lambda: one_to_all_supcon(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, dtype=torch.long)), "features contains NaN"),
-        (lambda: one_to_all_supcon(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), temperature=0), "temperature must be positive"),
         (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 3), torch.tensor([True, False, False])), "binary_logits must be a 4 x 2 matrix"),
         (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([True, False])), "normal_mask must be a boolean vector of length C = 3"),
         (lambda: bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.ones(3, dtype=torch.bool)), "got all True"),
@@ -222,6 +217,89 @@ def test_ce_bdc_total_is_weighted_sum():
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """global_one_to_all_supcon needs a process group: one rank, in this process."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def long(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+NAN = float("nan")
+# (features, labels, prototypes, temperature), and the start of the message. Anchored
+# with ^: the split-form check inside would otherwise match as "anchor_labels must ...".
+BATCH_BAD_INPUTS = [
+    ((torch.randn(4), long(0, 0, 0, 0), None, 0.1), "^features must be a N x D matrix"),
+    ((torch.arange(8).view(4, 2), long(0, 0, 0, 0), None, 0.1), "^features must be a floating-point tensor"),
+    ((torch.tensor([[NAN, 0.0]]), long(0), None, 0.1), "^features contains NaN"),
+    ((torch.randn(4, 3), long(0, 0, 0, 0, 0), None, 0.1), "^labels must be a vector of length 4"),
+    ((torch.randn(2, 3), torch.zeros(2), None, 0.1), "^labels must be an integer tensor"),
+    ((torch.randn(4, 3), long(0, -1, 0, 0), None, 0.1), r"^labels must lie in \[0, inf\)"),
+    ((torch.randn(4, 3), long(0, 1, 2, 3), torch.randn(3, 3), 0.1), r"^labels must lie in \[0, 3\)"),
+    ((torch.randn(4, 3), long(0, 0, 0, 0), torch.randn(2, 5), 0.1), "^prototypes must be a N x 3 matrix"),
+    ((torch.randn(4, 3), long(0, 0, 0, 0), torch.full((2, 3), NAN), 0.1), "^prototypes contains NaN"),
+    ((torch.randn(2, 3), long(0, 0), None, 0.0), "^temperature must be positive"),
+]
+
+
+@pytest.mark.parametrize("args,message", BATCH_BAD_INPUTS)
+@pytest.mark.parametrize("local", [True, False])
+def test_o2a_bad_input_names_the_argument(local, args, message, one_rank_group):
+    loss = one_to_all_supcon if local else global_one_to_all_supcon
+    with pytest.raises(ValueError, match=message):
+        loss(*args)
+
+
+def split_good_input():
+    """o2a_per_anchor's (anchors, anchor_labels, keys, key_labels, offset, temperature)
+    with the anchors rows 2..4 of 6 keys."""
+    keys, key_labels = torch.randn(6, 3), long(0, 1, 2, 0, 1, 2)
+    return keys[2:5], key_labels[2:5], keys, key_labels, 2, 0.1
+
+
+def split_bad_inputs():
+    """The good input with one thing wrong."""
+    good = split_good_input()
+    _, _, keys, key_labels, _, _ = good
+
+    def bad(**change):
+        names = ("anchors", "anchor_labels", "keys", "key_labels", "offset", "temperature")
+        return tuple(change.get(name, value) for name, value in zip(names, good))
+
+    nan_keys = keys.clone()
+    nan_keys[0, 0] = NAN
+    rows = "^anchors must be rows 2..4 of keys"
+    return [
+        (bad(anchors=keys[2]), "^anchors must be a N x D matrix"),
+        (bad(anchor_labels=key_labels[2:4]), "^anchor_labels must be a vector of length 3"),
+        (bad(anchor_labels=torch.zeros(3)), "^anchor_labels must be an integer tensor"),
+        (bad(keys=keys[:, :2]), "^keys must be a N x 3 matrix"),
+        (bad(keys=nan_keys), "^keys contains NaN"),
+        (bad(keys=keys.double()), "^keys must have the dtype of anchors"),
+        (bad(key_labels=key_labels[:5]), "^key_labels must be a vector of length 6"),
+        (bad(key_labels=long(-1, 1, 2, 0, 1, 2)), r"^key_labels must lie in \[0, inf\)"),
+        (bad(offset=4), rows.replace("2..4", "4..6")),
+        (bad(offset=1), rows.replace("2..4", "1..3")),  # in range, but other rows
+        (bad(anchor_labels=long(2, 0, 0)), rows),
+        (bad(temperature=-1.0), "^temperature must be positive"),
+    ]
+
+
+@pytest.mark.parametrize("args,message", split_bad_inputs())
+def test_o2a_split_form_bad_input_names_the_argument(args, message):
+    with pytest.raises(ValueError, match=message):
+        o2a_per_anchor(*args)
+
+
+def test_o2a_split_form_accepts_the_good_input():
+    loss, num_pos = o2a_per_anchor(*split_good_input())
+    assert loss.shape == (3,) and num_pos.tolist() == [1, 1, 1]
 
 
 def test_auto_backend_dispatch():

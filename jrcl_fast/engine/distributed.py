@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from jrcl_fast.errors import RankFailure
+from jrcl_fast.losses.checks import check_o2a_args
 from jrcl_fast.losses.contrastive import append_prototypes, mean_over_anchors_with_positives, o2a_per_anchor
 
 
@@ -110,6 +111,8 @@ def global_one_to_all_supcon(features: Tensor, labels: Tensor, prototypes: Tenso
     gradient is exactly that of one process on the concatenated batch. The mean over
     ranks of the returned value is the global loss.
     """
+    # Before the gather: a malformed tensor would fail inside the collective, or hang it.
+    check_o2a_args(features, labels, temperature, prototypes)
     world, n = dist.get_world_size(), features.shape[0]
     keys, key_labels = append_prototypes(all_gather_tensor_autograd(features.contiguous(), 0, dist.group.WORLD),
                                          gather_rows(labels), prototypes)

@@ -48,6 +48,43 @@ def check_normal_mask(normal_mask: Tensor, num_classes: int) -> None:
                          f"{'True' if bool(normal_mask.all()) else 'False'}")
 
 
+def check_o2a_args(
+    anchors: Tensor,
+    anchor_labels: Tensor,
+    temperature: float,
+    prototypes: Tensor | None = None,
+    keys: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    anchor_offset: int = 0,
+    names: tuple[str, str] = ("features", "labels"),
+) -> None:
+    """The checks of every O2A entry point, run before anything is concatenated or
+    gathered. `names` are what the caller calls the anchors and their labels. With
+    `prototypes` (C x D) the labels must lie in [0, C); the split form passes its key
+    set instead, of which the anchors must be rows `anchor_offset ..`."""
+    anchor_name, label_name = names
+    check_matrix(anchor_name, anchors)
+    n, dim = anchors.shape
+    num_classes = None
+    if prototypes is not None:
+        check_matrix("prototypes", prototypes, cols=dim)
+        num_classes = prototypes.shape[0]
+    check_labels(label_name, anchor_labels, n, num_classes)
+    if keys is not None:
+        check_matrix("keys", keys, cols=dim)
+        if keys.dtype != anchors.dtype:
+            raise ValueError(f"keys must have the dtype of {anchor_name}, {anchors.dtype}, got {keys.dtype}")
+        check_labels("key_labels", key_labels, keys.shape[0], None)
+        # The self-exclusion trusts that anchor i is key anchor_offset + i.
+        rows = slice(anchor_offset, anchor_offset + n)
+        if not (0 <= anchor_offset <= keys.shape[0] - n and torch.equal(keys[rows], anchors)
+                and torch.equal(key_labels[rows], anchor_labels)):
+            raise ValueError(f"{anchor_name} must be rows {anchor_offset}..{anchor_offset + n - 1} of keys, with the "
+                             f"same labels; pass their position in the {keys.shape[0]} keys as anchor_offset")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jrcl_fast.losses.checks import check_labels, check_matrix
+from jrcl_fast.losses.checks import check_o2a_args
 from jrcl_fast.losses.dispatch import use_kernels
 from jrcl_fast.losses.reference import o2a_per_anchor_reference
 
@@ -25,6 +25,8 @@ def o2a_per_anchor(
     The anchors are rows `anchor_offset ..` of the keys. This split form lets a rank
     contrast its local anchors with keys gathered from all ranks.
     """
+    check_o2a_args(anchors, anchor_labels, temperature, keys=keys, key_labels=key_labels,
+                   anchor_offset=anchor_offset, names=("anchors", "anchor_labels"))
     if use_kernels(backend, anchors, keys):
         from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
 
@@ -63,16 +65,9 @@ def one_to_all_supcon(
     With `prototypes=None` it is class-averaged SupCon over the batch; with
     `class_average=False` as well, it is plain SupCon.
     """
-    n = features.shape[0] if features.dim() == 2 else -1
-    check_matrix("features", features)
-    num_classes = None
-    keys, key_labels = features, labels
-    if prototypes is not None:
-        check_matrix("prototypes", prototypes, cols=features.shape[1])
-        num_classes = prototypes.shape[0]
-    check_labels("labels", labels, n, num_classes)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    keys, key_labels = append_prototypes(keys, key_labels, prototypes)
+    # Under the caller's names and before the concatenation, which would fail on a
+    # prototype of the wrong width; o2a_per_anchor then checks the assembled key set.
+    check_o2a_args(features, labels, temperature, prototypes)
+    keys, key_labels = append_prototypes(features, labels, prototypes)
     loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, 0, temperature, class_average, backend)
     return mean_over_anchors_with_positives(loss, num_pos)
