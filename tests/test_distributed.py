@@ -115,6 +115,73 @@ def test_global_batch_gradients_equal_one_process_and_naive_gather_does_not(tmp_
         assert result["refused"]
 
 
+# ---------------------------------------------------------------- a dead peer, simulated in this process
+
+@pytest.fixture
+def rank_1_of_2(monkeypatch):
+    """The environment the launcher gives rank 1 of a 2-rank job."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+
+def raise_(err):
+    raise err
+
+
+LOST_PEER = [dist.DistError("Connection closed by peer"),
+             RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")]
+
+
+@pytest.mark.parametrize("err", LOST_PEER)
+def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
+    from jrcl_fast.engine.distributed import collective_failures
+    from jrcl_fast.errors import RankFailure
+
+    message = r"^rank 1 of 2: a collective with the other ranks failed .*Connection closed"
+    with pytest.raises(RankFailure, match=message), collective_failures():
+        raise err
+
+
+def test_other_errors_pass_unchanged(rank_1_of_2, monkeypatch):
+    from jrcl_fast.engine.distributed import collective_failures
+
+    unrelated = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError) as caught, collective_failures():
+        raise unrelated
+    assert caught.value is unrelated
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no other rank to blame
+    with pytest.raises(dist.DistError), collective_failures():
+        raise LOST_PEER[0]
+
+
+def test_evaluation_gather_reports_a_dead_rank(rank_1_of_2, monkeypatch):
+    from jrcl_fast.engine import distributed
+    from jrcl_fast.errors import RankFailure
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda *_: raise_(LOST_PEER[0]))
+    with pytest.raises(RankFailure, match="^rank 1 of 2"):
+        distributed.gather_shards(np.zeros(3), [np.arange(3), np.arange(3, 6)])
+
+
+def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path, digits_root):
+    """`train` as a whole is wrapped: start-up here, and with it resume, the loop and
+    the checkpoint barriers."""
+    from rich.console import Console
+
+    from jrcl_fast.config import load_config
+    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.engine import trainer
+    from jrcl_fast.engine.distributed import Ranks
+    from jrcl_fast.errors import RankFailure
+
+    cfg = load_config(tiny_config(tmp_path, digits_root))
+    monkeypatch.setattr(trainer, "build_engine", lambda *_: raise_(LOST_PEER[0]))  # as deepspeed.initialize's broadcast
+    with pytest.raises(RankFailure, match="^rank 1 of 2"):
+        trainer.train(cfg, load_dataset(cfg.data), False, False, Console(quiet=True), Ranks(1, 2, 1))
+
+
 # ---------------------------------------------------------------- real runs (CLI, launcher)
 
 def run_env():

@@ -78,16 +78,22 @@ PEER_LOST = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out
 
 
 @contextmanager
-def collective_failures(ranks: Ranks, timeout_s: float) -> Iterator[None]:
-    """Turn a failed or timed-out collective into one clear RankFailure."""
+def collective_failures() -> Iterator[None]:
+    """Turn a failed or timed-out collective into one clear RankFailure.
+
+    It wraps every phase that talks to the other ranks: the whole of `train` (engine
+    start-up, resume, the loop, checkpoint barriers) and the evaluation gather. A
+    one-process job has no other rank to blame, so its errors pass unchanged.
+    """
     try:
         yield
     except RuntimeError as err:  # DistError, or gloo's plain RuntimeError on a lost peer
-        if not (isinstance(err, dist.DistError) or any(mark in str(err) for mark in PEER_LOST)):
+        ranks = launched_ranks()
+        if ranks.world_size == 1 or not (isinstance(err, dist.DistError) or any(m in str(err) for m in PEER_LOST)):
             raise
         raise RankFailure(
             f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks failed or waited "
-            f"longer than train.collective_timeout_s={timeout_s:g} s, so another rank probably died or hangs "
+            "longer than train.collective_timeout_s, so another rank probably died or hangs "
             f"(see its log); {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
 
@@ -140,7 +146,8 @@ def gather_shards(shard: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
     """
     shards = [shard] if not is_distributed() else [None] * dist.get_world_size()
     if is_distributed():
-        dist.all_gather_object(shards, shard)
+        with collective_failures():
+            dist.all_gather_object(shards, shard)
     n = sum(len(p) for p in positions)
     seen = np.bincount(np.concatenate(positions), minlength=n)
     if len(seen) != n or not (seen == 1).all() or any(len(s) != len(p) for s, p in zip(shards, positions)):

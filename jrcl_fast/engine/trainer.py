@@ -92,6 +92,7 @@ def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--resume: {ckpt_dir} holds no finished epoch; start without --resume")
 
 
+@collective_failures()
 def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
           ranks: Ranks = Ranks()) -> JRCLNet:
     """Train `cfg` on `dataset` as rank `ranks.rank`; returns the trained model in fp32
@@ -144,7 +145,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                   f"{cfg.train.batch_size * ranks.world_size * accum} images")
 
     views = cfg.data.num_views
-    with _progress(console) as progress, collective_failures(ranks, cfg.train.collective_timeout_s):
+    with _progress(console) as progress:
         task = progress.add_task("train", total=micro_steps * cfg.train.epochs,
                                  completed=micro_steps * epochs_done, epoch=epochs_done + 1, ips=0.0,
                                  loss=float("nan"))
