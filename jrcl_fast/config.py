@@ -19,6 +19,10 @@ import yaml
 from jrcl_fast.errors import UserError
 
 DATASETS = ("digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt")
+# Defined here, the lowest layer, so that the config and the losses and kernels that
+# check their own arguments read one list.
+DIVERGENCES = ("js", "sym_kl")
+LOSS_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -119,8 +123,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
     "model.norm": ("batch", "sync_batch", "group"),
     "train.engine": ("auto", "local", "deepspeed"),
-    "loss.divergence": ("js", "sym_kl"),
-    "loss.backend": ("auto", "torch", "triton"),
+    "loss.divergence": DIVERGENCES,
+    "loss.backend": LOSS_BACKENDS,
     "optim.name": ("sgd", "adamw"),
 }
 POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_size", "eval.batch_size",

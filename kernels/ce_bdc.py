@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from jrcl_fast.config import DIVERGENCES
 from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
@@ -227,8 +228,8 @@ def fused_ce_bdc(
     (to logits and binary_logits; the logit adjustment is treated as a constant)."""
     check_kernel_dtype("logits", logits)
     check_kernel_dtype("binary_logits", binary_logits)
-    if divergence not in ("js", "sym_kl"):
-        raise ValueError(f"divergence must be 'js' or 'sym_kl', got {divergence!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     return _CEBDCFunction.apply(
         logits.contiguous(),
         binary_logits.contiguous(),

@@ -139,10 +139,12 @@ def test_public_dispatch_matches_torch(divergence: str, device: str) -> None:
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_rejects_float64(device: str) -> None:
+def test_rejects_float64_and_unknown_divergence(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(4, 20, 1.0, device, torch.float64)
     with pytest.raises(TypeError, match="float64"):
         fused_ce_bdc(logits, binary_logits, labels, normal_mask)
+    with pytest.raises(ValueError, match=r"divergence must be one of \('js', 'sym_kl'\), got 'kl'"):
+        fused_ce_bdc(logits.float(), binary_logits.float(), labels, normal_mask, divergence="kl")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])

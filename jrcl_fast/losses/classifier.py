@@ -6,11 +6,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from jrcl_fast.config import DIVERGENCES
 from jrcl_fast.losses.checks import check_choice, check_labels, check_matrix, check_normal_mask
 from jrcl_fast.losses.dispatch import use_kernels
 from jrcl_fast.losses.reference import bdc_per_row_reference, ce_bdc_reference
-
-DIVERGENCES = ("js", "sym_kl")
 
 
 class ClassifierLoss(NamedTuple):
