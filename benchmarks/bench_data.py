@@ -178,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/jrcl_bench_data"), help="where images are generated")
     parser.add_argument("--quick", action="store_true", help="a few hundred images instead of a few thousand")
+    parser.add_argument("--images", type=int, help="images per profile (overrides the profile's count)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers = DALI threads")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
@@ -189,20 +190,21 @@ def main() -> None:
 
     console, rows = Console(), []
     for profile in PROFILES:
-        split = generate(args.folder, profile, profile.quick_count if args.quick else profile.count)
+        count = args.images or (profile.quick_count if args.quick else profile.count)
+        split = generate(args.folder, profile, count)
         for path in split.paths:  # warm the page cache for both loaders alike
             (split.root / path).read_bytes()
-        common = (split, args.image_size, AUGMENTATIONS[profile.augmentation], args.views, args.batch_size,
-                  "instance", 0)
+        aug = AUGMENTATIONS[profile.augmentation]
+        common = (split, args.image_size, aug, args.views, args.batch_size, "instance", 0)
         loaders = (TorchTrainLoader(*common, num_workers=args.workers),
                    DaliTrainLoader(*common, num_threads=args.workers))
         rounds = [[images_per_second(loader) for loader in loaders] for _ in range(args.repeats)]
         torch_rate, dali_rate = np.max(rounds, axis=0).tolist()
-        rows.append({"profile": profile.name, "images": len(split), "torch_images_per_s": round(torch_rate, 1),
+        rows.append({"profile": profile.name, "augmentation": profile.augmentation, "images": len(split),
+                     "torch_images_per_s": round(torch_rate, 1),
                      "dali_images_per_s": round(dali_rate, 1), "dali_over_torch": round(dali_rate / torch_rate, 2)})
         if args.steps:
             sample = Split(split.root, split.paths[:64], split.labels[:64], split.source)
-            aug = AUGMENTATIONS[profile.augmentation]
             path_steps = {"torchvision": torch_step_ms(sample, args.image_size, aug),
                           "DALI CPU": dali_step_ms(sample, args.image_size, aug)}
             console.print(steps_table(profile, path_steps, args.views))

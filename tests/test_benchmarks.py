@@ -1,0 +1,87 @@
+"""The benchmark scripts keep running: each one's CPU mode at tiny sizes, checking what
+its JSON says it measured. The figures themselves depend on the machine and are not
+checked (docs/BENCHMARKS.md records them)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, tiny_config
+
+from jrcl_fast.config import load_config
+from jrcl_fast.data.augment import AUGMENTATIONS
+from jrcl_fast.data.dali_pipelines import view_steps
+from jrcl_fast.data.torch_loader import train_transform
+from jrcl_fast.models import JRCLNet
+
+pytestmark = pytest.mark.slow
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False,
+                          capture_output=True, text=True, cwd=REPO, timeout=900,
+                          env={**os.environ, "COLUMNS": "160"})
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_bench_data_rows_and_steps_are_the_loaders_own(tmp_path: Path) -> None:
+    out, size = tmp_path / "data.json", 32
+    run_benchmark("bench_data.py", "--folder", str(tmp_path / "images"), "--images", "16", "--batch-size", "8",
+                  "--image-size", str(size), "--repeats", "1", "--workers", "1", "--steps", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["augmentation"] for row in rows} == {"natural", "xray"} and len(rows) == 3
+    for row in rows:
+        assert row["images"] == 16
+        assert row["torch_images_per_s"] > 0 and row["dali_images_per_s"] > 0
+        aug = AUGMENTATIONS[row["augmentation"]]
+        steps = {path: [s["step"] for s in listed] for path, listed in row["steps_ms_per_image"].items()}
+        # The breakdown times the very transforms the loaders run, after one decode.
+        assert steps["DALI CPU"][1:] == [name for name, _ in view_steps(size, aug)]
+        assert steps["torchvision"][1:] == [type(t).__name__ for t in train_transform(size, aug).transforms]
+        ms = [s["ms"] for listed in row["steps_ms_per_image"].values() for s in listed]
+        assert all(math.isfinite(m) for m in ms)
+        assert all(row["steps_image_ms"][path] > 0 for path in steps)
+
+
+def test_bench_losses_cpu_smoke_writes_eager_rows(tmp_path: Path) -> None:
+    out = tmp_path / "losses.json"
+    run_benchmark("bench_losses.py", "--quick", "--repeats", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["gpu_figures"] is False and result["rows"]
+    assert {row["loss"] for row in result["rows"]} == {"o2a", "ce_bdc"}
+    for row in result["rows"]:
+        assert row["impl"] == "eager" and row["status"] == "ok" and row["ms"] > 0
+
+
+def test_bench_e2e_times_three_objectives(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    run_benchmark("bench_e2e.py", "--quick", "--batch", "2", "--image-size", "32", "--classes", "10",
+                  "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and all(row["images_per_s"] > 0 for row in rows)
+    assert [row["overhead_vs_ce_2_views"] is not None for row in rows] == [False, False, True]
+
+
+def test_scaling_counts_every_parameter_of_the_model() -> None:
+    stdout = run_benchmark("scaling.py", "--config", "configs/inat2018.yaml", "--classes", "8142")
+    model = JRCLNet(load_config(REPO / "configs" / "inat2018.yaml").model, 8142)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"| **total P** | **{total:,}** |" in stdout
+
+
+def test_ablation_runs_every_variant(tmp_path: Path, digits_root: Path) -> None:
+    config = tiny_config(tmp_path, digits_root, train={"epochs": 1, "batch_size": 32, "threads": 2})
+    out = tmp_path / "ablation"
+    run_benchmark("ablation.py", "--config", str(config), "--seeds", "0", "--out", str(out))
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["summary"]) == list(result["variants"]) and len(result["variants"]) == 7
+    for stats in result["summary"].values():
+        assert 0.0 <= stats["balanced_accuracy"]["mean"] <= 1.0 and stats["balanced_accuracy"]["std"] == 0.0
+    assert len((out / "ablation.md").read_text().splitlines()) == 2 + 7
