@@ -192,10 +192,12 @@ class _CEBDCFunction(torch.autograd.Function):
             logits, binary_logits, labels, normal_mask.to(torch.int8), adjustment,
             *per_row, grad_logits, grad_binary,
             num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0), grad_binary.stride(0),
-            float(lambda_bin), float(lambda_bdc), 1.0 / batch,
+            float(lambda_bin), float(lambda_bdc), 1.0 / max(batch, 1),
             HAS_ADJ=has_adj, SYM_KL=divergence == "sym_kl", COMPUTE_GRAD=compute_grad,
             BLOCK_C=block, num_warps=num_warps,
         )
+        # B = 0 launches no program (the 1 above only avoids dividing by 0) and these
+        # means over no rows are NaN, as the reference's are.
         ce, binary_ce, bdc = (x.mean() for x in per_row)
         total = ce + lambda_bin * binary_ce + lambda_bdc * bdc
         if compute_grad:

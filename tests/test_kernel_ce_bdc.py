@@ -139,6 +139,23 @@ def test_public_dispatch_matches_torch(divergence: str, device: str) -> None:
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_empty_batch_as_the_reference(device: str) -> None:
+    """B = 0: the reference's means over no rows are NaN (torch's mean of nothing) and
+    its gradients empty; the kernel path gives the same."""
+    _, _, _, normal_mask = random_problem(1, 20, 1.0, device)
+    logits, binary_logits = torch.zeros(0, 20, device=device), torch.zeros(0, 2, device=device)
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        z, b = logits.clone().requires_grad_(), binary_logits.clone().requires_grad_()
+        out = ce_bdc_loss(z, b, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC, backend=backend)
+        out.total.backward()
+        results[backend] = (*out, z.grad, b.grad)
+    assert all(torch.isnan(v) for v in results["torch"][:4])
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got.detach(), want.detach(), equal_nan=True)
+
+
 def test_rejects_float64_and_unknown_divergence(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(4, 20, 1.0, device, torch.float64)
     with pytest.raises(TypeError, match="float64"):

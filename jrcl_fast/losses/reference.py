@@ -100,7 +100,8 @@ def ce_bdc_reference(
 
     Returns (total, ce, binary_ce, bdc) with total = ce + lambda_bin * binary_ce
     + lambda_bdc * bdc. `logit_adjustment` (C) is added to the logits for CE only:
-    BDC compares the classifier's own distribution with the binary head.
+    BDC compares the classifier's own distribution with the binary head. With no rows
+    every term is NaN, torch's mean over nothing, and the gradients are empty.
     """
     adjusted = upcast(logits) if logit_adjustment is None else upcast(logits) + logit_adjustment
     ce = F.cross_entropy(adjusted, labels)
