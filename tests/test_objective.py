@@ -1,11 +1,12 @@
 """The JRCL objective composes the public losses as docs/METHOD.md section 3 says."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from jrcl_fast.config import LossConfig
-from jrcl_fast.losses import bdc_loss, one_to_all_supcon
+from jrcl_fast.losses import bdc_loss, objective, one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
 
 
@@ -18,8 +19,11 @@ def inputs(batch=6, views=2, classes=5, dim=8):
     return logits, binary, features, protos, torch.randint(0, classes, (batch,))
 
 
-def test_total_is_the_weighted_sum_over_the_right_views():
-    cfg = LossConfig(logit_adjust_tau=0.7, lambda_con=0.35, lambda_bdc=1.5, lambda_bin=0.5, temperature=0.2,
+@pytest.mark.parametrize("lambda_bdc", [1.5, 0.0])
+def test_total_is_the_weighted_sum_over_the_right_views(lambda_bdc, monkeypatch):
+    if not lambda_bdc:  # the binary head stays on, BDC must not be computed
+        monkeypatch.setattr(objective, "ce_bdc_loss", lambda *_: pytest.fail("BDC computed at lambda_bdc = 0"))
+    cfg = LossConfig(logit_adjust_tau=0.7, lambda_con=0.35, lambda_bdc=lambda_bdc, lambda_bin=0.5, temperature=0.2,
                      backend="torch")
     counts = np.array([100, 40, 10, 3, 1])
     normal = np.array([True, False, False, False, False])
@@ -33,9 +37,13 @@ def test_total_is_the_weighted_sum_over_the_right_views():
     bce = F.cross_entropy(binary[:b], y_bin)
     bdc = bdc_loss(logits[:b], binary[:b], torch.tensor(normal))
     con = one_to_all_supcon(features, labels.repeat(2), protos, 0.2)  # every view
-    want = ce + 0.5 * bce + 1.5 * bdc + 0.35 * con
+    want = ce + 0.5 * bce + lambda_bdc * bdc + 0.35 * con
     torch.testing.assert_close(total, want)
-    torch.testing.assert_close(terms["contrastive"], con.detach())
+    # Only the terms in the loss are logged.
+    assert set(terms) == {"ce", "binary_ce", "contrastive", "total"} | ({"bdc"} if lambda_bdc else set())
+    for name, value in (("ce", ce), ("binary_ce", bce), ("bdc", bdc), ("contrastive", con)):
+        if name in terms:
+            torch.testing.assert_close(terms[name], value.detach())
     assert not any(t.requires_grad for t in terms.values())
     g_total = torch.autograd.grad(total, (logits, features, protos))
     g_want = torch.autograd.grad(want, (logits, features, protos))

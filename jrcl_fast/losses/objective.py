@@ -12,7 +12,7 @@ from torch import Tensor
 from jrcl_fast.config import LossConfig
 from jrcl_fast.losses.classifier import ce_bdc_loss
 from jrcl_fast.losses.contrastive import one_to_all_supcon
-from jrcl_fast.losses.reference import upcast
+from jrcl_fast.losses.reference import binary_targets, upcast
 
 
 def logit_adjustment(train_counts: np.ndarray, tau: float) -> Tensor | None:
@@ -47,15 +47,19 @@ class JRCLObjective:
         batch = labels.shape[0]
         logits0, binary0 = logits[:batch], binary_logits[:batch]
         terms: dict[str, Tensor] = {}
-        if cfg.lambda_bin or cfg.lambda_bdc:
+        if cfg.lambda_bdc:
+            # One fused pass gives CE, binary CE and BDC; the binary CE, free there, is
+            # logged even when lambda_bin = 0.
             classifier = ce_bdc_loss(logits0, binary0, labels, self.normal_mask, self.adjustment,
                                      cfg.lambda_bin, cfg.lambda_bdc, cfg.divergence, cfg.backend)
             total = classifier.total
             terms.update(ce=classifier.ce, binary_ce=classifier.binary_ce, bdc=classifier.bdc)
-        else:
+        else:  # BDC is neither computed nor logged
             adjusted = logits0 if self.adjustment is None else logits0 + self.adjustment
-            total = F.cross_entropy(upcast(adjusted), labels)
-            terms["ce"] = total
+            total = terms["ce"] = F.cross_entropy(upcast(adjusted), labels)
+            if cfg.lambda_bin:
+                terms["binary_ce"] = F.cross_entropy(upcast(binary0), binary_targets(labels, self.normal_mask))
+                total = total + cfg.lambda_bin * terms["binary_ce"]
         if cfg.lambda_con:
             contrastive = self.contrastive(
                 features, labels.repeat(num_views), prototypes if cfg.use_prototypes else None,

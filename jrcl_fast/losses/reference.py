@@ -86,6 +86,11 @@ def bdc_per_row_reference(logits: Tensor, binary_logits: Tensor, normal_mask: Te
     return divergence_per_row(*binary_distributions(logits, binary_logits, normal_mask), divergence)
 
 
+def binary_targets(labels: Tensor, normal_mask: Tensor) -> Tensor:
+    """The binary head's class of each label: 0 normal, 1 abnormal."""
+    return (~normal_mask[labels]).long()
+
+
 def ce_bdc_reference(
     logits: Tensor,
     binary_logits: Tensor,
@@ -105,7 +110,6 @@ def ce_bdc_reference(
     """
     adjusted = upcast(logits) if logit_adjustment is None else upcast(logits) + logit_adjustment
     ce = F.cross_entropy(adjusted, labels)
-    binary_labels = (~normal_mask[labels]).long()  # 0 normal, 1 abnormal
-    binary_ce = F.cross_entropy(upcast(binary_logits), binary_labels)
+    binary_ce = F.cross_entropy(upcast(binary_logits), binary_targets(labels, normal_mask))
     bdc = bdc_per_row_reference(logits, binary_logits, normal_mask, divergence).mean()
     return ce + lambda_bin * binary_ce + lambda_bdc * bdc, ce, binary_ce, bdc
