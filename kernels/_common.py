@@ -43,5 +43,7 @@ def online_lse_rescale(m, s, block_max):
 
 @triton.jit
 def finish_lse(m, s):
-    """Log-sum-exp from the running max and sum; -inf when nothing unmasked was seen."""
-    return tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
+    """Log-sum-exp from the running max and sum; -inf when nothing unmasked was seen.
+    The sum is then 0: taking the log of 1 instead gives the same -inf + 0 = -inf
+    without log(0), on which the interpreter's numpy warns (runs once, after the loop)."""
+    return m + tl.log(tl.where(m == -float("inf"), 1.0, s))
