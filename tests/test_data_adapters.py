@@ -1,14 +1,15 @@
 """Adapters on real-format label files, and check-data on good and bad images.
 
-The CXR-LT tests read the published CSVs in place from ../shared/data/cxr-lt/ and
-skip when that folder is absent; iNaturalist and Places-LT fixtures are written
-here in the published formats.
+The CXR-LT tests on real data read the published CSVs in place from
+../shared/data/cxr-lt/ and skip when that folder is absent; the CXR-LT bad-input
+cases, iNaturalist and Places-LT write their fixtures here in the published formats.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,35 +79,70 @@ def test_cxr_load_dataset(tmp_path: Path, spec, train_from: str) -> None:
     assert check_data(val_only).ok
 
 
-def rewrite_csv(tmp_path: Path, edit) -> Path:
-    """The first rows of the published NIH balanced-val CSV, passed through edit(header, rows)."""
-    with NIH_CXR_LT.csv_path(CXR_DIR, "balanced-val").open(newline="") as handle:
-        header, *rows = list(csv.reader(handle))[:6]
-    header, rows = edit(header, rows)
-    path = tmp_path / "edited.csv"
+def write_cxr_csv(root: Path, spec, split: str = "balanced-val", edit=None) -> Path:
+    """A valid split CSV in spec's published layout where the adapter looks for it, one
+    row per class in benchmark order (line k + 2 is labelled spec.class_names[k]), and a
+    placeholder image per row. The class columns are sorted by name, not in benchmark
+    order (as in the published files), so reading must map them by name. edit(spec,
+    header, rows) -> (header, rows) breaks the file before it is written."""
+    classes = sorted(spec.class_names)
+    header = ["id", *classes, "subject_id"] if spec is NIH_CXR_LT else [*spec.id_columns, *classes]
+    rows = []
+    for k, name in enumerate(spec.class_names):
+        subject, study, dicom = f"{10000001 + k}", f"{50000001 + k}", f"{k:08x}-0000"
+        ids = {"id": f"{subject}_000.png", "subject_id": subject, "study_id": study, "dicom_id": dicom,
+               "path": f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"}
+        rows.append([ids[c] if c in ids else str(int(c == name)) for c in header])
+        image = root / spec.image_folder / ids[spec.path_column]
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(16, 16, 1), mode="L").save(image)
+    if edit is not None:
+        header, rows = edit(spec, header, rows)
+    path = spec.csv_path(root, split)
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     return path
 
 
-def _set(rows: list[list[str]], line: int, column: int, value: str) -> list[list[str]]:
-    rows[line - 2][column] = value
-    return rows
+@pytest.mark.parametrize("spec", [NIH_CXR_LT, MIMIC_CXR_LT], ids=lambda spec: spec.name)
+def test_synthetic_cxr_csvs_load(tmp_path: Path, spec) -> None:
+    """The fixture the bad cases break is itself valid, so each bad case fails for its edit."""
+    for split in ("train", "balanced-val", "test"):
+        write_cxr_csv(tmp_path, spec, split)
+    dataset = load_dataset(DataConfig(name=spec.name, root=str(tmp_path)))
+    assert dataset.val.labels.tolist() == list(range(len(spec.class_names)))
+    assert dataset.val.paths[2].endswith("10000003_000.png" if spec is NIH_CXR_LT else "/s50000003/00000002-0000.jpg")
+    assert check_data(dataset).ok
 
 
-@needs_cxr
+def _drop(header: list[str], rows: list[list[str]], column: str) -> tuple[list[str], list[list[str]]]:
+    i = header.index(column)
+    return header[:i] + header[i + 1:], [row[:i] + row[i + 1:] for row in rows]
+
+
+def _set(header: list[str], rows: list[list[str]], line: int, column: str, value: str):
+    rows[line - 2][header.index(column)] = value
+    return header, rows
+
+
+@pytest.mark.parametrize("spec", [NIH_CXR_LT, MIMIC_CXR_LT], ids=lambda spec: spec.name)
 @pytest.mark.parametrize("edit, message", [
-    (lambda h, r: ([c for c in h if c != "Hernia"], [row[:8] + row[9:] for row in r]), "line 1: column 'Hernia' is missing"),
-    (lambda h, r: (h, _set(r, 4, h.index("Mass"), "1")), "line 4: a single-label row needs exactly one 1 among the 20 class columns, found 2"),
-    (lambda h, r: (h, _set(r, 3, h.index("Atelectasis"), "0")), "line 3: a single-label row needs exactly one 1 among the 20 class columns, found 0"),
-    (lambda h, r: (h, _set(r, 5, h.index("Edema"), "yes")), "line 5: column 'Edema' is 'yes'; expected 0 or 1"),
-    (lambda h, r: (h, r[:2] + [r[2][:-1]]), "line 4: 21 fields, expected 22"),
-])
-def test_cxr_bad_csv(tmp_path: Path, edit, message: str) -> None:
-    path = rewrite_csv(tmp_path, edit)
-    with pytest.raises(UserError, match=message) as err:
-        read_cxr_csv(path, NIH_CXR_LT, tmp_path)
-    assert str(path) in str(err.value)
+    (lambda s, h, r: _drop(h, r, "Edema"), "line 1: column 'Edema' is missing; a {name} split needs columns "),
+    (lambda s, h, r: _drop(h, r, s.path_column), "line 1: column '{path}' is missing; "),
+    (lambda s, h, r: _set(h, r, 4, "Edema", "1"),
+     "line 4: a single-label row needs exactly one 1 among the {n} class columns, found 2 ({c2}, Edema)"),
+    (lambda s, h, r: _set(h, r, 3, s.class_names[1], "0"),
+     "line 3: a single-label row needs exactly one 1 among the {n} class columns, found 0 (none)"),
+    (lambda s, h, r: _set(h, r, 5, "Edema", "yes"), "line 5: column 'Edema' is 'yes'; expected 0 or 1"),
+    (lambda s, h, r: (h, r[:2] + [r[2][:-1]] + r[3:]), "line 4: {short} fields, expected {fields} as in the header"),
+], ids=["no-class-column", "no-path-column", "two-ones", "no-one", "not-0-or-1", "short-row"])
+def test_cxr_bad_csv(tmp_path: Path, spec, edit, message: str) -> None:
+    path = write_cxr_csv(tmp_path, spec, edit=edit)
+    fields = len(spec.id_columns) + len(spec.class_names)
+    expected = f"{path} " + message.format(name=spec.name, path=spec.path_column, n=len(spec.class_names),
+                                           c2=spec.class_names[2], short=fields - 1, fields=fields)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        read_cxr_csv(path, spec, tmp_path)
 
 
 def test_cxr_missing_csv_names_the_file(tmp_path: Path) -> None:
