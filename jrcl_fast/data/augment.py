@@ -1,5 +1,11 @@
 """Augmentation settings per kind of image, shared by the torchvision and DALI paths
-so that both apply the same transforms."""
+so that both apply the same transforms.
+
+The eval transform is pixel-equal up to resampler rounding (tests/test_dali.py). The
+random train transforms have the same parameters but are not bit-identical: DALI's
+colour jitter applies brightness, contrast and saturation in a fixed order with
+contrast about mid-grey, where torchvision shuffles the order and uses the image's
+mean grey; both rotate with bilinear interpolation."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ class DataReport:
         return [head] + [f"  {b.split} entry {b.entry}: {b.path}: {b.reason}" for b in self.bad]
 
 
-def _problem(path: Path) -> str | None:
-    """None when the file decodes as the loaders will decode it, else why not."""
+def image_problem(path: Path) -> str | None:
+    """None when PIL decodes the file (as the torchvision path does), else why not."""
     try:
         load_rgb(path)
     except UserError as err:
@@ -59,7 +59,7 @@ def check_data(dataset: LongTailedDataset, num_workers: int = 2) -> DataReport:
         for name, split in splits.items():
             if split is None:
                 continue
-            problems = pool.map(_problem, [split.root / p for p in split.paths], chunksize=64)
+            problems = pool.map(image_problem, [split.root / p for p in split.paths], chunksize=64)
             for i, problem in enumerate(problems):
                 if problem is not None:
                     report.bad.append(BadImage(name, i + 1, str(split.root / split.paths[i]), problem))

@@ -12,6 +12,7 @@ Train batches are (images B x V x 3 x H x W float32, labels B int64) and eval ba
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -22,6 +23,7 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
+from jrcl_fast.data.check import image_problem
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.sampling import epoch_indices, eval_indices
 from jrcl_fast.errors import UserError
@@ -31,7 +33,8 @@ ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default
 
 class EncodedFeed:
     """fn.external_source batches of (encoded file bytes, labels) for split samples at
-    `indices`, in order; the last batch may be short."""
+    `indices`, in order; the last batch may be short. It remembers the batches it has
+    fed, so a decode failure can be traced back to files."""
 
     def __init__(self, split: Split, indices: np.ndarray, batch_size: int):
         self.split, self.indices, self.batch_size = split, indices, batch_size
@@ -54,6 +57,22 @@ class EncodedFeed:
                                 "fix the path or data.root")
             encoded.append(np.fromfile(path, dtype=np.uint8))
         return encoded, self.split.labels[batch]
+
+    def decode_failure(self, batches_delivered: int, dali_error: str) -> UserError:
+        """The error for a decode failure after `batches_delivered` good batches: the
+        culprit is among the batches fed since (DALI reads ahead), so decode those with
+        PIL and name the bad files; else name the range of entries."""
+        suspects = self.indices[batches_delivered * self.batch_size:self._pos]
+        bad = [(j, problem) for j in suspects
+               if (problem := image_problem(self.split.root / self.split.paths[j])) is not None]
+        where = "; ".join(f"entry {j + 1} ({self.split.root / self.split.paths[j]}) is {problem}"
+                          for j, problem in bad[:3])
+        if not bad:
+            reason = dali_error.split("encountered:")[-1].strip().splitlines()[0]
+            where = (f"DALI could not decode one of the images at entries "
+                     f"{', '.join(str(j + 1) for j in suspects[:8])}{', ...' if len(suspects) > 8 else ''} ({reason})")
+        return UserError(f"{self.split.source}: {where}; run 'jrcl-fast check-data' to list every missing or "
+                         "corrupt image")
 
 
 def _read(feed: EncodedFeed, gpu: bool) -> tuple[DataNode, DataNode]:
@@ -165,13 +184,19 @@ def dali_on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+# DALI names the failing operator; only the decoders' failures are the data's fault.
+DECODE_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.(decoders\.image|peek_image_shape)`")
+
+
 class DaliBatches:
     """Passes over a pipeline as (images, labels) torch tensors; each pass builds a
-    fresh pipeline, so the object can be iterated again like a DataLoader. A decode
-    failure becomes a UserError that points at check-data."""
+    fresh feed and pipeline, so the object can be iterated again like a DataLoader.
+    A decode failure becomes a UserError naming the bad file."""
 
-    def __init__(self, make_pipeline: Callable[[], Pipeline], num_batches: int, source: str):
-        self.make_pipeline, self.num_batches, self.source = make_pipeline, num_batches, source
+    def __init__(self, split: Split, indices: np.ndarray, batch_size: int,
+                 build: Callable[[EncodedFeed], Pipeline], num_batches: int):
+        self.split, self.indices, self.batch_size = split, indices, batch_size
+        self.build, self.num_batches = build, num_batches
 
     def __len__(self) -> int:
         return self.num_batches
@@ -179,17 +204,16 @@ class DaliBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_batches == 0:  # DALI cannot start on an empty feed
             return
-        batches = DALIGenericIterator([self.make_pipeline()], ["images", "labels"], size=-1)
-        while True:
-            try:
-                batch = next(batches)[0]
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                reason = str(err).strip().splitlines()[0]
-                raise UserError(f"{self.source}: DALI failed on a batch ({reason}); run 'jrcl-fast check-data' "
-                                "to list every missing or corrupt image") from None
-            yield batch["images"], batch["labels"]
+        feed, delivered = EncodedFeed(self.split, self.indices, self.batch_size), 0
+        try:
+            # Building the iterator already runs the first batch.
+            for batch in DALIGenericIterator([self.build(feed)], ["images", "labels"], size=-1):
+                delivered += 1
+                yield batch[0]["images"], batch[0]["labels"]
+        except RuntimeError as err:
+            if not DECODE_FAILURE.search(str(err)):
+                raise
+            raise feed.decode_failure(delivered, str(err)) from None
 
 
 def _pipeline_seed(*parts: int) -> int:
@@ -221,12 +245,12 @@ class DaliTrainLoader:
         indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
                                 self.rank, self.world_size)
 
-        def make() -> Pipeline:
-            return train_pipeline(EncodedFeed(self.split, indices, self.batch_size), self.image_size, self.aug,
-                                  self.num_views, self.gpu, batch_size=self.batch_size, num_threads=self.num_threads,
+        def build(feed: EncodedFeed) -> Pipeline:
+            return train_pipeline(feed, self.image_size, self.aug, self.num_views, self.gpu,
+                                  batch_size=self.batch_size, num_threads=self.num_threads,
                                   device_id=_device_id(self.gpu), seed=_pipeline_seed(self.seed, epoch, self.rank))
 
-        return DaliBatches(make, len(indices) // self.batch_size, self.split.source)
+        return DaliBatches(self.split, indices, self.batch_size, build, len(indices) // self.batch_size)
 
 
 def dali_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_size: int, num_threads: int = 1,
@@ -235,8 +259,8 @@ def dali_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_siz
     indices = eval_indices(len(split), rank, world_size)
     gpu = dali_on_gpu()
 
-    def make() -> Pipeline:
-        return eval_pipeline(EncodedFeed(split, indices, batch_size), image_size, aug, gpu, batch_size=batch_size,
-                             num_threads=max(1, num_threads), device_id=_device_id(gpu), seed=0)
+    def build(feed: EncodedFeed) -> Pipeline:
+        return eval_pipeline(feed, image_size, aug, gpu, batch_size=batch_size, num_threads=max(1, num_threads),
+                             device_id=_device_id(gpu), seed=0)
 
-    return DaliBatches(make, -(-len(indices) // batch_size), split.source)
+    return DaliBatches(split, indices, batch_size, build, -(-len(indices) // batch_size))

@@ -6,6 +6,8 @@ Train batches are (images B x V x 3 x H x W, labels B), eval batches
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -15,6 +17,7 @@ from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import load_rgb
 from jrcl_fast.data.sampling import epoch_indices, eval_indices
+from jrcl_fast.errors import UserError
 
 
 def train_transform(image_size: int, aug: Augmentation) -> T.Compose:
@@ -22,7 +25,7 @@ def train_transform(image_size: int, aug: Augmentation) -> T.Compose:
     if aug.flip:
         steps.append(T.RandomHorizontalFlip())
     if aug.rotation_degrees:
-        steps.append(T.RandomRotation(aug.rotation_degrees))
+        steps.append(T.RandomRotation(aug.rotation_degrees, interpolation=T.InterpolationMode.BILINEAR))
     if aug.color_jitter:
         steps.append(T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(aug.mean, aug.std)]
@@ -39,25 +42,42 @@ def eval_transform(image_size: int, aug: Augmentation) -> T.Compose:
     ])
 
 
+class Batches:
+    """A DataLoader whose UserErrors keep their one-line message: from a worker
+    process, the DataLoader re-raises them with the worker's traceback as the text."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            yield from self.loader
+        except UserError as err:
+            raise UserError(str(err).rsplit("UserError: ", 1)[-1].strip()) from None
+
+
 class SplitDataset(Dataset):
     """Images of a split at the given indices, each as `num_views` transformed views
     drawn from its entry of `seeds` (num_views = 0: a single eval image without a view
-    axis, no seeds)."""
+    axis, no seeds); `grayscale` decodes to luma first (augment.py's X-ray flag)."""
 
     def __init__(self, split: Split, indices: np.ndarray, transform: T.Compose, num_views: int = 0,
-                 seeds: np.ndarray | None = None):
+                 seeds: np.ndarray | None = None, grayscale: bool = False):
         if num_views and (seeds is None or len(seeds) != len(indices)):
             raise ValueError("training views need one seed per sample: without them every sample would "
                              "get the same augmentation")
         self.split, self.indices, self.transform, self.num_views = split, indices, transform, num_views
-        self.seeds = seeds
+        self.seeds, self.grayscale = seeds, grayscale
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
-        image = load_rgb(self.split.root / self.split.paths[j])
+        image = load_rgb(self.split.root / self.split.paths[j], self.grayscale)
         label = int(self.split.labels[j])
         if self.num_views == 0:
             return self.transform(image), label
@@ -74,12 +94,12 @@ class TorchTrainLoader:
                  sampler: str, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1):
         self.split, self.batch_size, self.sampler, self.seed = split, batch_size, sampler, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.transform, self.num_views = train_transform(image_size, aug), num_views
+        self.transform, self.num_views, self.grayscale = train_transform(image_size, aug), num_views, aug.grayscale
 
     def __len__(self) -> int:
         return len(self.split) // (self.batch_size * self.world_size)
 
-    def epoch(self, epoch: int) -> DataLoader:
+    def epoch(self, epoch: int) -> Batches:
         indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
                                 self.rank, self.world_size)
         # Seeded by the position in the global epoch order, so that N ranks x b
@@ -87,12 +107,13 @@ class TorchTrainLoader:
         b, w = self.batch_size, self.world_size
         positions = np.arange(len(indices) // b)[:, None] * (w * b) + self.rank * b + np.arange(b)
         seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0].astype(np.int64) + positions.reshape(-1)
-        dataset = SplitDataset(self.split, indices, self.transform, self.num_views, seeds)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=False)
+        dataset = SplitDataset(self.split, indices, self.transform, self.num_views, seeds, self.grayscale)
+        return Batches(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                                  num_workers=self.num_workers, persistent_workers=False))
 
 
 def torch_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_size: int, num_workers: int = 0,
-                      rank: int = 0, world_size: int = 1) -> DataLoader:
-    dataset = SplitDataset(split, eval_indices(len(split), rank, world_size), eval_transform(image_size, aug))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+                      rank: int = 0, world_size: int = 1) -> Batches:
+    dataset = SplitDataset(split, eval_indices(len(split), rank, world_size), eval_transform(image_size, aug),
+                           grayscale=aug.grayscale)
+    return Batches(DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers))
