@@ -59,6 +59,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     if ranks.is_main:
         publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down its links while another still uses them
         dist.destroy_process_group()
 
 

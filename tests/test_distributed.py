@@ -84,6 +84,7 @@ def worker(rank, port, out_dir):
     except RuntimeError:
         refused = True
     torch.save({"grads": grads, "gathered": gathered, "refused": refused}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
 
 

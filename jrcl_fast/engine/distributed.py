@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from jrcl_fast.errors import RankFailure
 from jrcl_fast.losses.checks import check_o2a_args
@@ -120,7 +120,7 @@ def global_one_to_all_supcon(features: Tensor, labels: Tensor, prototypes: Tenso
     # Before the gather: a malformed tensor would fail inside the collective, or hang it.
     check_o2a_args(features, labels, temperature, prototypes)
     world, n = dist.get_world_size(), features.shape[0]
-    keys, key_labels = append_prototypes(all_gather_tensor_autograd(features.contiguous(), 0, dist.group.WORLD),
+    keys, key_labels = append_prototypes(all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD),
                                          gather_rows(labels), prototypes)
     loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, dist.get_rank() * n, temperature,
                                    class_average, backend)
