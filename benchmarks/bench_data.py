@@ -91,7 +91,7 @@ def images_per_second(loader: TorchTrainLoader | DaliTrainLoader) -> float:
     start, seen = time.perf_counter(), 0
     for images, _ in loader.epoch(0):
         seen += images.shape[0]
-    if images.is_cuda:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
@@ -103,17 +103,17 @@ def torch_step_ms(split: Split, image_size: int, aug: Augmentation) -> list[tupl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        seconds = _torch_step_seconds(split, train_transform(image_size, aug).transforms)
+        seconds = _torch_step_seconds(split, train_transform(image_size, aug).transforms, aug.grayscale)
     finally:
         torch.set_num_threads(threads)
     return [(name, 1e3 * t / len(split)) for name, t in seconds.items()]
 
 
-def _torch_step_seconds(split: Split, steps: list[Callable]) -> dict[str, float]:
+def _torch_step_seconds(split: Split, steps: list[Callable], grayscale: bool) -> dict[str, float]:
     seconds = {"PIL decode (load_rgb)": 0.0} | {type(step).__name__: 0.0 for step in steps}
     for path in split.paths:
         start = time.perf_counter()
-        x = load_rgb(split.root / path)
+        x = load_rgb(split.root / path, grayscale)
         seconds["PIL decode (load_rgb)"] += time.perf_counter() - start
         for step in steps:
             start = time.perf_counter()
@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="also time each path's steps on one thread")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.images is not None and args.images < args.batch_size:
+        parser.error(f"--images {args.images} is smaller than --batch-size {args.batch_size}: no full batch to time")
 
     console, rows = Console(), []
     for profile in PROFILES:

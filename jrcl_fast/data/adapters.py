@@ -110,8 +110,10 @@ def read_cxr_split(root: Path, spec: CxrSpec, split: str) -> Split:
 
 
 def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
-    """Train on train, select on balanced-val, test on the imbalanced test split (the
-    benchmark's balanced accuracy); balanced-test is read with read_cxr_split."""
+    """Train on train, test on the imbalanced test split (the benchmark's balanced
+    accuracy). balanced-val is the validation split: check-data scans it, but training
+    reports the last epoch and selects nothing on it. balanced-test is read with
+    read_cxr_split."""
     groups = None
     if spec.shot_sizes is not None:
         many, medium, _ = spec.shot_sizes
