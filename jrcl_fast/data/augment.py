@@ -5,7 +5,7 @@ The eval transform is pixel-equal up to resampler rounding (tests/test_dali.py).
 random train transforms have the same parameters but are not bit-identical: DALI's
 colour jitter applies brightness, contrast and saturation in a fixed order with
 contrast about mid-grey, where torchvision shuffles the order and uses the image's
-mean grey; both rotate with bilinear interpolation."""
+mean grey. Both rotate with nearest-neighbour interpolation (torchvision's default)."""
 
 from __future__ import annotations
 

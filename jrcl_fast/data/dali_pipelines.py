@@ -109,7 +109,8 @@ def view_steps(image_size: int, aug: Augmentation) -> list[tuple[str, Callable[[
 
     def rotation(view: DataNode) -> DataNode:
         angle = fn.random.uniform(range=[-aug.rotation_degrees, aug.rotation_degrees])
-        return fn.rotate(view, angle=angle, keep_size=True, fill_value=0)
+        # Nearest neighbour, as torchvision's RandomRotation defaults to.
+        return fn.rotate(view, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
 
     def to_rgb(view: DataNode) -> DataNode:
         return _to_rgb(view, aug)

@@ -25,7 +25,7 @@ def train_transform(image_size: int, aug: Augmentation) -> T.Compose:
     if aug.flip:
         steps.append(T.RandomHorizontalFlip())
     if aug.rotation_degrees:
-        steps.append(T.RandomRotation(aug.rotation_degrees, interpolation=T.InterpolationMode.BILINEAR))
+        steps.append(T.RandomRotation(aug.rotation_degrees))
     if aug.color_jitter:
         steps.append(T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(aug.mean, aug.std)]
