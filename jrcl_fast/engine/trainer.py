@@ -42,7 +42,12 @@ STEPS_NAME = "steps.jsonl"
 
 
 def device_of(ranks: Ranks) -> torch.device:
-    return torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device. On a GPU it also becomes the current CUDA device, which is
+    the one DALI's pipelines decode on (train and eval, with or without DeepSpeed)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
