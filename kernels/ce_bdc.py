@@ -19,6 +19,7 @@ from torch import Tensor
 
 from jrcl_fast.config import DIVERGENCES
 from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
+from jrcl_fast.losses.checks import check_choice
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -230,8 +231,7 @@ def fused_ce_bdc(
     (to logits and binary_logits; the logit adjustment is treated as a constant)."""
     check_kernel_dtype("logits", logits)
     check_kernel_dtype("binary_logits", binary_logits)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    check_choice("divergence", divergence, DIVERGENCES)
     return _CEBDCFunction.apply(
         logits.contiguous(),
         binary_logits.contiguous(),
