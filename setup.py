@@ -9,13 +9,15 @@ setup(
     # kernels/ lives at the top level of the repo but installs as jrcl_fast.kernels:
     # a bare `kernels` import name collides with an unrelated PyPI package.
     package_dir={"jrcl_fast.kernels": "kernels"},
+    # The lowest versions are the ones tested: torch 2.11 (with triton 3.6) is what the
+    # GPU machines run and what .ci/run tests in its second environment; 2.14 is the newest.
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "triton>=3.0",
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "triton>=3.6",
         # The DALI build for torch's CUDA 13 wheels; use nvidia-dali-cuda120 on CUDA 12 drivers.
-        "nvidia-dali-cuda130",
-        "deepspeed>=0.15",
+        "nvidia-dali-cuda130>=2.4",
+        "deepspeed>=0.19.8",
         "numpy",
         "pyyaml",
         "rich",

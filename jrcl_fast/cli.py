@@ -45,17 +45,17 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     import torch.distributed as dist
 
     from jrcl_fast.data.registry import load_dataset
-    from jrcl_fast.engine.distributed import launched_ranks
-    from jrcl_fast.engine.trainer import device_of, train
+    from jrcl_fast.engine.trainer import train
     from jrcl_fast.evaluation.evaluate import evaluate, publish
+    from jrcl_fast.runtime import launched_ranks
 
     ranks = launched_ranks(args.local_rank)
     if not ranks.is_main:
         console.quiet = True  # rank 0 speaks for the job
     cfg = load_config(args.config, args.overrides)
     dataset = load_dataset(cfg.data)
-    model = train(cfg, dataset, args.resume, args.overwrite, console, ranks)
-    results = evaluate(model, dataset, cfg, device_of(ranks), ranks)
+    model, device = train(cfg, dataset, args.resume, args.overwrite, console, ranks)
+    results = evaluate(model, dataset, cfg, device, ranks)
     if ranks.is_main:
         publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
     if dist.is_initialized():
@@ -66,17 +66,16 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 def _eval(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.data.registry import load_dataset
     from jrcl_fast.engine.checkpoint import read_model_states, run_dir_of
-    from jrcl_fast.engine.distributed import Ranks
-    from jrcl_fast.engine.trainer import device_of
     from jrcl_fast.evaluation.evaluate import evaluate, publish
     from jrcl_fast.models import JRCLNet
+    from jrcl_fast.runtime import Ranks, select_device
 
     saved = read_model_states(args.checkpoint)
     if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
         raise UserError(f"checkpoint {args.checkpoint} holds no weights and config; it is not a jrcl-fast checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
     dataset = load_dataset(cfg.data)
-    device = device_of(Ranks())
+    device = select_device(cfg.train.device, Ranks())
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
     model.load_state_dict(saved["module"])  # half-precision runs saved half weights: loaded as fp32
     results = evaluate(model, dataset, cfg, device)

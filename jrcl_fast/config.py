@@ -96,7 +96,12 @@ class TrainConfig:
     # auto: DeepSpeed when launched distributed or on a GPU, else the plain local engine
     # (no DeepSpeed start-up cost; fp32). deepspeed forces DeepSpeed even for 1 CPU process.
     engine: str = "auto"  # auto | local | deepspeed
-    deepspeed_config: str = "configs/ds_config.json"  # precision, ZeRO stage, clipping
+    # auto: this rank's GPU when there is one (and DS_ACCELERATOR is not cpu), else the
+    # CPU; cpu: CPU ranks (gloo) even on a GPU machine; cuda: fail without a GPU per rank.
+    device: str = "auto"  # auto | cpu | cuda
+    # DeepSpeed JSON (precision, ZeRO stage, clipping). None: the built-in default, the
+    # same as configs/ds_config.json (bf16, ZeRO stage 0, no clipping).
+    deepspeed_config: Optional[str] = None
     # A collective that waits longer than this (a rank died or hangs) fails the job.
     collective_timeout_s: float = 600.0
 
@@ -123,6 +128,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
     "model.norm": ("batch", "sync_batch", "group"),
     "train.engine": ("auto", "local", "deepspeed"),
+    "train.device": ("auto", "cpu", "cuda"),
     "loss.divergence": DIVERGENCES,
     "loss.backend": LOSS_BACKENDS,
     "optim.name": ("sgd", "adamw"),
@@ -212,6 +218,20 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise UserError(f"--set {assignment!r}: the value is not valid YAML ({err.problem})") from None
 
 
+# Keys that name a file or folder. A relative path in a YAML file is relative to that
+# file, so a config works from any working directory; one given with --set is relative
+# to the working directory, like any command-line path.
+PATH_KEYS = (("data", "root"), ("train", "output_dir"), ("train", "deepspeed_config"))
+
+
+def resolve_paths(raw: dict, base: Path) -> None:
+    """Make the relative paths of `raw` absolute against `base`, in place."""
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
+            node[key] = str((base / Path(node[key]).expanduser()).resolve())
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `--set` overrides and validate it."""
     path = Path(path)
@@ -223,6 +243,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if isinstance(raw, dict):
+        resolve_paths(raw, path.resolve().parent)
     return parse_config(raw, str(path), overrides)
 
 
@@ -233,6 +255,7 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     for assignment in overrides:
         apply_override(raw, assignment)
     if overrides:
+        resolve_paths(raw, Path.cwd())
         source = f"{source} with --set overrides"
     config = _build(Config, raw, source, "")
     if config.data.few_shot_max > config.data.many_shot_min:

@@ -61,3 +61,51 @@ def test_bad_override_names_the_assignment():
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_paths_in_a_config_are_relative_to_the_file_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "digits_lt.yaml")
+    repo = CONFIGS.parent
+    assert cfg.data.root == str(repo / ".cache" / "jrcl_fast")
+    assert cfg.train.output_dir == str(repo / "runs" / "digits_lt")
+    assert cfg.train.deepspeed_config == str(CONFIGS / "ds_config.json")
+    assert Path(cfg.train.deepspeed_config).is_file()
+
+
+def test_paths_given_with_set_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "digits_lt.yaml", ["data.root=cache", "train.output_dir=/abs/run"])
+    assert cfg.data.root == str(tmp_path / "cache") and cfg.train.output_dir == "/abs/run"
+    assert cfg.train.deepspeed_config == str(CONFIGS / "ds_config.json")
+
+
+def test_a_missing_deepspeed_json_is_named_by_its_resolved_path(tmp_path, monkeypatch):
+    import torch
+
+    from jrcl_fast.engine.engines import deepspeed_config
+
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub", "data: {name: digits_lt, root: cache}\ntrain: {deepspeed_config: ds.json}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.data.root == str(tmp_path / "sub" / "cache")
+    with pytest.raises(UserError, match=f"train.deepspeed_config {tmp_path / 'sub' / 'ds.json'} does not exist"):
+        deepspeed_config(cfg, 1, torch.device("cpu"))
+
+
+def test_cli_runs_from_another_directory(tmp_path):
+    """The report of the first GPU run: `--config /abs/path` from elsewhere failed."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    path = write(folder, "data: {name: digits_lt, root: digits, image_size: 8}\n")
+    done = subprocess.run([sys.executable, "-m", "jrcl_fast", "check-data", "--config", str(path)],
+                          capture_output=True, text=True, cwd=tmp_path / "..", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "digits").is_dir()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import REPO, run_cli, tiny_config
+from helpers import REPO, TINY_OVERRIDES, run_cli, tiny_config
 
 WORLD = 2
 # DeepSpeed compiles its CPU comm extension once; keep it in the build area CI reuses.
@@ -42,7 +42,7 @@ def problem(seed=0, per_rank=6, views=2, dim=8, classes=4):
 
 def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_average, backend):
     """The common bug: gather without gradient, own rows put back, no world-size factor."""
-    from jrcl_fast.engine.distributed import gather_rows
+    from jrcl_fast.runtime import gather_rows
     from jrcl_fast.losses.contrastive import mean_over_anchors_with_positives, o2a_per_anchor
 
     rank, n = dist.get_rank(), features.shape[0]
@@ -57,7 +57,8 @@ def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_ave
 
 def worker(rank, port, out_dir):
     from jrcl_fast.data.sampling import eval_indices
-    from jrcl_fast.engine.distributed import gather_shards, global_one_to_all_supcon
+    from jrcl_fast.engine.distributed import global_one_to_all_supcon
+    from jrcl_fast.runtime import gather_shards
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -89,7 +90,7 @@ def worker(rank, port, out_dir):
 
 
 def test_global_batch_gradients_equal_one_process_and_naive_gather_does_not(tmp_path):
-    from jrcl_fast.engine.distributed import free_port
+    from jrcl_fast.runtime import free_port
     from jrcl_fast.losses.contrastive import one_to_all_supcon
 
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
@@ -135,7 +136,7 @@ LOST_PEER = [dist.DistError("Connection closed by peer"),
 
 @pytest.mark.parametrize("err", LOST_PEER)
 def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
-    from jrcl_fast.engine.distributed import collective_failures
+    from jrcl_fast.runtime import collective_failures
     from jrcl_fast.errors import RankFailure
 
     message = r"^rank 1 of 2: a collective with the other ranks failed .*Connection closed"
@@ -144,7 +145,7 @@ def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
 
 
 def test_other_errors_pass_unchanged(rank_1_of_2, monkeypatch):
-    from jrcl_fast.engine.distributed import collective_failures
+    from jrcl_fast.runtime import collective_failures
 
     unrelated = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError) as caught, collective_failures():
@@ -156,14 +157,14 @@ def test_other_errors_pass_unchanged(rank_1_of_2, monkeypatch):
 
 
 def test_evaluation_gather_reports_a_dead_rank(rank_1_of_2, monkeypatch):
-    from jrcl_fast.engine import distributed
+    from jrcl_fast import runtime
     from jrcl_fast.errors import RankFailure
 
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(runtime, "is_distributed", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_gather_object", lambda *_: raise_(LOST_PEER[0]))
     with pytest.raises(RankFailure, match="^rank 1 of 2"):
-        distributed.gather_shards(np.zeros(3), [np.arange(3), np.arange(3, 6)])
+        runtime.gather_shards(np.zeros(3), [np.arange(3), np.arange(3, 6)])
 
 
 def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path, digits_root):
@@ -174,10 +175,11 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
     from jrcl_fast.config import load_config
     from jrcl_fast.data.registry import load_dataset
     from jrcl_fast.engine import trainer
-    from jrcl_fast.engine.distributed import Ranks
+    from jrcl_fast.runtime import Ranks
     from jrcl_fast.errors import RankFailure
 
-    cfg = load_config(tiny_config(tmp_path, digits_root))
+    # CPU ranks, said explicitly: on a machine with one GPU, rank 1 would otherwise be refused
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "device": "cpu"}))
     monkeypatch.setattr(trainer, "build_engine", lambda *_: raise_(LOST_PEER[0]))  # as deepspeed.initialize's broadcast
     with pytest.raises(RankFailure, match="^rank 1 of 2"):
         trainer.train(cfg, load_dataset(cfg.data), False, False, Console(quiet=True), Ranks(1, 2, 1))
@@ -191,7 +193,7 @@ def run_env():
 
 
 def launcher_cmd(config, *extra, ranks=WORLD):
-    from jrcl_fast.engine.distributed import free_port
+    from jrcl_fast.runtime import free_port
 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "jrcl_fast",
@@ -204,13 +206,15 @@ def launch(config, *extra, timeout=600):
 
 
 def dist_config(tmp_path, name, ds=None, **sections):
-    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all)."""
+    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all),
+    on CPU ranks (gloo) whatever hardware the machine has."""
     folder = tmp_path / name
     folder.mkdir()
     ds_path = folder / "ds.json"
     base = json.loads((REPO / "configs" / "ds_config.json").read_text())
     ds_path.write_text(json.dumps({**base, "bf16": {"enabled": False}, **(ds or {})}))
-    train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), **sections.pop("train", {})}
+    train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), "device": "cpu",
+             **sections.pop("train", {})}
     model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}
     return tiny_config(folder, sections.pop("digits_root"), model=model, train=train, **sections)
 
@@ -311,9 +315,7 @@ def test_batch_keys_of_the_deepspeed_config_must_agree(tmp_path, digits_root):
     assert "train_micro_batch_size_per_gpu=8 disagrees with the YAML config" in done.stderr
 
 
-def test_fp16_without_a_gpu_is_a_clear_error(tmp_path, digits_root):
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is supported on a GPU")
+def test_fp16_on_cpu_ranks_is_a_clear_error(tmp_path, digits_root):
     config = dist_config(tmp_path, "fp16", digits_root=digits_root, ds={"fp16": {"enabled": True}})
     done = run_cli("train", "--config", str(config))
     assert done.returncode == 2 and "fp16 needs a GPU" in done.stderr
@@ -321,7 +323,7 @@ def test_fp16_without_a_gpu_is_a_clear_error(tmp_path, digits_root):
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path, digits_root):
-    from jrcl_fast.engine.distributed import free_port
+    from jrcl_fast.runtime import free_port
 
     config = dist_config(tmp_path, "dead", digits_root=digits_root,
                          train={"epochs": 50, "collective_timeout_s": 30})

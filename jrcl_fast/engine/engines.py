@@ -23,11 +23,23 @@ from torch import Tensor, nn
 
 from jrcl_fast.config import Config
 from jrcl_fast.engine.checkpoint import MODEL_STATES, save_model_states
-from jrcl_fast.engine.distributed import Ranks, init_process_group
 from jrcl_fast.errors import UserError
+from jrcl_fast.runtime import Ranks, init_process_group
 
 # Keys of the DeepSpeed config that the YAML config owns.
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# train.deepspeed_config left out: what configs/ds_config.json holds (a test keeps them equal).
+DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 0},
+    "zero_allow_untested_optimizer": True,
+    "gradient_clipping": 0.0,
+    "steps_per_print": 1_000_000,
+    "wall_clock_breakdown": False,
+}
+# ZeRO stage 3 partitions the parameters themselves, which the fp32 copy for evaluation
+# and the LocalEngine-compatible checkpoint layout do not handle.
+ZERO_STAGES = (0, 1, 2)
 
 
 class LocalEngine:
@@ -74,25 +86,33 @@ class LocalEngine:
         return str(path), state
 
 
-def use_deepspeed(cfg: Config, ranks: Ranks) -> bool:
+def use_deepspeed(cfg: Config, ranks: Ranks, device: torch.device) -> bool:
     if cfg.train.engine == "local" and ranks.world_size > 1:
         raise UserError(f"train.engine=local runs one process, but this job was launched with "
                         f"{ranks.world_size} ranks; use train.engine=auto or deepspeed")
     return cfg.train.engine == "deepspeed" or (
-        cfg.train.engine == "auto" and (ranks.world_size > 1 or torch.cuda.is_available()))
+        cfg.train.engine == "auto" and (ranks.world_size > 1 or device.type == "cuda"))
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """train.deepspeed_config with the batch keys filled from the YAML config; a
-    batch key the file sets must agree with it."""
+def read_deepspeed_json(cfg: Config) -> tuple[dict[str, Any], str]:
+    """The DeepSpeed config as a dict, and what to call it in messages."""
+    if cfg.train.deepspeed_config is None:
+        return dict(DEFAULT_DEEPSPEED_CONFIG), "the built-in DeepSpeed config"
     path = Path(cfg.train.deepspeed_config)
     if not path.is_file():
         raise UserError(f"train.deepspeed_config {path} does not exist; point it at a DeepSpeed JSON config "
-                        "such as configs/ds_config.json (paths are relative to the working directory)")
+                        "such as configs/ds_config.json (a relative path is relative to the YAML file), or "
+                        "leave the key out for the built-in default")
     try:
-        ds = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as err:
         raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
+    """train.deepspeed_config with the batch keys filled from the YAML config; a
+    batch key the file sets must agree with it."""
+    ds, path = read_deepspeed_json(cfg)
     micro, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
     wanted = dict(zip(BATCH_KEYS, (micro, accum, micro * accum * world_size)))
     for key, value in wanted.items():
@@ -104,9 +124,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove the '{key}' section; the {key} comes from the YAML optim section")
-    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+    if ds.get("fp16", {}).get("enabled") and device.type != "cuda":
         raise UserError(f"{path}: fp16 needs a GPU (DeepSpeed's CPU backend supports bf16 and fp32); "
                         "set fp16.enabled to false and bf16.enabled to true or false")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise UserError(f"{path}: zero_optimization.stage {stage} is not supported; use 0, 1 or 2 (stage 3 "
+                        "partitions the weights, which evaluation and the checkpoints here do not handle)")
     return {**ds, **wanted}
 
 
@@ -117,28 +141,42 @@ def precision_of(ds: dict[str, Any]) -> str:
     return "fp32"
 
 
-def build_engine(cfg: Config, ranks: Ranks, model: nn.Module, optimizer: torch.optim.Optimizer,
+def match_buffers_to_parameters(module: nn.Module) -> None:
+    """Give every floating buffer the dtype of its own layer's parameters.
+
+    DeepSpeed's bf16/fp16 engine casts the parameters; whether it casts the buffers
+    depends on its version (older ones called `module.bfloat16()`, 0.19 casts buffers
+    only when `data_types.buffer_dtype` is set). BatchNorm's kernels, on the GPU (cuDNN
+    and native) and on the CPU alike, refuse half-precision weights with fp32 running
+    statistics, so the statistics follow their layer. Layers without parameters keep
+    their buffers. docs/PRECISION.md has the whole design.
+    """
+    for layer in module.modules():
+        params = [p for p in layer.parameters(recurse=False) if p.is_floating_point()]
+        if not params:
+            continue
+        for buffer in layer.buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != params[0].dtype:
+                buffer.data = buffer.data.to(params[0].dtype)
+
+
+def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: nn.Module,
+                 optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Any, str]:
     """The engine for this run, and a one-line description of it for the log."""
-    ds = deepspeed_config(cfg, ranks.world_size)
-    if not use_deepspeed(cfg, ranks):
+    ds = deepspeed_config(cfg, ranks.world_size, device)
+    if not use_deepspeed(cfg, ranks, device):
         return (LocalEngine(model, optimizer, scheduler, cfg.train.gradient_accumulation_steps,
                             float(ds.get("gradient_clipping", 0.0))), "local engine, 1 process, fp32")
     import deepspeed
 
-    init_process_group(ranks, cfg.train.collective_timeout_s)
+    init_process_group(ranks, device, cfg.train.collective_timeout_s)
     if cfg.model.norm == "sync_batch" and ranks.world_size > 1:
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             raise UserError("model.norm=sync_batch needs GPUs; on the CPU use model.norm=group for statistics "
                             "that do not depend on the rank count")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    if not torch.cuda.is_available():
-        # DeepSpeed casts the parameters only; the CPU BatchNorm kernels want the
-        # running statistics in the parameters' dtype too.
-        dtype = next(engine.module.parameters()).dtype
-        for buffer in engine.module.buffers():
-            if buffer.is_floating_point():
-                buffer.data = buffer.data.to(dtype)
+    match_buffers_to_parameters(engine.module)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     return engine, f"DeepSpeed, {ranks.world_size} rank(s), {precision_of(ds)}, ZeRO stage {stage}"

@@ -27,8 +27,7 @@ from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.groups import normal_class_mask
 from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
-from jrcl_fast.engine.distributed import (Ranks, collective_failures, global_one_to_all_supcon, is_distributed,
-                                          mean_over_ranks)
+from jrcl_fast.engine.distributed import global_one_to_all_supcon
 from jrcl_fast.engine.engines import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
@@ -36,18 +35,10 @@ from jrcl_fast.losses.checks import NonFiniteError
 from jrcl_fast.losses.contrastive import one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import JRCLNet
+from jrcl_fast.runtime import Ranks, collective_failures, is_distributed, mean_over_ranks, select_device
 
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
-
-
-def device_of(ranks: Ranks) -> torch.device:
-    """This rank's device. On a GPU it also becomes the current CUDA device, which is
-    the one DALI's pipelines decode on (train and eval, with or without DeepSpeed)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(ranks.local_rank)
-    return torch.device("cuda", ranks.local_rank)
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -99,9 +90,9 @@ def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 @collective_failures()
 def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
-          ranks: Ranks = Ranks()) -> JRCLNet:
+          ranks: Ranks = Ranks()) -> tuple[JRCLNet, torch.device]:
     """Train `cfg` on `dataset` as rank `ranks.rank`; returns the trained model in fp32
-    (checkpoints in train.output_dir/checkpoints)."""
+    (checkpoints in train.output_dir/checkpoints) and the device it lives on."""
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
     _check_output_dir(out_dir, resume, overwrite)
@@ -109,7 +100,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = device_of(ranks)
+    device = select_device(cfg.train.device, ranks)
 
     torch.manual_seed(cfg.train.seed)
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
@@ -123,7 +114,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                         "lower it or train.batch_size")
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, micro_steps // accum, cfg.train.epochs)
-    engine, description = build_engine(cfg, ranks, model, optimizer, scheduler)
+    engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
     contrastive = global_one_to_all_supcon if is_distributed() else one_to_all_supcon
     objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device,
                               contrastive)
@@ -193,7 +184,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                 _append_jsonl(metrics_path, record)
             save(engine, ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(cfg),
                                                  "class_names": dataset.class_names}, ranks)
-    return fp32_copy(engine.module, cfg, dataset.num_classes, device)
+    return fp32_copy(engine.module, cfg, dataset.num_classes, device), device
 
 
 def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ranks) -> None:
