@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from jrcl_fast.config import load_config, parse_config
-from jrcl_fast.errors import RankFailure, UserError
+from jrcl_fast.errors import CheckFailure, RankFailure, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set data.root=/data/nih (repeatable)")
+
+    doctor = sub.add_parser("doctor", help="check that this machine (GPU, kernels, DeepSpeed, DALI, NCCL) is ready")
+    doctor.add_argument("--out", type=Path, help="also write the results as JSON to this file")
     return parser
 
 
@@ -95,7 +98,14 @@ def _check_data(args: argparse.Namespace, console: Console) -> None:
                         "replace them or remove their entries from the split files")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data}
+def _doctor(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.doctor import doctor
+
+    if not doctor(args.out, console):
+        raise CheckFailure("a check failed (listed above); fix it before a long run")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data, "doctor": _doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
-    except RankFailure as err:
+    except (RankFailure, CheckFailure) as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user can fix this"."""
+"""The exceptions the CLI turns into one line without a traceback."""
 
 
 class UserError(Exception):
@@ -14,3 +14,7 @@ class RankFailure(Exception):
 
     The CLI prints its message without a traceback and exits with code 1.
     """
+
+
+class CheckFailure(Exception):
+    """`jrcl-fast doctor` found a failing check (the table shows which): exit code 1."""

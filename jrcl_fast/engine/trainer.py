@@ -118,8 +118,6 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     contrastive = global_one_to_all_supcon if is_distributed() else one_to_all_supcon
     objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device,
                               contrastive)
-    # bf16/fp16 engines hold the weights in half precision: feed them in that dtype.
-    dtype = next(engine.module.parameters()).dtype
 
     epochs_done = 0
     if resume:
@@ -140,7 +138,6 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     console.print(f"Training with the {description}; global batch "
                   f"{cfg.train.batch_size * ranks.world_size * accum} images")
 
-    views = cfg.data.num_views
     with _progress(console) as progress:
         task = progress.add_task("train", total=micro_steps * cfg.train.epochs,
                                  completed=micro_steps * epochs_done, epoch=epochs_done + 1, ips=0.0,
@@ -151,21 +148,11 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
             sums: dict[str, float] = {}
             images_seen, start = 0, time.perf_counter()
             for step, (images, labels) in enumerate(itertools.islice(loader.epoch(epoch), micro_steps)):
-                images = images.to(device, dtype, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
                 batch = labels.shape[0]
-                # View-major rows: [view 0 of every image; view 1; ...] in one backbone pass.
-                out = engine(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
-                # The losses run in fp32 whatever the engine's precision.
                 try:
-                    loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
-                                            labels, views, engine.module.normalized_prototypes().float())
+                    terms = train_step(engine, objective, images, labels, device)
                 except NonFiniteError as err:
-                    raise diverged(epoch, step, f"non-finite model outputs: {err}") from None
-                if not torch.isfinite(loss):
-                    raise diverged(epoch, step, "non-finite loss")
-                engine.backward(loss)
-                engine.step()
+                    raise diverged(epoch, step, str(err)) from None
                 terms = mean_over_ranks(terms)  # the global batch's loss on every rank
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -185,6 +172,29 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
             save(engine, ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(cfg),
                                                  "class_names": dataset.class_names}, ranks)
     return fp32_copy(engine.module, cfg, dataset.num_classes, device), device
+
+
+def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro step on a batch of `images` (B x views x 3 x H x W): every view in one
+    backbone pass, the objective in fp32, backward, step. Returns the detached terms;
+    raises NonFiniteError when the outputs or the loss are not finite."""
+    # bf16/fp16 engines hold the weights in half precision: feed them in that dtype.
+    images = images.to(device, next(engine.module.parameters()).dtype, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    batch, views = images.shape[:2]
+    # View-major rows: [view 0 of every image; view 1; ...] in one backbone pass.
+    out = engine(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
+    try:
+        loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
+                                labels, views, engine.module.normalized_prototypes().float())
+    except NonFiniteError as err:
+        raise NonFiniteError(f"non-finite model outputs: {err}") from None
+    if not torch.isfinite(loss):
+        raise NonFiniteError("non-finite loss")
+    engine.backward(loss)
+    engine.step()
+    return terms
 
 
 def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ranks) -> None:
