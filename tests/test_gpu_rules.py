@@ -42,8 +42,28 @@ def gpu_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
+@pytest.fixture(scope="module")
+def one_rank_deepspeed():
+    """The one-rank CPU process group DeepSpeed runs in, for this module's engines (a
+    second group in the same process confuses DeepSpeed's cached group handles)."""
+    import torch.distributed as dist
+
+    from jrcl_fast.runtime import Ranks, init_process_group
+
+    saved = dict(os.environ)
+    os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=EXTENSIONS)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    init_process_group(Ranks(), torch.device("cpu"), 60)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
-def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, digits_root, monkeypatch, norm):
+def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, digits_root, monkeypatch, norm,
+                                                                     one_rank_deepspeed):
     """The real engine set-up of a GPU run (DeepSpeed, the default bf16 config), one
     optimizer step: every layer's buffers share its parameters' dtype, the forward and
     backward pass run, and the weights move."""
@@ -53,10 +73,6 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     from jrcl_fast.models import JRCLNet
     from jrcl_fast.runtime import Ranks
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", EXTENSIONS)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
     config = tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "engine": "deepspeed"},
                          model={"norm": norm, "projection_dim": 16, "projection_hidden_dim": 32})
     cfg = load_config(config)
@@ -81,8 +97,6 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     engine.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
-    # The one-rank process group stays: DeepSpeed caches it, and a second engine in
-    # this process reuses it.
 
 
 def test_match_buffers_to_parameters_follows_each_layer():
