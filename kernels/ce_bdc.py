@@ -17,9 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jrcl_fast.config import DIVERGENCES
-from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
-from jrcl_fast.losses.checks import check_choice
+from ._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -177,7 +175,7 @@ class _CEBDCFunction(torch.autograd.Function):
         logit_adjustment: Tensor | None,
         lambda_bin: float,
         lambda_bdc: float,
-        divergence: str,
+        sym_kl: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, num_classes = logits.shape
         device = logits.device
@@ -194,7 +192,7 @@ class _CEBDCFunction(torch.autograd.Function):
             *per_row, grad_logits, grad_binary,
             num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0), grad_binary.stride(0),
             float(lambda_bin), float(lambda_bdc), 1.0 / max(batch, 1),
-            HAS_ADJ=has_adj, SYM_KL=divergence == "sym_kl", COMPUTE_GRAD=compute_grad,
+            HAS_ADJ=has_adj, SYM_KL=sym_kl, COMPUTE_GRAD=compute_grad,
             BLOCK_C=block, num_warps=num_warps,
         )
         # B = 0 launches no program (the 1 above only avoids dividing by 0) and these
@@ -225,13 +223,14 @@ def fused_ce_bdc(
     logit_adjustment: Tensor | None = None,
     lambda_bin: float = 1.0,
     lambda_bdc: float = 1.0,
-    divergence: str = "js",
+    sym_kl: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch means (total, ce, binary_ce, bdc), float32; only `total` has gradients
-    (to logits and binary_logits; the logit adjustment is treated as a constant)."""
+    (to logits and binary_logits; the logit adjustment is treated as a constant).
+    The divergence is Jensen-Shannon, or symmetric KL with `sym_kl`; the divergence
+    names users write are validated in jrcl_fast.losses, which this leaf never imports."""
     check_kernel_dtype("logits", logits)
     check_kernel_dtype("binary_logits", binary_logits)
-    check_choice("divergence", divergence, DIVERGENCES)
     return _CEBDCFunction.apply(
         logits.contiguous(),
         binary_logits.contiguous(),
@@ -240,5 +239,5 @@ def fused_ce_bdc(
         logit_adjustment,
         lambda_bin,
         lambda_bdc,
-        divergence,
+        bool(sym_kl),
     )

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
+from ._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
 
 # Whether @triton.jit below builds interpreted functions (decided at import, as here).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -8,7 +8,9 @@ buffers poisoned with NaN, so matching the reference proves every element was wr
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,17 @@ def test_compiled_gpu(dtype: torch.dtype, tol: float, num_classes: int, dim: int
     want = run_with_grads(o2a_per_anchor_reference, keys[n : 2 * n], keys, labels, n, True, upstream)
     torch.testing.assert_close(got[1], want[1])
     assert_close_to_largest((got[0], got[2], got[3]), (want[0], want[2], want[3]), tol)
+
+
+def test_kernels_import_nothing_from_jrcl_fast() -> None:
+    """kernels/ is the leaf of the package: importing a kernel must not load the losses
+    or the config (their own modules are imported relatively)."""
+    kernel_dir = Path(o2a.__file__).parent
+    offenders = []
+    for path in sorted(kernel_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "jrcl_fast"]
+    assert len(list(kernel_dir.glob("*.py"))) >= 3 and not offenders, offenders
