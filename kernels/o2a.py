@@ -45,7 +45,7 @@ def _load_key_block(
     CLASS_AVERAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Key rows start.., their labels (-2 on padding) and the two possible log-weights
-    of each key: -log|A_c| when the anchor is of another class, -log(|A_c| - 1) when
+    of each key, from the size of its class (count_ptr, one per key): -log|A_c| when the anchor is of another class, -log(|A_c| - 1) when
     it is of the key's class (the anchor itself is then excluded from A_c)."""
     cols = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -53,7 +53,7 @@ def _load_key_block(
     k = tl.load(k_ptr + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :], other=0.0)
     yk = tl.load(yk_ptr + cols, mask=col_ok, other=-2)
     if CLASS_AVERAGE:
-        count = tl.load(count_ptr + yk, mask=col_ok, other=1).to(tl.float32)
+        count = tl.load(count_ptr + cols, mask=col_ok, other=1).to(tl.float32)
         log_w_other = -tl.log(count)
         log_w_same = -tl.log(tl.maximum(count - 1.0, 1.0))
     else:
@@ -185,6 +185,15 @@ def _launch_config(dim: int, elem_size: int) -> dict[str, int]:
     }
 
 
+def key_class_sizes(key_labels: Tensor) -> Tensor:
+    """Number of keys of each key's class (M, int32), in O(M log M) without knowing
+    the class count: torch.bincount would size its output from the largest label,
+    which makes the host wait for the device in every forward."""
+    sorted_labels = torch.sort(key_labels).values
+    first = torch.searchsorted(sorted_labels, key_labels)
+    return (torch.searchsorted(sorted_labels, key_labels, right=True) - first).to(torch.int32)
+
+
 class _O2AFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -199,8 +208,7 @@ class _O2AFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         n, dim = anchors.shape
         m = keys.shape[0]
-        # Only the per-class key count is needed for the class weights: O(C), not O(nM).
-        counts = torch.bincount(key_labels).to(torch.int32)
+        counts = key_class_sizes(key_labels)
         loss = new_buffer((n,), torch.float32, anchors.device)
         num_pos = new_buffer((n,), torch.int32, anchors.device)
         log_den = new_buffer((n,), torch.float32, anchors.device)

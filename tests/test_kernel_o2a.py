@@ -222,3 +222,36 @@ def test_kernels_import_nothing_from_jrcl_fast() -> None:
                 names = [node.module or ""]
             offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "jrcl_fast"]
     assert len(list(kernel_dir.glob("*.py"))) >= 3 and not offenders, offenders
+
+
+@requires_gpu
+def test_training_losses_never_wait_for_the_gpu() -> None:
+    """Forward and backward of both fused losses through their public functions with
+    CUDA's sync debug mode set to error: any device-to-host read (a bincount sized
+    from the data, a value check) raises."""
+    from jrcl_fast.losses import ce_bdc_loss
+
+    features = F.normalize(torch.randn(256, 64, device="cuda"), dim=1).requires_grad_()
+    prototypes = F.normalize(torch.randn(30, 64, device="cuda"), dim=1).requires_grad_()
+    labels = torch.randint(0, 30, (256,), device="cuda")
+    logits = torch.randn(256, 30, device="cuda", requires_grad=True)
+    binary_logits = torch.randn(256, 2, device="cuda", requires_grad=True)
+    normal_mask = torch.arange(30, device="cuda") < 10
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = one_to_all_supcon(features, labels, prototypes, temperature=TAU)
+        total = total + ce_bdc_loss(logits, binary_logits, labels, normal_mask, torch.zeros(30, device="cuda")).total
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total) and features.grad is not None and logits.grad is not None
+
+
+def test_key_class_sizes_match_bincount(device: str) -> None:
+    """Sparse labels up to 10^6 (most classes absent): each key's class size, as
+    bincount over the labels would give it."""
+    labels = torch.randint(0, 10**6, (50,), device=device)
+    labels[torch.randperm(50, device=device)[:20]] = labels[0].item()  # one class with many keys
+    want = torch.bincount(labels)[labels].to(torch.int32)
+    torch.testing.assert_close(o2a.key_class_sizes(labels), want)
