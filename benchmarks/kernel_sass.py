@@ -97,19 +97,21 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str) -> list[KernelSpec]:
     ]
 
 
-def ce_bdc_specs(classes: int, dtype: str, stride: int) -> list[KernelSpec]:
+def ce_bdc_specs(n: int, classes: int, dtype: str, stride: int) -> list[KernelSpec]:
     """The training step's CE+BDC kernel: logit-adjusted, Jensen-Shannon, gradient on."""
     from jrcl_fast.kernels import ce_bdc
 
-    block, num_warps = ce_bdc._block_c(classes)
+    config = ce_bdc._launch_config(classes)
+    num_warps = config.pop("num_warps")
     args: dict[str, str | int | float] = {
         "z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "dz_ptr": f"*{dtype}", "db_ptr": f"*{dtype}",
         "y_ptr": "*i64", "normal_ptr": "*i8",
         "adj_ptr": "*fp32", "ce_ptr": "*fp32", "bce_ptr": "*fp32", "bdc_ptr": "*fp32",
-        "C": classes, "stride_z": stride, "stride_b": 2, "stride_dz": stride, "stride_db": 2,
+        "B": n, "C": classes, "stride_z": stride, "stride_b": 2, "stride_dz": stride, "stride_db": 2,
         "lambda_bin": 1.0, "lambda_bdc": 1.0, "inv_batch": 1e-4,
     }
-    constexprs = {"HAS_ADJ": True, "SYM_KL": False, "COMPUTE_GRAD": True, "BLOCK_C": block}
+    constexprs = {"HAS_ADJ": True, "SYM_KL": False, "COMPUTE_GRAD": True, **config}
+    block = config["BLOCK_C"] * config["ROWS"]
     return [KernelSpec("ce_bdc", "jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", args, constexprs, num_warps, block)]
 
 
@@ -228,7 +230,7 @@ def main() -> None:
     stride = args.logit_stride or args.classes
     losses = {
         "o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype),
-        "ce_bdc": ce_bdc_specs(args.classes, args.dtype, stride),
+        "ce_bdc": ce_bdc_specs(args.n, args.classes, args.dtype, stride),
     }
     rows, stores = [], {}
     for loss, specs in losses.items():

@@ -75,8 +75,9 @@ def run_with_grads(fn, logits: Tensor, binary_logits: Tensor, labels: Tensor, no
     return [x.detach() for x in out], z.grad, b.grad
 
 
-# (B, C, logit spread): B = 1; C > B (absent classes); 40 saturates; C = 2500 spans two blocks.
-CASES = [(1, 20, 1.0), (37, 20, 3.0), (53, 365, 3.0), (29, 365, 40.0), (23, 20, 40.0), (5, 2500, 3.0)]
+# (B, C, logit spread): B = 1; C > B (absent classes); 40 saturates; C = 2500 spans a full
+# block and a masked tail; C = 64 is whole blocks only; B = 37 and 19 end in a partial row group.
+CASES = [(1, 20, 1.0), (37, 20, 3.0), (53, 365, 3.0), (29, 365, 40.0), (23, 20, 40.0), (5, 2500, 3.0), (19, 64, 3.0)]
 
 
 @pytest.mark.parametrize("divergence", ["js", "sym_kl"])
@@ -114,17 +115,40 @@ def test_without_gradients_only_values(device: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_terms_are_logging_only_and_backward_repeats(device: str) -> None:
-    """Only `total` is differentiable; a retained graph gives the same gradient twice
-    (the saved gradient is not scaled in place)."""
+def test_padded_logits_view_keeps_its_stride(device: str) -> None:
+    """Logits handed over as a view of a classifier padded to 24 columns: read in place,
+    and the gradient, a view with the same row stride, matches the reference."""
+    logits, binary_logits, labels, normal_mask = random_problem(21, 20, 3.0, device)
+    padded = torch.randn(21, 24, device=device)
+    padded[:, :20] = logits
+    adjustment = torch.randn(20, device=device)
+    got = run_with_grads(kernel_with_divergence, padded[:, :20], binary_logits, labels, normal_mask, adjustment, "js", 1.5)
+    want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.5)
+    for g, w in zip((*got[0], got[1], got[2]), (*want[0], want[1], want[2])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_label_out_of_range_makes_the_loss_nan(device: str) -> None:
+    """On the GPU the label range is not checked on the host (that would wait for the
+    device): a label outside [0, C) must then give a NaN loss, never a finite wrong one."""
+    logits, binary_logits, labels, normal_mask = random_problem(9, 20, 3.0, device)
+    for bad in (20, -1):
+        labels[4] = bad
+        total, ce, _, _ = fused_ce_bdc(logits, binary_logits, labels, normal_mask)
+        assert torch.isnan(total) and torch.isnan(ce)
+
+
+def test_terms_are_logging_only_and_a_second_backward_is_refused(device: str) -> None:
+    """Only `total` is differentiable; the gradient is scaled in place in the backward,
+    so a second backward through a retained graph raises instead of scaling it twice."""
     logits, binary_logits, labels, normal_mask = random_problem(17, 20, 3.0, device)
     z = logits.clone().requires_grad_()
     total, *terms = fused_ce_bdc(z, binary_logits, labels, normal_mask, lambda_bin=LAMBDA_BIN, lambda_bdc=LAMBDA_BDC)
     assert total.requires_grad and not any(t.requires_grad for t in terms)
     (3.0 * total).backward(retain_graph=True)
     first = z.grad.clone()
-    (3.0 * total).backward()
-    torch.testing.assert_close(z.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        (3.0 * total).backward()
     ref = logits.clone().requires_grad_()
     (3.0 * ce_bdc_reference(ref, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC)[0]).backward()
     torch.testing.assert_close(first, ref.grad, rtol=1e-5, atol=1e-6)
@@ -192,13 +216,14 @@ def test_kernel_compiles_for_sm90() -> None:
     for dtype, num_classes, has_adj, sym_kl, grad in (
         ("fp32", 365, True, False, True), ("bf16", 8142, False, True, True), ("fp16", 8142, True, False, False)
     ):
-        types = dict.fromkeys(("C", "stride_z", "stride_b", "stride_dz", "stride_db"), "i32")
+        types = dict.fromkeys(("B", "C", "stride_z", "stride_b", "stride_dz", "stride_db"), "i32")
         types |= dict.fromkeys(("z_ptr", "b_ptr", "dz_ptr", "db_ptr"), f"*{dtype}")
         types |= dict.fromkeys(("adj_ptr", "ce_ptr", "bce_ptr", "bdc_ptr"), "*fp32")
         types |= dict.fromkeys(("lambda_bin", "lambda_bdc", "inv_batch"), "fp32")
         types |= {"y_ptr": "*i64", "normal_ptr": "*i8"}
-        block, num_warps = ce_bdc._block_c(num_classes)
-        flags = {"HAS_ADJ": has_adj, "SYM_KL": sym_kl, "COMPUTE_GRAD": grad, "BLOCK_C": block}
+        config = ce_bdc._launch_config(num_classes)
+        num_warps = config.pop("num_warps")
+        flags = {"HAS_ADJ": has_adj, "SYM_KL": sym_kl, "COMPUTE_GRAD": grad, **config}
         specs.append(("jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", types, flags, num_warps))
     compile_for_sm90(specs)
 
