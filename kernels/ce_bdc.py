@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
+from ._common import LOG2E, check_kernel_dtype, fast_exp2, finish_lse, new_buffer, online_lse_rescale
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -89,12 +89,13 @@ def _stats_block(
     z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
     max_n, ref_n, sum_n = online_lse_rescale(max_n, sum_n, tl.max(tl.where(normal, z, -float("inf")), 1))
     max_a, ref_a, sum_a = online_lse_rescale(max_a, sum_a, tl.max(tl.where(normal, -float("inf"), z), 1))
-    e = tl.exp(z - tl.where(normal, ref_n[:, None], ref_a[:, None]))
+    # In log2 units, so that each exponent is one fused multiply-add.
+    e = fast_exp2(z * LOG2E - tl.where(normal, (ref_n * LOG2E)[:, None], (ref_a * LOG2E)[:, None]))
     sum_n += tl.sum(tl.where(normal, e, 0.0), 1)
     sum_a += tl.sum(tl.where(normal, 0.0, e), 1)
     if HAS_ADJ:
         max_adj, ref_adj, sum_adj = online_lse_rescale(max_adj, sum_adj, tl.max(z_adj, 1))
-        sum_adj += tl.sum(tl.exp(z_adj - ref_adj[:, None]), 1)
+        sum_adj += tl.sum(fast_exp2(z_adj * LOG2E - (ref_adj * LOG2E)[:, None]), 1)
     return max_n, sum_n, max_a, sum_a, max_adj, sum_adj
 
 
@@ -107,10 +108,10 @@ def _grad_block(
     the loop). e = softmax_group(z)_c = exp(z_c - lse_group) and the per-row group
     coefficients (see the kernel) make it one exp per logit, two with an adjustment."""
     z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
-    e = tl.exp(z - tl.where(normal, lse_n[:, None], lse_a[:, None]))
+    e = fast_exp2(z * LOG2E - tl.where(normal, (lse_n * LOG2E)[:, None], (lse_a * LOG2E)[:, None]))
     dz = e * tl.where(normal, coef_n[:, None], coef_a[:, None])
     if HAS_ADJ:
-        dz += tl.exp(z_adj - lse_adj[:, None])
+        dz += fast_exp2(z_adj * LOG2E - (lse_adj * LOG2E)[:, None])
     mask = row_ok[:, None]
     if MASKED:
         mask = mask & (cols < C)[None, :]
