@@ -73,28 +73,26 @@ class KernelFigures:
     instructions_per_element: float
 
 
-def o2a_specs(n: int, classes: int, dim: int, dtype: str) -> list[KernelSpec]:
+def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "tf32x3") -> list[KernelSpec]:
     """The forward and the two backward passes of one_to_all_supcon(features, prototypes)."""
     from jrcl_fast.kernels import o2a
 
     m = n + classes
-    config = o2a._launch_config(dim, ELEMENT_SIZE[dtype])
-    num_warps = config.pop("num_warps")
     args: dict[str, str | int | float] = {
         "a_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "da_ptr": f"*{dtype}", "dk_ptr": f"*{dtype}",
-        "ya_ptr": "*i64", "yk_ptr": "*i64", "count_ptr": "*i32", "num_pos_ptr": "*i32",
-        "loss_ptr": "*fp32", "log_den_ptr": "*fp32", "coef_ptr": "*fp32", "inv_num_pos_ptr": "*fp32",
-        "n": n, "M": m, "D": dim, "anchor_offset": 0, "inv_tau": 10.0,
+        "ya_ptr": "*i32", "yk_ptr": "*i32",
+        "bias_other_ptr": "*fp32", "bias_same_ptr": "*fp32", "log2_den_ptr": "*fp32", "coef_ptr": "*fp32",
+        "n": n, "M": m, "D": dim, "anchor_offset": 0, "scale": 14.4,
         "stride_a": dim, "stride_k": dim, "stride_da": dim, "stride_dk": dim,
     }
-    constexprs = {"CLASS_AVERAGE": True, **config}
-    tile = config["BLOCK_N"] * config["BLOCK_M"]
-    return [
-        KernelSpec(f"o2a_{pass_name}", "jrcl_fast.kernels.o2a", kernel, args, constexprs, num_warps, tile)
-        for pass_name, kernel in (
-            ("fwd", "_o2a_fwd_kernel"), ("bwd_anchors", "_o2a_bwd_anchors_kernel"), ("bwd_keys", "_o2a_bwd_keys_kernel")
-        )
-    ]
+    specs = []
+    for pass_name in o2a.PASSES:
+        config = o2a._launch_config(dim, ELEMENT_SIZE[dtype], pass_name, dot_precision)
+        num_warps = config.pop("num_warps")
+        constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, **config}
+        specs.append(KernelSpec(f"o2a_{pass_name}", "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args,
+                                constexprs, num_warps, config["BLOCK_N"] * config["BLOCK_M"]))
+    return specs
 
 
 def ce_bdc_specs(n: int, classes: int, dtype: str, stride: int) -> list[KernelSpec]:
@@ -224,12 +222,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--logit-stride", type=int, default=None,
                         help="row stride of the logits in elements (default: the class count)")
+    parser.add_argument("--dot-precision", choices=("tf32x3", "ieee"), default="tf32x3",
+                        help="O2A's float32 dots (half precision ignores it)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
 
     stride = args.logit_stride or args.classes
     losses = {
-        "o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype),
+        "o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype, args.dot_precision),
         "ce_bdc": ce_bdc_specs(args.n, args.classes, args.dtype, stride),
     }
     rows, stores = [], {}
