@@ -74,7 +74,8 @@ class KernelFigures:
 
 
 def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "tf32x3") -> list[KernelSpec]:
-    """The forward and the two backward passes of one_to_all_supcon(features, prototypes)."""
+    """The passes of one_to_all_supcon(features, prototypes) in training: the forward
+    (keeping the anchors' gradient direction O) and the keys' backward."""
     from jrcl_fast.kernels import o2a
 
     m = n + classes
@@ -82,14 +83,16 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
         "a_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "da_ptr": f"*{dtype}", "dk_ptr": f"*{dtype}",
         "ya_ptr": "*i32", "yk_ptr": "*i32",
         "bias_other_ptr": "*fp32", "bias_same_ptr": "*fp32", "log2_den_ptr": "*fp32", "coef_ptr": "*fp32",
-        "n": n, "M": m, "D": dim, "anchor_offset": 0, "scale": 14.4,
-        "stride_a": dim, "stride_k": dim, "stride_da": dim, "stride_dk": dim,
+        "o_ptr": "*fp32", "n": n, "M": m, "D": dim, "anchor_offset": 0, "scale": 14.4,
+        "stride_a": dim, "stride_k": dim, "stride_o": dim, "stride_dk": dim,
     }
     specs = []
     for pass_name in o2a.PASSES:
         config = o2a._launch_config(dim, ELEMENT_SIZE[dtype], pass_name, dot_precision)
         num_warps = config.pop("num_warps")
         constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, **config}
+        if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
+            constexprs["STORE_O"] = True
         specs.append(KernelSpec(f"o2a_{pass_name}", "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args,
                                 constexprs, num_warps, config["BLOCK_N"] * config["BLOCK_M"]))
     return specs

@@ -6,9 +6,10 @@ anchor i is log_den_i - pos_mean_i. The n x M similarity matrix is never stored:
 - log_den_i, the class-weighted log-sum-exp over every key but the anchor itself, is
   the kernels' work. The forward streams key blocks through an online log-sum-exp in
   log2 units (one fused multiply-add and one ex2 per similarity), with each key's log
-  class weight precomputed once as a bias; the backward recomputes each similarity
-  tile, once over anchor blocks (gradient of the anchors) and once over key blocks
-  (gradient of the keys), so memory stays O((n + M) D).
+  class weight precomputed once as a bias, and keeps O_i = sum_j p_ij k_j, which is
+  the anchors' gradient up to a per-anchor factor; the backward recomputes each
+  similarity tile once, over key blocks (gradient of the keys), so memory stays
+  O((n + M) D).
 - pos_mean_i, the mean similarity to the anchor's positives, needs no tile at all:
   it is a_i . (S_c - a_i) / (tau |Pos(i)|) with S_c the sum of the keys of the
   anchor's class, O((n + M) D) in PyTorch, differentiated by autograd.
@@ -80,15 +81,19 @@ def _logit_tile(
 
 @triton.jit
 def _o2a_fwd_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr,
-    n, M, D, anchor_offset, scale, stride_a, stride_k,
-    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, o_ptr,
+    n, M, D, anchor_offset, scale, stride_a, stride_k, stride_o,
+    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_O: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """log2 of each anchor's weighted denominator; -inf when it has no other key."""
+    """log2 of each anchor's weighted denominator (-inf when it has no other key) and,
+    with STORE_O, O_i = sum_j p_ij k_j, the softmax-weighted mean key (FlashAttention's
+    output with V = K): the anchors' gradient is then g_i O_i / tau, with no backward
+    pass over the tiles."""
     rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a, BLOCK_N, BLOCK_D)
     run_max = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_M):
         cols, col_ok, k, yk, bias_other, bias_same = _load_key_block(
             k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
@@ -98,10 +103,18 @@ def _o2a_fwd_kernel(
         # Online log-sum-exp; the reference stays 0 while everything seen is -inf.
         new_max = tl.maximum(run_max, tl.max(t, 1))
         ref = tl.where(new_max == -float("inf"), 0.0, new_max)
-        run_sum = run_sum * fast_exp2(run_max - ref) + tl.sum(fast_exp2(t - ref[:, None]), 1)
+        alpha = fast_exp2(run_max - ref)
+        p = fast_exp2(t - ref[:, None])
+        run_sum = run_sum * alpha + tl.sum(p, 1)
+        if STORE_O:
+            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION)
         run_max = new_max
     log2_den = run_max + tl.log2(tl.where(run_max == -float("inf"), 1.0, run_sum))
     tl.store(log2_den_ptr + rows, log2_den, mask=row_ok)
+    if STORE_O:
+        dims = tl.arange(0, BLOCK_D)
+        o = acc / tl.where(run_sum > 0.0, run_sum, 1.0)[:, None]  # 0 for an anchor with no other key
+        tl.store(o_ptr + rows[:, None] * stride_o + dims[None, :], o, mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -109,34 +122,6 @@ def _grad_tile(t, log2_den, coef):
     """dL/ds_ij = coef_i p_ij, p_ij = w_ij e^{s_ij} / den_i, coef_i = g_i / tau (0 for
     anchors whose log_den is not differentiated; their log2_den is stored finite)."""
     return coef[:, None] * fast_exp2(t - log2_den[:, None])
-
-
-@triton.jit
-def _o2a_bwd_anchors_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, coef_ptr, da_ptr,
-    n, M, D, anchor_offset, scale, stride_a, stride_k, stride_da,
-    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dA_i = sum_j dS_ij k_j, one program per anchor block streaming the keys."""
-    rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a, BLOCK_N, BLOCK_D)
-    log2_den = tl.load(log2_den_ptr + rows, mask=row_ok, other=0.0)
-    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        cols, col_ok, k, yk, bias_other, bias_same = _load_key_block(
-            k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
-        )
-        t = _logit_tile(a, ya, rows, k, yk, cols, bias_other, bias_same, anchor_offset, scale,
-                        CLASS_AVERAGE, DOT_PRECISION)
-        ds = _grad_tile(t, log2_den, coef)
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dims = tl.arange(0, BLOCK_D)
-    tl.store(
-        da_ptr + rows[:, None] * stride_da + dims[None, :],
-        acc.to(da_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (dims < D)[None, :],
-    )
 
 
 @triton.jit
@@ -168,22 +153,20 @@ def _o2a_bwd_keys_kernel(
     )
 
 
-PASSES = ("fwd", "bwd_anchors", "bwd_keys")
+PASSES = ("fwd", "bwd_keys")
 
 
 def _launch_config(dim: int, elem_size: int, pass_name: str, dot_precision: str = "tf32x3") -> dict[str, int]:
     """Tile sizes and warps per pass, chosen with benchmarks/kernel_sass.py for sm_90
     (fewest instructions per similarity without register spills, D = 128): 64 x 64
     tiles on one warpgroup (a row's max and sum never cross shared memory) while a
-    D-wide row is at most 256 bytes; wider rows (float32) with tf32x3 dots keep 64 x 64
-    in the forward and use smaller tiles on 8 warps in the backward passes, whose
-    accumulators would otherwise spill kilobytes; IEEE float32 dots (FMA units) take
-    32 x 32 tiles on 8 warps throughout."""
+    D-wide row is at most 256 bytes; wider rows (float32) use smaller tiles on 8
+    warps, whose float32 accumulators would otherwise spill kilobytes."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d * elem_size <= 256:
         block_n, block_m, warps = 64, 64, 4
     elif block_d * elem_size <= 512 and dot_precision == "tf32x3":
-        block_n, block_m, warps = {"fwd": (64, 64, 4), "bwd_anchors": (32, 64, 8), "bwd_keys": (32, 32, 8)}[pass_name]
+        block_n, block_m, warps = {"fwd": (32, 64, 8), "bwd_keys": (32, 32, 8)}[pass_name]
     else:
         block_n, block_m, warps = 32, 32, 8
     return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps}
@@ -208,42 +191,41 @@ class _LogDenominator(torch.autograd.Function):
         n, dim = anchors.shape
         m = keys.shape[0]
         log2_den = new_buffer((n,), torch.float32, anchors.device)
+        store_o = ctx.needs_input_grad[0]
+        # Without an anchor gradient the kernel never touches O; the pointer is a placeholder.
+        weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
         cfg = _launch_config(dim, anchors.element_size(), "fwd", dot_precision)
-        scale = LOG2E.value / temperature
         _o2a_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den,
-            n, m, dim, anchor_offset, scale, anchors.stride(0), keys.stride(0),
-            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, **cfg,
+            anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, weighted_keys,
+            n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
+            weighted_keys.stride(0) if store_o else 0,
+            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, **cfg,
         )
-        ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den)
+        ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den,
+                              weighted_keys if store_o else None)
         ctx.params = (anchor_offset, temperature, class_average, dot_precision)
         return log2_den * math.log(2.0)
 
     @staticmethod
     def backward(ctx, grad_log_den: Tensor):
-        anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den = ctx.saved_tensors
+        anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den, weighted_keys = ctx.saved_tensors
         anchor_offset, temperature, class_average, dot_precision = ctx.params
         n, dim = anchors.shape
         m = keys.shape[0]
-        # An anchor with no other key has log_den = -inf; nothing reaches it (its loss is
-        # 0), and a finite stand-in keeps exp2(-inf - log2_den) at 0 rather than NaN.
-        log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
         coef = (grad_log_den.float() / temperature).contiguous()
-        common = (anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef)
-        sizes = (n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0))
-        flags = {"CLASS_AVERAGE": class_average, "DOT_PRECISION": dot_precision}
         grad_anchors = grad_keys = None
         if ctx.needs_input_grad[0]:
-            grad_anchors = new_buffer((n, dim), anchors.dtype, anchors.device)
-            cfg = _launch_config(dim, anchors.element_size(), "bwd_anchors", dot_precision)
-            _o2a_bwd_anchors_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-                *common, grad_anchors, *sizes, grad_anchors.stride(0), **flags, **cfg
-            )
+            grad_anchors = (coef[:, None] * weighted_keys).to(anchors.dtype)
         if ctx.needs_input_grad[1]:
+            # An anchor with no other key has log_den = -inf; nothing reaches it (its loss
+            # is 0), and a finite stand-in keeps exp2(-inf - log2_den) at 0 rather than NaN.
+            log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
             grad_keys = new_buffer((m, dim), keys.dtype, keys.device)
             cfg = _launch_config(dim, anchors.element_size(), "bwd_keys", dot_precision)
             _o2a_bwd_keys_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                *common, grad_keys, *sizes, grad_keys.stride(0), **flags, **cfg
+                anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef, grad_keys,
+                n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
+                grad_keys.stride(0), CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, **cfg,
             )
         return grad_anchors, grad_keys, *([None] * 8)
 
