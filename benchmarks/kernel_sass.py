@@ -3,8 +3,8 @@
 Compiles every Triton kernel of the O2A and CE+BDC losses at the benchmark shapes
 with Triton's bundled ptxas, specialised as a launch would be (16-byte aligned
 pointers, integers divisible by 16 marked so), and reports per kernel: registers,
-spill bytes, shared memory, whether wgmma (HGMMA) and 128-bit global loads and
-stores appear, and the SASS instructions of the main loop per element it covers
+spill bytes, shared memory, whether wgmma (HGMMA) appears, whether the main loop
+loads and stores global memory in 128-bit vectors, and the SASS instructions of the main loop per element it covers
 (one similarity a_i.k_j for O2A, one logit for CE+BDC), counted per thread: the
 loop's instructions times the CTA's threads over the elements of one iteration. A `*_total` row per loss
 sums the instructions over the passes a training step runs.
@@ -88,7 +88,7 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
     }
     specs = []
     for pass_name in o2a.PASSES:
-        config = o2a._launch_config(dim, ELEMENT_SIZE[dtype], pass_name, dot_precision)
+        config = o2a._launch_config(dim, ELEMENT_SIZE[dtype], pass_name)
         num_warps = config.pop("num_warps")
         constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, **config}
         if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
@@ -168,39 +168,44 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(address, 16), re.sub(r"^@!?U?P\w+\s+", "", body)) for address, body in _SASS_LINE.findall(text)]
 
 
-def loop_instruction_count(instructions: list[tuple[int, str]]) -> int:
-    """Instructions (NOPs excluded) inside the maximal backward-branch ranges."""
+def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The instructions (NOPs excluded) inside the maximal backward-branch ranges."""
     ranges = []
     for address, text in instructions:
         target = re.match(r"BRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:  # not the trailing self-branch
             ranges.append((int(target.group(1), 16), address))
-    return sum(
-        1 for address, text in instructions
+    return [
+        text for address, text in instructions
         if any(lo <= address <= hi for lo, hi in ranges) and not text.startswith("NOP")
-    )
+    ]
 
 
-def figures(spec: KernelSpec) -> tuple[KernelFigures, bool]:
-    """The row of one kernel, and whether 128-bit global stores appear."""
+def figures(spec: KernelSpec) -> tuple[KernelFigures, str, str]:
+    """The row of one kernel, and its main loop's 128-bit global loads and stores as
+    "vector of all" counts for the table (a loop can mix vector and scalar loads)."""
     compiled = compile_sm90(spec)
     registers, spills = ptxas_usage(compiled.asm["ptx"])
     instructions = sass_instructions(compiled.asm["cubin"])
-    opcodes = [text.split()[0] for _, text in instructions]
-    # cp.async (LDGSTS) is how Triton's pipeliner loads global memory into shared memory.
-    ldg128 = any(op.startswith(("LDG", "LDGSTS")) and ".128" in op for op in opcodes)
-    stg128 = any(op.startswith("STG") and ".128" in op for op in opcodes)
+    loop = main_loop(instructions)
+    # Vector width is judged in the main loop, where the bulk of the bytes move; cp.async
+    # (LDGSTS) is how Triton's pipeliner loads global memory into shared memory.
+    loop_opcodes = [text.split()[0] for text in loop]
+    loads = [op for op in loop_opcodes if op.startswith(("LDG.", "LDGSTS."))]
+    stores = [op for op in loop_opcodes if op.startswith("STG.")]
+    wide_loads = sum(".128" in op for op in loads)
+    wide_stores = sum(".128" in op for op in stores)
     row = KernelFigures(
         name=spec.name,
         registers=registers,
         spill_bytes=spills,
         smem_bytes=int(compiled.metadata.shared),
-        wgmma=any(op.startswith("HGMMA") for op in opcodes),
-        ldg128=ldg128,
+        wgmma=any(text.startswith("HGMMA") for _, text in instructions),
+        ldg128=wide_loads > 0,
         # Every thread of the CTA issues the loop once per iteration: lane-instructions per element.
-        instructions_per_element=loop_instruction_count(instructions) * spec.num_warps * 32 / spec.elements_per_iteration,
+        instructions_per_element=len(loop) * spec.num_warps * 32 / spec.elements_per_iteration,
     )
-    return row, stg128
+    return row, f"{wide_loads}/{len(loads)}", f"{wide_stores}/{len(stores)}"
 
 
 def total(name: str, rows: list[KernelFigures]) -> KernelFigures:
@@ -235,23 +240,25 @@ def main() -> None:
         "o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype, args.dot_precision),
         "ce_bdc": ce_bdc_specs(args.n, args.classes, args.dtype, stride),
     }
-    rows, stores = [], {}
+    rows, vectors = [], {}
     for loss, specs in losses.items():
         passes = []
         for spec in specs:
-            row, stores[spec.name] = figures(spec)
+            row, *vectors[spec.name] = figures(spec)
             passes.append(row)
         rows += [*passes, total(f"{loss}_total", passes)]
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table(title=f"sm_90 SASS ({args.dtype}, N = {args.n}, C = {args.classes}, D = {args.dim}, "
                         f"logit stride {stride}; triton {triton.__version__})")
-    for column in ("kernel", "registers", "spill B", "smem B", "wgmma", "LDG.128", "STG.128", "instr / element"):
+    columns = ("kernel", "registers", "spill B", "smem B", "wgmma", "loop loads 128-bit", "loop stores 128-bit",
+               "instr / element")
+    for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in rows:
+        loads, stores = vectors.get(r.name, ("yes" if r.ldg128 else "no", "-"))
         table.add_row(r.name, str(r.registers), str(r.spill_bytes), str(r.smem_bytes), "yes" if r.wgmma else "no",
-                      "yes" if r.ldg128 else "no", {True: "yes", False: "no"}.get(stores.get(r.name), "-"),
-                      f"{r.instructions_per_element:.1f}")
+                      loads, stores, f"{r.instructions_per_element:.1f}")
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"kernels": [asdict(r) for r in rows]}, indent=1))

@@ -290,7 +290,7 @@ class _CEBDCFunction(torch.autograd.Function):
         per_row = [new_buffer((batch,), torch.float32, device) for _ in range(3)]
         # Without a gradient the kernel never touches these; the pointers are placeholders.
         # The logits' gradient takes their row stride (a classifier padded to a multiple
-        # of 8 classes hands over an aligned view), so both are read and written in vectors.
+        # of 16 classes hands over an aligned view), so both are read and written in vectors.
         grad_logits = logits
         if compute_grad:
             grad_logits = new_buffer((batch, logits.stride(0)), logits.dtype, device)[:, :num_classes]

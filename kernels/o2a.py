@@ -156,16 +156,16 @@ def _o2a_bwd_keys_kernel(
 PASSES = ("fwd", "bwd_keys")
 
 
-def _launch_config(dim: int, elem_size: int, pass_name: str, dot_precision: str = "tf32x3") -> dict[str, int]:
+def _launch_config(dim: int, elem_size: int, pass_name: str) -> dict[str, int]:
     """Tile sizes and warps per pass, chosen with benchmarks/kernel_sass.py for sm_90
     (fewest instructions per similarity without register spills, D = 128): 64 x 64
     tiles on one warpgroup (a row's max and sum never cross shared memory) while a
-    D-wide row is at most 256 bytes; wider rows (float32) use smaller tiles on 8
-    warps, whose float32 accumulators would otherwise spill kilobytes."""
+    D-wide row is at most 256 bytes; wider rows (float32, either dot precision) take
+    smaller tiles on 8 warps, whose float32 accumulators would otherwise spill."""
     block_d = max(16, triton.next_power_of_2(dim))
     if block_d * elem_size <= 256:
         block_n, block_m, warps = 64, 64, 4
-    elif block_d * elem_size <= 512 and dot_precision == "tf32x3":
+    elif block_d * elem_size <= 512:
         block_n, block_m, warps = {"fwd": (32, 64, 8), "bwd_keys": (32, 32, 8)}[pass_name]
     else:
         block_n, block_m, warps = 32, 32, 8
@@ -194,7 +194,7 @@ class _LogDenominator(torch.autograd.Function):
         store_o = ctx.needs_input_grad[0]
         # Without an anchor gradient the kernel never touches O; the pointer is a placeholder.
         weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
-        cfg = _launch_config(dim, anchors.element_size(), "fwd", dot_precision)
+        cfg = _launch_config(dim, anchors.element_size(), "fwd")
         _o2a_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, weighted_keys,
             n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
@@ -221,7 +221,7 @@ class _LogDenominator(torch.autograd.Function):
             # is 0), and a finite stand-in keeps exp2(-inf - log2_den) at 0 rather than NaN.
             log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
             grad_keys = new_buffer((m, dim), keys.dtype, keys.device)
-            cfg = _launch_config(dim, anchors.element_size(), "bwd_keys", dot_precision)
+            cfg = _launch_config(dim, anchors.element_size(), "bwd_keys")
             _o2a_bwd_keys_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
                 anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef, grad_keys,
                 n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),

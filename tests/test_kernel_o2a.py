@@ -186,7 +186,7 @@ def test_kernels_compile_for_sm90() -> None:
         types |= {"ya_ptr": "*i32", "yk_ptr": "*i32", "scale": "fp32"}
         for pass_name in o2a.PASSES:
             for precision in o2a.DOT_PRECISIONS if dtype == "fp32" else ("tf32x3",):
-                config = o2a._launch_config(dim, elem_size, pass_name, precision)
+                config = o2a._launch_config(dim, elem_size, pass_name)
                 num_warps = config.pop("num_warps")
                 flags = {"CLASS_AVERAGE": dtype != "fp16", "DOT_PRECISION": precision, **config}
                 if pass_name == "fwd":
