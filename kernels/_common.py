@@ -1,4 +1,5 @@
-"""Helpers shared by the fused loss kernels: dtype policy, output allocation, online LSE."""
+"""Helpers shared by the fused loss kernels: dtype policy, output allocation, the end of a
+streaming log-sum-exp and a flush-to-zero exp2."""
 
 from __future__ import annotations
 
@@ -39,17 +40,6 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 @triton.jit
-def online_lse_rescale(m, s, block_max):
-    """One step of a streaming log-sum-exp: returns the new running max, the finite
-    reference to subtract before exponentiating this block, and the old sum rescaled
-    to it. The reference is 0 while everything seen is -inf (an all-masked block),
-    which keeps exp(-inf - -inf) = NaN out of the sum."""
-    m_new = tl.maximum(m, block_max)
-    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    return m_new, m_ref, s * tl.exp(m - m_ref)
-
-
-@triton.jit
 def finish_lse(m, s):
     """Log-sum-exp from the running max and sum; -inf when nothing unmasked was seen.
     The sum is then 0: taking the log of 1 instead gives the same -inf + 0 = -inf
@@ -70,8 +60,3 @@ def fast_exp2(x):
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
 
-
-@triton.jit
-def fast_exp(x):
-    """e^x as fast_exp2 computes it."""
-    return fast_exp2(x * LOG2E)
