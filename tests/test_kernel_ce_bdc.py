@@ -16,7 +16,6 @@ from conftest import requires_gpu
 from kernel_testing import assert_close_to_largest, compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
 from torch import Tensor
 
-from jrcl_fast.kernels import ce_bdc
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 from jrcl_fast.losses import ce_bdc_loss
 from jrcl_fast.losses.reference import ce_bdc_reference
@@ -212,20 +211,13 @@ def test_half_precision_inputs(dtype: torch.dtype, tol: float, scale: float, dev
 
 def test_kernel_compiles_for_sm90() -> None:
     """The kernel through the real compiler for each dtype and variant in use."""
-    specs = []
+    requests = []
     for dtype, num_classes, has_adj, sym_kl, grad in (
         ("fp32", 365, True, False, True), ("bf16", 8142, False, True, True), ("fp16", 8142, True, False, False)
     ):
-        types = dict.fromkeys(("B", "C", "stride_z", "stride_b", "stride_dz", "stride_db"), "i32")
-        types |= dict.fromkeys(("z_ptr", "b_ptr", "dz_ptr", "db_ptr"), f"*{dtype}")
-        types |= dict.fromkeys(("adj_ptr", "ce_ptr", "bce_ptr", "bdc_ptr"), "*fp32")
-        types |= dict.fromkeys(("lambda_bin", "lambda_bdc", "inv_batch"), "fp32")
-        types |= {"y_ptr": "*i64", "normal_ptr": "*i8"}
-        config = ce_bdc._launch_config(num_classes)
-        num_warps = config.pop("num_warps")
-        flags = {"HAS_ADJ": has_adj, "SYM_KL": sym_kl, "COMPUTE_GRAD": grad, **config}
-        specs.append(("jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", types, flags, num_warps))
-    compile_for_sm90(specs)
+        shape = {"n": 4096, "classes": num_classes, "dtype": dtype, "stride": num_classes}
+        requests.append(("ce_bdc", shape, {"HAS_ADJ": has_adj, "SYM_KL": sym_kl, "COMPUTE_GRAD": grad}))
+    compile_for_sm90(requests)
 
 
 @requires_gpu
