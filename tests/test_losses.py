@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from jrcl_fast.engine.distributed import global_one_to_all_supcon
 from jrcl_fast.losses import bdc_loss, ce_bdc_loss, o2a_per_anchor, one_to_all_supcon
+from jrcl_fast.losses import checks
 from jrcl_fast.losses.checks import check_labels, check_normal_mask, check_o2a_args
 
 
@@ -328,3 +329,11 @@ def test_checks_read_no_values_of_device_tensors():
         check_o2a_args(features, labels, 0.1, prototypes=torch.empty(3, 5, device="meta"))
     with pytest.raises(ValueError, match="^features must be rows 5..6 of keys"):
         check_o2a_args(features[:2], labels[:2], 0.1, keys=features, key_labels=labels, anchor_offset=5)
+
+
+def test_value_checks_switch_reads_device_tensors(monkeypatch):
+    """JRCL_CHECK_VALUES=1 (the debug switch) turns the value checks on for device tensors:
+    on meta tensors, which hold no values, the read itself then fails."""
+    monkeypatch.setattr(checks, "CHECK_DEVICE_VALUES", True)
+    with pytest.raises(RuntimeError, match="meta"):
+        check_labels("labels", torch.zeros(6, dtype=torch.long, device="meta"), 6, 3)
