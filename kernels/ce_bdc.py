@@ -293,7 +293,9 @@ class _CEBDCFunction(torch.autograd.Function):
         # of 16 classes hands over an aligned view), so both are read and written in vectors.
         grad_logits = logits
         if compute_grad:
-            grad_logits = new_buffer((batch, logits.stride(0)), logits.dtype, device)[:, :num_classes]
+            # (At least C: an expanded batch of one row has row stride 0.)
+            row_stride = max(logits.stride(0), num_classes)
+            grad_logits = new_buffer((batch, row_stride), logits.dtype, device)[:, :num_classes]
         grad_binary = new_buffer(binary_logits.shape, binary_logits.dtype, device) if compute_grad else binary_logits
         has_adj = logit_adjustment is not None
         adjustment = logit_adjustment.float().contiguous() if has_adj else logits

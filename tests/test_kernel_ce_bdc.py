@@ -127,6 +127,18 @@ def test_padded_logits_view_keeps_its_stride(device: str) -> None:
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_rows_expanded_from_one(device: str) -> None:
+    """Logits with row stride 0 (one row expanded to a batch) are read as they are, and
+    their gradient still gets a row of its own per sample."""
+    logits, binary_logits, labels, normal_mask = random_problem(6, 20, 3.0, device)
+    row = logits[:1].clone().requires_grad_()
+    total = fused_ce_bdc(row.expand(6, 20), binary_logits, labels, normal_mask)[0]
+    total.backward()
+    ref_row = logits[:1].clone().requires_grad_()
+    ce_bdc_reference(ref_row.expand(6, 20), binary_logits, labels, normal_mask)[0].backward()
+    torch.testing.assert_close(row.grad, ref_row.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_label_out_of_range_makes_the_loss_nan(device: str) -> None:
     """On the GPU the label range is not checked on the host (that would wait for the
     device): a label outside [0, C) must then give a NaN loss, never a finite wrong one."""
