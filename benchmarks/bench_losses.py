@@ -112,7 +112,8 @@ def median_ms(run: Callable[[], None], before: Callable[[], None], warmup: int, 
 
 
 def machine_rates(quick: bool) -> dict[str, float]:
-    """Matmul FLOP/s per dtype (float32 without TF32, as the fused kernel computes it)
+    """Matmul FLOP/s per dtype (float32 without TF32: the IEEE rate, which the fused O2A
+    kernel's default tf32x3 dots, on the tensor cores, can beat, giving x floor < 1)
     and copy bandwidth (bytes read + written per second) of this GPU."""
     size = 4096 if quick else 8192
     rates = {}

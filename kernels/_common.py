@@ -1,6 +1,10 @@
-"""Helpers shared by the fused loss kernels: dtype policy, output allocation, online LSE."""
+"""Helpers shared by the fused loss kernels: dtype policy, output allocation, the end of a
+streaming log-sum-exp and a flush-to-zero exp2."""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
@@ -8,6 +12,11 @@ import triton.language as tl
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Whether @triton.jit builds interpreted functions (decided at import, as here).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED: tl.constexpr = tl.constexpr(INTERPRETED)
+LOG2E: tl.constexpr = tl.constexpr(1.0 / math.log(2.0))
 
 
 def check_kernel_dtype(name: str, x: Tensor) -> None:
@@ -31,19 +40,23 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 @triton.jit
-def online_lse_rescale(m, s, block_max):
-    """One step of a streaming log-sum-exp: returns the new running max, the finite
-    reference to subtract before exponentiating this block, and the old sum rescaled
-    to it. The reference is 0 while everything seen is -inf (an all-masked block),
-    which keeps exp(-inf - -inf) = NaN out of the sum."""
-    m_new = tl.maximum(m, block_max)
-    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    return m_new, m_ref, s * tl.exp(m - m_ref)
-
-
-@triton.jit
 def finish_lse(m, s):
     """Log-sum-exp from the running max and sum; -inf when nothing unmasked was seen.
     The sum is then 0: taking the log of 1 instead gives the same -inf + 0 = -inf
     without log(0), on which the interpreter's numpy warns (runs once, after the loop)."""
     return m + tl.log(tl.where(m == -float("inf"), 1.0, s))
+
+
+@triton.jit
+def fast_exp2(x):
+    """2^x with subnormal results flushed to 0 (ex2.approx.ftz): tl.exp2 compiles to
+    the same MUFU.EX2 plus a range fix-up of three instructions that only matters for
+    results below 2^-126, negligible against the sums and gradients here. The
+    interpreter runs no PTX: it takes tl.exp2."""
+    if _INTERPRETED:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+

@@ -1,11 +1,13 @@
 """Fused CE + binary CE + BDC classifier loss: Triton kernel and its autograd Function.
 
-Same contract as `jrcl_fast.losses.reference.ce_bdc_reference`. One program per row
-reads the logits once to get every log-sum-exp the loss needs (adjusted logits,
+Same contract as `jrcl_fast.losses.reference.ce_bdc_reference`. One program per few
+rows reads the logits once to get every log-sum-exp the loss needs (adjusted logits,
 normal group, abnormal group; the plain softmax normaliser is their log-add-exp)
 and, when a gradient is wanted, a second time to write d total / d logits, as
 Liger-Kernel's cross-entropy does: the gradient is produced in the forward and
-only scaled by the incoming gradient in the backward.
+only scaled, in place, by the incoming gradient in the backward. Full blocks of
+classes load without masks (vectorised when the row stride is a multiple of 16
+elements); only the tail block is masked.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from jrcl_fast.config import DIVERGENCES
-from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
-from jrcl_fast.losses.checks import check_choice
+from ._common import LOG2E, check_kernel_dtype, fast_exp2, finish_lse, new_buffer
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -57,49 +57,125 @@ def _divergence_term(log_p, log_q, SYM_KL: tl.constexpr):
 
 
 @triton.jit
-def _load_block(z_row, normal_ptr, adj_ptr, cols, C, HAS_ADJ: tl.constexpr):
-    """Raw logits (float32, -inf on padding), normal-group flags and adjusted logits."""
-    ok = cols < C
-    z = tl.load(z_row + cols, mask=ok, other=-float("inf")).to(tl.float32)
-    normal = tl.load(normal_ptr + cols, mask=ok, other=0) != 0
+def _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ: tl.constexpr, MASKED: tl.constexpr):
+    """A rows x classes block: raw logits (float32), the classes' normal flags and the
+    adjusted logits. Only the tail block (MASKED) checks cols < C, padding with -inf
+    logits: the full blocks load without masks, in 16-byte vectors when the row
+    stride allows."""
+    if MASKED:
+        ok = cols < C
+        z = tl.load(z_ptr + offs, mask=ok[None, :], other=-float("inf")).to(tl.float32)
+        normal = tl.load(normal_ptr + cols, mask=ok, other=0) != 0
+    else:
+        z = tl.load(z_ptr + offs).to(tl.float32)
+        normal = tl.load(normal_ptr + cols) != 0
     z_adj = z
     if HAS_ADJ:
-        z_adj = z + tl.load(adj_ptr + cols, mask=ok, other=0.0)
-    return ok, z, normal, z_adj
+        if MASKED:
+            z_adj = z + tl.load(adj_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        else:
+            z_adj = z + tl.load(adj_ptr + cols)[None, :]
+    return z, normal[None, :], z_adj
+
+
+@triton.jit
+def _lse_step(m, s, x, MASKED: tl.constexpr):
+    """One logit x into a running (max m, sum s relative to m) kept per position in the
+    block: one exp, exp(-|x - m|), serves both cases (x the new max or not), and no
+    value crosses threads until the loop is over."""
+    if MASKED:  # padding (-inf) against a slot that has seen nothing yet (-inf): t = 0, not NaN
+        m_ref = tl.where(x == -float("inf"), 0.0, m)
+    else:
+        m_ref = m
+    t = fast_exp2(-tl.abs(x - m_ref) * LOG2E)
+    new_max = x > m
+    return tl.where(new_max, x, m), tl.where(new_max, s * t + 1.0, s + t)
+
+
+@triton.jit
+def _stats_block(
+    z_ptr, offs, normal_ptr, adj_ptr, cols, C, max_n, sum_n, max_a, sum_a, max_adj, sum_adj,
+    HAS_ADJ: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Pass 1 on one block: running log-sum-exps of the normal group, the abnormal
+    group (each logit into its own group's) and the adjusted logits."""
+    z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
+    m, s = _lse_step(tl.where(normal, max_n, max_a), tl.where(normal, sum_n, sum_a), z, MASKED)
+    max_n, sum_n = tl.where(normal, m, max_n), tl.where(normal, s, sum_n)
+    max_a, sum_a = tl.where(normal, max_a, m), tl.where(normal, sum_a, s)
+    if HAS_ADJ:
+        max_adj, sum_adj = _lse_step(max_adj, sum_adj, z_adj, MASKED)
+    return max_n, sum_n, max_a, sum_a, max_adj, sum_adj
+
+
+@triton.jit
+def _merge_lse(m, s):
+    """Per-row (max, sum relative to it) from the per-position running statistics."""
+    top = tl.max(m, 1)
+    ref = tl.where(top == -float("inf"), 0.0, top)
+    return top, tl.sum(s * fast_exp2((m - ref[:, None]) * LOG2E), 1)
+
+
+@triton.jit
+def _grad_block(
+    z_ptr, dz_ptr, offs, dz_offs, row_ok, normal_ptr, adj_ptr, cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj,
+    HAS_ADJ: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Pass 2 on one block: d total / d z_c without the -1 of the label (written after
+    the loop). e = softmax_group(z)_c = exp(z_c - lse_group) and the per-row group
+    coefficients (see the kernel) make it one exp per logit, two with an adjustment."""
+    z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
+    e = fast_exp2(z * LOG2E - tl.where(normal, (lse_n * LOG2E)[:, None], (lse_a * LOG2E)[:, None]))
+    dz = e * tl.where(normal, coef_n[:, None], coef_a[:, None])
+    if HAS_ADJ:
+        dz += fast_exp2(z_adj * LOG2E - (lse_adj * LOG2E)[:, None])
+    mask = row_ok[:, None]
+    if MASKED:
+        mask = mask & (cols < C)[None, :]
+    tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_bdc_kernel(
     z_ptr, b_ptr, y_ptr, normal_ptr, adj_ptr,
     ce_ptr, bce_ptr, bdc_ptr, dz_ptr, db_ptr,
-    C, stride_z, stride_b, stride_dz, stride_db, lambda_bin, lambda_bdc, inv_batch,
-    HAS_ADJ: tl.constexpr, SYM_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    B, C, stride_z, stride_b, stride_dz, stride_db, lambda_bin, lambda_bdc, inv_batch,
+    HAS_ADJ: tl.constexpr, SYM_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_z
+    # ROWS rows per program share the loads of the per-class flags and adjustment.
+    # Rows past the batch read the last row again (no masks on the loads) and store nothing.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows = tl.minimum(rows, B - 1).to(tl.int64)
+    z_rows = rows[:, None] * stride_z
+    full = C - C % BLOCK_C  # classes covered by unmasked blocks
 
-    # Pass 1: streaming log-sum-exps over the normal group, the abnormal group and
-    # (with a logit adjustment) the adjusted logits. Separate group sums keep
-    # log p_normal and log p_abnormal finite when either mass underflows.
-    neg_inf = tl.full([], -float("inf"), tl.float32)
-    zero = tl.zeros([], tl.float32)
+    # Pass 1. Separate group sums keep log p_normal and log p_abnormal finite when either
+    # mass underflows against the other.
+    neg_inf = tl.full([ROWS, BLOCK_C], -float("inf"), tl.float32)
+    zero = tl.zeros([ROWS, BLOCK_C], tl.float32)
     max_n, sum_n, max_a, sum_a, max_adj, sum_adj = neg_inf, zero, neg_inf, zero, neg_inf, zero
-    for start in range(0, C, BLOCK_C):
+    for start in range(0, full, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        ok, z, normal, z_adj = _load_block(z_row, normal_ptr, adj_ptr, cols, C, HAS_ADJ)
-        z_n = tl.where(normal, z, -float("inf"))
-        z_a = tl.where(normal, -float("inf"), z)
-        max_n, ref_n, sum_n = online_lse_rescale(max_n, sum_n, tl.max(z_n, 0))
-        sum_n += tl.sum(tl.exp(z_n - ref_n), 0)
-        max_a, ref_a, sum_a = online_lse_rescale(max_a, sum_a, tl.max(z_a, 0))
-        sum_a += tl.sum(tl.exp(z_a - ref_a), 0)
-        if HAS_ADJ:
-            max_adj, ref_adj, sum_adj = online_lse_rescale(max_adj, sum_adj, tl.max(z_adj, 0))
-            sum_adj += tl.sum(tl.exp(z_adj - ref_adj), 0)
+        max_n, sum_n, max_a, sum_a, max_adj, sum_adj = _stats_block(
+            z_ptr, z_rows + cols[None, :], normal_ptr, adj_ptr, cols, C,
+            max_n, sum_n, max_a, sum_a, max_adj, sum_adj, HAS_ADJ, False,
+        )
+    if full < C:
+        cols = full + tl.arange(0, BLOCK_C)
+        max_n, sum_n, max_a, sum_a, max_adj, sum_adj = _stats_block(
+            z_ptr, z_rows + cols[None, :], normal_ptr, adj_ptr, cols, C,
+            max_n, sum_n, max_a, sum_a, max_adj, sum_adj, HAS_ADJ, True,
+        )
+    max_n, sum_n = _merge_lse(max_n, sum_n)
+    max_a, sum_a = _merge_lse(max_a, sum_a)
+    max_adj, sum_adj = _merge_lse(max_adj, sum_adj)
     # log pi_group = lse_group - lse, written so that no two logit-sized numbers are
     # subtracted after rounding: the group maxima differ by an exact-ish logit
     # difference and the sums are O(C). Keeps log pi accurate to its own magnitude
-    # (near 0 for the dominant group) when the logits are in the hundreds.
+    # (near 0 for the dominant group) when the logits are in the hundreds. Each group
+    # has a class, so its max is finite and its sum at least 1.
     top = tl.maximum(max_n, max_a)
     log_total = tl.log(sum_n * tl.exp(max_n - top) + sum_a * tl.exp(max_a - top))
     log_pi_n = (max_n - top) + tl.log(sum_n) - log_total
@@ -109,16 +185,21 @@ def _ce_bdc_kernel(
     if HAS_ADJ:
         lse_adj = finish_lse(max_adj, sum_adj)
 
-    label = tl.load(y_ptr + row)
-    z_label = tl.load(z_row + label).to(tl.float32)
+    # A label outside [0, C) makes its row's CE NaN (the value checks that would name it
+    # read device memory, so they are off on the GPU): the trainer stops on the NaN loss.
+    label = tl.load(y_ptr + rows)
+    label_ok = (label >= 0) & (label < C)
+    label = tl.where(label_ok, label, 0)
+    z_label = tl.load(z_ptr + rows * stride_z + label).to(tl.float32)
+    adj_label = 0.0
     if HAS_ADJ:
-        z_label += tl.load(adj_ptr + label)
-    ce = lse_adj - z_label
+        adj_label = tl.load(adj_ptr + label)
+    ce = tl.where(label_ok, lse_adj - (z_label + adj_label), float("nan"))
 
     # Binary head: column 0 is normal; the target is 1 when the label is abnormal.
     # log q from the logit difference alone, for the same reason as log pi.
-    b0 = tl.load(b_ptr + row * stride_b).to(tl.float32)
-    b1 = tl.load(b_ptr + row * stride_b + 1).to(tl.float32)
+    b0 = tl.load(b_ptr + rows * stride_b).to(tl.float32)
+    b1 = tl.load(b_ptr + rows * stride_b + 1).to(tl.float32)
     log_q0 = -_softplus(b1 - b0)
     log_q1 = -_softplus(b0 - b1)
     abnormal = tl.load(normal_ptr + label) == 0
@@ -126,9 +207,9 @@ def _ce_bdc_kernel(
 
     div_n, g_pi_n, g_q0 = _divergence_term(log_pi_n, log_q0, SYM_KL)
     div_a, g_pi_a, g_q1 = _divergence_term(log_pi_a, log_q1, SYM_KL)
-    tl.store(ce_ptr + row, ce)
-    tl.store(bce_ptr + row, bce)
-    tl.store(bdc_ptr + row, div_n + div_a)
+    tl.store(ce_ptr + rows, ce, mask=row_ok)
+    tl.store(bce_ptr + rows, bce, mask=row_ok)
+    tl.store(bdc_ptr + rows, div_n + div_a, mask=row_ok)
 
     if COMPUTE_GRAD:
         # d/db_0 (d/db_1 is its negative): binary CE gives q_0 - [target = 0]; BDC, through
@@ -137,33 +218,57 @@ def _ce_bdc_kernel(
         q0 = tl.exp(log_q0)
         q1 = tl.exp(log_q1)
         db0 = lambda_bin * tl.where(abnormal, q0, -q1) + lambda_bdc * (g_q0 * q1 - g_q1 * q0)
-        db_row = db_ptr + row * stride_db
-        tl.store(db_row, (inv_batch * db0).to(db_ptr.dtype.element_ty))
-        tl.store(db_row + 1, (-inv_batch * db0).to(db_ptr.dtype.element_ty))
+        db_rows = db_ptr + rows * stride_db
+        tl.store(db_rows, (inv_batch * db0).to(db_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(db_rows + 1, (-inv_batch * db0).to(db_ptr.dtype.element_ty), mask=row_ok)
 
-        # Pass 2, d/dz_c: CE gives softmax(z + adj)_c - [c = y]. Through log pi_group =
-        # lse_group - lse, BDC gives g_group softmax_group(z)_c - (g_n + g_a) p_c; with
-        # p_c = pi_group softmax_group(z)_c this is +-h softmax_group(z)_c, where
-        # h = g_n pi_a - g_a pi_n is formed once per row instead of cancelling per class
-        # (g reaches |log pi - log q| ~ 100 when the heads saturate).
-        h = g_pi_n * tl.exp(log_pi_a) - g_pi_a * tl.exp(log_pi_n)
-        dz_row = dz_ptr + row * stride_dz
-        for start in range(0, C, BLOCK_C):
+        # Pass 2, d/dz_c. Through log pi_group = lse_group - lse, BDC gives
+        # g_group softmax_group(z)_c - (g_n + g_a) p_c; with p_c = pi_group softmax_group(z)_c
+        # this is +-h softmax_group(z)_c, where h = g_n pi_a - g_a pi_n is formed once per
+        # row instead of cancelling per class (g reaches |log pi - log q| ~ 100 when the
+        # heads saturate). CE gives softmax(z + adj)_c - [c = y]; without an adjustment
+        # its softmax is pi_group softmax_group(z)_c, so both terms share one exp.
+        pi_n = tl.exp(log_pi_n)
+        pi_a = tl.exp(log_pi_a)
+        h = lambda_bdc * (g_pi_n * pi_a - g_pi_a * pi_n)
+        coef_n, coef_a = h, -h
+        if not HAS_ADJ:
+            coef_n += pi_n
+            coef_a += pi_a
+        lse_n = max_n + tl.log(sum_n)
+        lse_a = max_a + tl.log(sum_a)
+        coef_n *= inv_batch
+        coef_a *= inv_batch
+        lse_adj_scaled = lse_adj - tl.log(inv_batch)  # exp(z_adj - this) = inv_batch * softmax
+        dz_rows = rows[:, None] * stride_dz
+        for start in range(0, full, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
-            ok, z, normal, z_adj = _load_block(z_row, normal_ptr, adj_ptr, cols, C, HAS_ADJ)
-            d_ce = tl.exp(z_adj - lse_adj) - tl.where(cols == label, 1.0, 0.0)
-            # Each class against its own group's max: exp(z - max) <= 1, never overflows.
-            group_max = tl.where(normal, max_n, max_a)
-            group_sum = tl.where(normal, sum_n, sum_a)
-            d_bdc = tl.where(normal, h, -h) * tl.exp(z - group_max) / group_sum
-            dz = inv_batch * (d_ce + lambda_bdc * d_bdc)
-            tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+            _grad_block(z_ptr, dz_ptr, z_rows + cols[None, :], dz_rows + cols[None, :], row_ok, normal_ptr, adj_ptr,
+                        cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj_scaled, HAS_ADJ, False)
+        if full < C:
+            cols = full + tl.arange(0, BLOCK_C)
+            _grad_block(z_ptr, dz_ptr, z_rows + cols[None, :], dz_rows + cols[None, :], row_ok, normal_ptr, adj_ptr,
+                        cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj_scaled, HAS_ADJ, True)
+        # The label's -1, over what pass 2 wrote there (other threads of this program
+        # may have written it: the barrier orders the two stores).
+        tl.debug_barrier()
+        label_normal = abnormal == 0
+        e_label = tl.exp(z_label - tl.where(label_normal, lse_n, lse_a))
+        dz_label = e_label * tl.where(label_normal, coef_n, coef_a) - inv_batch
+        if HAS_ADJ:
+            dz_label += tl.exp(z_label + adj_label - lse_adj_scaled)
+        tl.store(dz_ptr + rows * stride_dz + label, dz_label.to(dz_ptr.dtype.element_ty), mask=row_ok & label_ok)
 
 
-def _block_c(num_classes: int) -> tuple[int, int]:
-    """Whole rows up to 2048 classes in one block (one read per pass); wider rows loop."""
-    block = min(triton.next_power_of_2(num_classes), 2048)
-    return block, 4 if block <= 512 else 8
+def _launch_config(num_classes: int) -> dict[str, int]:
+    """Blocks of up to 2048 classes (whole rows below that) and as many rows as make
+    about 2048 logits per program, so short rows still fill one. Pass 1 keeps six
+    running statistics per logit of the block in registers: at 8 logits per thread
+    (one 16-byte bf16 vector) that is ~93 registers for C = 8,142 (kernel_sass.py),
+    two programs per SM."""
+    block = min(triton.next_power_of_2(max(num_classes, 1)), 2048)
+    rows = max(1, min(16, 2048 // block))
+    return {"BLOCK_C": block, "ROWS": rows, "num_warps": 4 if block * rows <= 1024 else 8}
 
 
 class _CEBDCFunction(torch.autograd.Function):
@@ -177,42 +282,53 @@ class _CEBDCFunction(torch.autograd.Function):
         logit_adjustment: Tensor | None,
         lambda_bin: float,
         lambda_bdc: float,
-        divergence: str,
+        sym_kl: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, num_classes = logits.shape
         device = logits.device
         compute_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         per_row = [new_buffer((batch,), torch.float32, device) for _ in range(3)]
         # Without a gradient the kernel never touches these; the pointers are placeholders.
-        grad_logits = new_buffer(logits.shape, logits.dtype, device) if compute_grad else logits
+        # The logits' gradient takes their row stride (a classifier padded to a multiple
+        # of 16 classes hands over an aligned view), so both are read and written in vectors.
+        grad_logits = logits
+        if compute_grad:
+            # (At least C: an expanded batch of one row has row stride 0.)
+            row_stride = max(logits.stride(0), num_classes)
+            grad_logits = new_buffer((batch, row_stride), logits.dtype, device)[:, :num_classes]
         grad_binary = new_buffer(binary_logits.shape, binary_logits.dtype, device) if compute_grad else binary_logits
         has_adj = logit_adjustment is not None
         adjustment = logit_adjustment.float().contiguous() if has_adj else logits
-        block, num_warps = _block_c(num_classes)
-        _ce_bdc_kernel[(batch,)](
-            logits, binary_logits, labels, normal_mask.to(torch.int8), adjustment,
-            *per_row, grad_logits, grad_binary,
-            num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0), grad_binary.stride(0),
-            float(lambda_bin), float(lambda_bdc), 1.0 / max(batch, 1),
-            HAS_ADJ=has_adj, SYM_KL=divergence == "sym_kl", COMPUTE_GRAD=compute_grad,
-            BLOCK_C=block, num_warps=num_warps,
-        )
-        # B = 0 launches no program (the 1 above only avoids dividing by 0) and these
-        # means over no rows are NaN, as the reference's are.
+        config = _launch_config(num_classes)
+        if batch:
+            _ce_bdc_kernel[(triton.cdiv(batch, config["ROWS"]),)](
+                logits, binary_logits, labels, normal_mask.to(torch.int8), adjustment,
+                *per_row, grad_logits, grad_binary,
+                batch, num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0),
+                grad_binary.stride(0), float(lambda_bin), float(lambda_bdc), 1.0 / batch,
+                HAS_ADJ=has_adj, SYM_KL=sym_kl, COMPUTE_GRAD=compute_grad, **config,
+            )
+        # These means over no rows (B = 0 launches nothing) are NaN, as the reference's are.
         ce, binary_ce, bdc = (x.mean() for x in per_row)
         total = ce + lambda_bin * binary_ce + lambda_bdc * bdc
         if compute_grad:
             ctx.save_for_backward(grad_logits, grad_binary)
+        ctx.gradient_handed_out = False
         ctx.mark_non_differentiable(ce, binary_ce, bdc)
         return total, ce, binary_ce, bdc
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, *_grad_terms: Tensor | None):
+        # The gradient made in the forward is scaled in place and handed out, not copied
+        # (as Liger-Kernel's cross-entropy does): a second backward would find it scaled.
+        if ctx.gradient_handed_out:
+            raise RuntimeError("fused_ce_bdc: backward ran twice through one forward (retain_graph); its gradient "
+                               "buffer is scaled in place, so compute the loss again instead")
+        ctx.gradient_handed_out = True
         grad_logits, grad_binary = ctx.saved_tensors
-        # Out of place: the saved gradient must survive a second backward (retain_graph).
         return (
-            grad_logits * grad_total.to(grad_logits.dtype) if ctx.needs_input_grad[0] else None,
-            grad_binary * grad_total.to(grad_binary.dtype) if ctx.needs_input_grad[1] else None,
+            grad_logits.mul_(grad_total) if ctx.needs_input_grad[0] else None,
+            grad_binary.mul_(grad_total) if ctx.needs_input_grad[1] else None,
             None, None, None, None, None, None,
         )
 
@@ -225,20 +341,22 @@ def fused_ce_bdc(
     logit_adjustment: Tensor | None = None,
     lambda_bin: float = 1.0,
     lambda_bdc: float = 1.0,
-    divergence: str = "js",
+    sym_kl: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch means (total, ce, binary_ce, bdc), float32; only `total` has gradients
-    (to logits and binary_logits; the logit adjustment is treated as a constant)."""
+    (to logits and binary_logits; the logit adjustment is treated as a constant).
+    The divergence is Jensen-Shannon, or symmetric KL with `sym_kl`; the divergence
+    names users write are validated in jrcl_fast.losses, which this leaf never imports."""
     check_kernel_dtype("logits", logits)
     check_kernel_dtype("binary_logits", binary_logits)
-    check_choice("divergence", divergence, DIVERGENCES)
+    # Unit column stride is all the kernel needs: an aligned, padded row stride is kept.
     return _CEBDCFunction.apply(
-        logits.contiguous(),
+        logits if logits.stride(1) == 1 else logits.contiguous(),
         binary_logits.contiguous(),
         labels.contiguous(),
         normal_mask,
         logit_adjustment,
         lambda_bin,
         lambda_bdc,
-        divergence,
+        bool(sym_kl),
     )

@@ -1,36 +1,42 @@
 """Fused One-to-All contrastive loss: Triton forward/backward and its autograd Function.
 
-Same contract as `jrcl_fast.losses.reference.o2a_per_anchor_reference`. The n x M
-similarity matrix is never stored: the forward streams key blocks through an online
-class-weighted log-sum-exp and keeps only per-anchor statistics (log denominator,
-number of positives); the backward recomputes each similarity tile, once in a pass
-over anchor blocks (gradient of the anchors) and once in a pass over key blocks
-(gradient of the keys), so memory stays O((n + M) D).
+Same contract as `jrcl_fast.losses.reference.o2a_per_anchor_reference`. The loss of
+anchor i is log_den_i - pos_mean_i. The n x M similarity matrix is never stored:
+
+- log_den_i, the class-weighted log-sum-exp over every key but the anchor itself, is
+  the kernels' work. The forward streams key blocks through an online log-sum-exp in
+  log2 units (one fused multiply-add and one ex2 per similarity), with each key's log
+  class weight precomputed once as a bias, and keeps O_i = sum_j p_ij k_j, which is
+  the anchors' gradient up to a per-anchor factor; the backward recomputes each
+  similarity tile once, over key blocks (gradient of the keys), so memory stays
+  O((n + M) D).
+- pos_mean_i, the mean similarity to the anchor's positives, needs no tile at all:
+  it is a_i . (S_c - a_i) / (tau |Pos(i)|) with S_c the sum of the keys of the
+  anchor's class, O((n + M) D) in PyTorch, differentiated by autograd.
+
+Class ids come from a sort of the key labels (each class's first position in it),
+so nothing is sized from the data and the host never waits for the device.
 """
 
 from __future__ import annotations
 
-import os
+import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from jrcl_fast.kernels._common import check_kernel_dtype, finish_lse, new_buffer, online_lse_rescale
+from ._common import INTERPRETED, LOG2E, check_kernel_dtype, fast_exp2, new_buffer
 
-# Whether @triton.jit below builds interpreted functions (decided at import, as here).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# tf32 would perturb s = a.k / tau by ~1e-3 relative, i.e. ~1e-2 absolute at tau = 0.1,
-# which is visible in the loss; "ieee" keeps float32 inputs at float32 precision (at the
-# cost of CUDA-core instead of tensor-core FLOPs; half-precision inputs are unaffected).
-_DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
+# Float32 dots: tf32x3 (error-compensated TF32 on the tensor cores, float32-level error)
+# by default; "ieee" runs them on the FMA units. Half-precision inputs ignore this.
+DOT_PRECISIONS = ("tf32x3", "ieee")
 
 
 @triton.jit
 def _load_anchor_block(a_ptr, ya_ptr, start, n, D, stride_a, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Anchor rows start.. (zero-padded) and their labels (-1 on padding: matches no key)."""
+    """Anchor rows start.. (zero-padded) and their class ids (-1 on padding)."""
     rows = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n
@@ -41,127 +47,104 @@ def _load_anchor_block(a_ptr, ya_ptr, start, n, D, stride_a, BLOCK_N: tl.constex
 
 @triton.jit
 def _load_key_block(
-    k_ptr, yk_ptr, count_ptr, start, M, D, stride_k,
+    k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, start, M, D, stride_k,
     CLASS_AVERAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Key rows start.., their labels (-2 on padding) and the two possible log-weights
-    of each key: -log|A_c| when the anchor is of another class, -log(|A_c| - 1) when
-    it is of the key's class (the anchor itself is then excluded from A_c)."""
+    """Key rows start.. (zero-padded), their class ids and their log2 class weights:
+    against an anchor of another class, and of the key's own class (which excludes the
+    anchor). Padding gets weight 0 (bias -inf), so no tile needs a bounds mask."""
     cols = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < M
     k = tl.load(k_ptr + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :], other=0.0)
     yk = tl.load(yk_ptr + cols, mask=col_ok, other=-2)
+    bias_other = tl.load(bias_other_ptr + cols, mask=col_ok, other=-float("inf"))
+    bias_same = bias_other
     if CLASS_AVERAGE:
-        count = tl.load(count_ptr + yk, mask=col_ok, other=1).to(tl.float32)
-        log_w_other = -tl.log(count)
-        log_w_same = -tl.log(tl.maximum(count - 1.0, 1.0))
+        bias_same = tl.load(bias_same_ptr + cols, mask=col_ok, other=-float("inf"))
+    return cols, col_ok, k, yk, bias_other, bias_same
+
+
+@triton.jit
+def _logit_tile(
+    a, ya, rows, k, yk, cols, bias_other, bias_same, anchor_offset, scale,
+    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """t = log2(w_ij e^{s_ij}) = s_ij log2(e) + bias_j, -inf at the anchor itself."""
+    t = tl.dot(a, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    if CLASS_AVERAGE:
+        t += tl.where(ya[:, None] == yk[None, :], bias_same[None, :], bias_other[None, :])
     else:
-        log_w_other = tl.zeros([BLOCK_M], dtype=tl.float32)
-        log_w_same = log_w_other
-    return cols, col_ok, k, yk, log_w_other, log_w_same
-
-
-@triton.jit
-def _similarity_tile(a, ya, rows, k, yk, cols, col_ok, log_w_other, log_w_same, anchor_offset, inv_tau):
-    """s = a.k / tau, the weighted logits s + log w with self and padding at -inf,
-    and the positive mask (same label, not self)."""
-    sim = tl.dot(a, tl.trans(k), input_precision=_DOT_PRECISION) * inv_tau
-    same = ya[:, None] == yk[None, :]
-    valid = col_ok[None, :] & (cols[None, :] != rows[:, None] + anchor_offset)
-    logits = tl.where(valid, sim + tl.where(same, log_w_same[None, :], log_w_other[None, :]), -float("inf"))
-    return sim, logits, same & valid
-
-
-@triton.jit
-def _grad_tile(logits, positive, log_den, coef, inv_num_pos):
-    """dL/ds = coef_i (w_ij exp(s_ij) / den_i - [j in Pos(i)] / |Pos(i)|), with
-    coef_i = g_i / tau (0 for anchors without positives, whose log_den is stored as 0
-    to keep the exponent finite); masked entries have logits = -inf and get 0."""
-    p = tl.exp(logits - log_den[:, None])
-    return coef[:, None] * (p - tl.where(positive, inv_num_pos[:, None], 0.0))
+        t += bias_other[None, :]
+    return tl.where(cols[None, :] == rows[:, None] + anchor_offset, -float("inf"), t)
 
 
 @triton.jit
 def _o2a_fwd_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, count_ptr, loss_ptr, num_pos_ptr, log_den_ptr,
-    n, M, D, anchor_offset, inv_tau, stride_a, stride_k,
-    CLASS_AVERAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, o_ptr,
+    n, M, D, anchor_offset, scale, stride_a, stride_k, stride_o,
+    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_O: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """log2 of each anchor's weighted denominator (-inf when it has no other key) and,
+    with STORE_O, O_i = sum_j p_ij k_j, the softmax-weighted mean key (FlashAttention's
+    output with V = K): the anchors' gradient is then g_i O_i / tau, with no backward
+    pass over the tiles."""
     rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a, BLOCK_N, BLOCK_D)
     run_max = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    pos_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    num_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_M):
-        cols, col_ok, k, yk, log_w_other, log_w_same = _load_key_block(
-            k_ptr, yk_ptr, count_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
+        cols, col_ok, k, yk, bias_other, bias_same = _load_key_block(
+            k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
         )
-        sim, logits, positive = _similarity_tile(
-            a, ya, rows, k, yk, cols, col_ok, log_w_other, log_w_same, anchor_offset, inv_tau
-        )
-        run_max, m_ref, run_sum = online_lse_rescale(run_max, run_sum, tl.max(logits, 1))
-        run_sum += tl.sum(tl.exp(logits - m_ref[:, None]), 1)
-        pos_sum += tl.sum(tl.where(positive, sim, 0.0), 1)
-        num_pos += tl.sum(positive.to(tl.int32), 1)
-    log_den = finish_lse(run_max, run_sum)
-    has_pos = num_pos > 0
-    loss = tl.where(has_pos, log_den - pos_sum / tl.maximum(num_pos, 1).to(tl.float32), 0.0)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(num_pos_ptr + rows, num_pos, mask=row_ok)
-    tl.store(log_den_ptr + rows, tl.where(has_pos, log_den, 0.0), mask=row_ok)
+        t = _logit_tile(a, ya, rows, k, yk, cols, bias_other, bias_same, anchor_offset, scale,
+                        CLASS_AVERAGE, DOT_PRECISION)
+        # Online log-sum-exp; the reference stays 0 while everything seen is -inf.
+        new_max = tl.maximum(run_max, tl.max(t, 1))
+        ref = tl.where(new_max == -float("inf"), 0.0, new_max)
+        alpha = fast_exp2(run_max - ref)
+        p = fast_exp2(t - ref[:, None])
+        run_sum = run_sum * alpha + tl.sum(p, 1)
+        if STORE_O:
+            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION)
+        run_max = new_max
+    log2_den = run_max + tl.log2(tl.where(run_max == -float("inf"), 1.0, run_sum))
+    tl.store(log2_den_ptr + rows, log2_den, mask=row_ok)
+    if STORE_O:
+        dims = tl.arange(0, BLOCK_D)
+        o = acc / tl.where(run_sum > 0.0, run_sum, 1.0)[:, None]  # 0 for an anchor with no other key
+        tl.store(o_ptr + rows[:, None] * stride_o + dims[None, :], o, mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
-def _o2a_bwd_anchors_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, count_ptr, log_den_ptr, coef_ptr, inv_num_pos_ptr, da_ptr,
-    n, M, D, anchor_offset, inv_tau, stride_a, stride_k, stride_da,
-    CLASS_AVERAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dA_i = sum_j dS_ij k_j, one program per anchor block streaming the keys."""
-    rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a, BLOCK_N, BLOCK_D)
-    log_den = tl.load(log_den_ptr + rows, mask=row_ok, other=0.0)
-    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    inv_num_pos = tl.load(inv_num_pos_ptr + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        cols, col_ok, k, yk, log_w_other, log_w_same = _load_key_block(
-            k_ptr, yk_ptr, count_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
-        )
-        _, logits, positive = _similarity_tile(
-            a, ya, rows, k, yk, cols, col_ok, log_w_other, log_w_same, anchor_offset, inv_tau
-        )
-        ds = _grad_tile(logits, positive, log_den, coef, inv_num_pos)
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=_DOT_PRECISION)
-    dims = tl.arange(0, BLOCK_D)
-    tl.store(
-        da_ptr + rows[:, None] * stride_da + dims[None, :],
-        acc.to(da_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (dims < D)[None, :],
-    )
+def _grad_tile(t, log2_den, coef):
+    """dL/ds_ij = coef_i p_ij, p_ij = w_ij e^{s_ij} / den_i, coef_i = g_i / tau (0 for
+    anchors whose log_den is not differentiated; their log2_den is stored finite)."""
+    return coef[:, None] * fast_exp2(t - log2_den[:, None])
 
 
 @triton.jit
 def _o2a_bwd_keys_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, count_ptr, log_den_ptr, coef_ptr, inv_num_pos_ptr, dk_ptr,
-    n, M, D, anchor_offset, inv_tau, stride_a, stride_k, stride_dk,
-    CLASS_AVERAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, coef_ptr, dk_ptr,
+    n, M, D, anchor_offset, scale, stride_a, stride_k, stride_dk,
+    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK_j = sum_i dS_ij a_i, one program per key block streaming the anchors."""
-    cols, col_ok, k, yk, log_w_other, log_w_same = _load_key_block(
-        k_ptr, yk_ptr, count_ptr, tl.program_id(0) * BLOCK_M, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
+    cols, col_ok, k, yk, bias_other, bias_same = _load_key_block(
+        k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, tl.program_id(0) * BLOCK_M, M, D, stride_k,
+        CLASS_AVERAGE, BLOCK_M, BLOCK_D,
     )
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, n, BLOCK_N):
         rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, start, n, D, stride_a, BLOCK_N, BLOCK_D)
-        log_den = tl.load(log_den_ptr + rows, mask=row_ok, other=0.0)
+        log2_den = tl.load(log2_den_ptr + rows, mask=row_ok, other=0.0)
         coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-        inv_num_pos = tl.load(inv_num_pos_ptr + rows, mask=row_ok, other=0.0)
-        _, logits, positive = _similarity_tile(
-            a, ya, rows, k, yk, cols, col_ok, log_w_other, log_w_same, anchor_offset, inv_tau
-        )
-        ds = _grad_tile(logits, positive, log_den, coef, inv_num_pos)
-        acc += tl.dot(tl.trans(ds).to(a.dtype), a, input_precision=_DOT_PRECISION)
+        t = _logit_tile(a, ya, rows, k, yk, cols, bias_other, bias_same, anchor_offset, scale,
+                        CLASS_AVERAGE, DOT_PRECISION)
+        ds = _grad_tile(t, log2_den, coef)
+        acc += tl.dot(tl.trans(ds).to(a.dtype), a, input_precision=DOT_PRECISION)
     dims = tl.arange(0, BLOCK_D)
     tl.store(
         dk_ptr + cols[:, None] * stride_dk + dims[None, :],
@@ -170,76 +153,81 @@ def _o2a_bwd_keys_kernel(
     )
 
 
-def _launch_config(dim: int, elem_size: int) -> dict[str, int]:
-    """64 x 64 similarity tiles while a D-wide row is at most 256 bytes, else 32 x 32;
-    8 warps except for narrow half-precision rows. Checked with ptxas for sm_90
-    (D = 32..256, fp32/bf16/fp16): no register spills, except 16 bytes in the bf16/fp16
-    D = 128 anchor-gradient kernel, where 64 x 64 float32 tiles spilled kilobytes."""
+PASSES = ("fwd", "bwd_keys")
+
+
+def _launch_config(dim: int, elem_size: int, pass_name: str) -> dict[str, int]:
+    """Tile sizes and warps per pass, chosen with benchmarks/kernel_sass.py for sm_90
+    (fewest instructions per similarity without register spills, D = 128): 64 x 64
+    tiles on one warpgroup (a row's max and sum never cross shared memory) while a
+    D-wide row is at most 256 bytes; wider rows (float32, either dot precision) take
+    smaller tiles on 8 warps, whose float32 accumulators would otherwise spill."""
     block_d = max(16, triton.next_power_of_2(dim))
-    row_bytes = block_d * elem_size
-    return {
-        "BLOCK_N": 64 if row_bytes <= 256 else 32,
-        "BLOCK_M": 64 if row_bytes <= 256 else 32,
-        "BLOCK_D": block_d,
-        "num_warps": 4 if elem_size == 2 and block_d <= 64 else 8,
-    }
+    if block_d * elem_size <= 256:
+        block_n, block_m, warps = 64, 64, 4
+    elif block_d * elem_size <= 512:
+        block_n, block_m, warps = {"fwd": (32, 64, 8), "bwd_keys": (32, 32, 8)}[pass_name]
+    else:
+        block_n, block_m, warps = 32, 32, 8
+    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps}
 
 
-class _O2AFunction(torch.autograd.Function):
+def key_classes(key_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """A class id per key in [0, M), the first position of its label in the sorted
+    labels, and the number of keys with each id. Needs no class count: torch.bincount
+    would size its output from the largest label, a device-to-host read every forward."""
+    slots = torch.searchsorted(torch.sort(key_labels).values, key_labels)
+    return slots, torch.zeros_like(slots).index_add_(0, slots, torch.ones_like(slots))
+
+
+class _LogDenominator(torch.autograd.Function):
+    """log_den_i = log sum_{j != i} w_ij exp(a_i . k_j / tau): the kernels' part."""
+
     @staticmethod
     def forward(
-        ctx,
-        anchors: Tensor,
-        keys: Tensor,
-        anchor_labels: Tensor,
-        key_labels: Tensor,
-        anchor_offset: int,
-        temperature: float,
-        class_average: bool,
-    ) -> tuple[Tensor, Tensor]:
+        ctx, anchors: Tensor, keys: Tensor, anchor_slots: Tensor, key_slots: Tensor, bias_other: Tensor,
+        bias_same: Tensor, anchor_offset: int, temperature: float, class_average: bool, dot_precision: str,
+    ) -> Tensor:
         n, dim = anchors.shape
         m = keys.shape[0]
-        # Only the per-class key count is needed for the class weights: O(C), not O(nM).
-        counts = torch.bincount(key_labels).to(torch.int32)
-        loss = new_buffer((n,), torch.float32, anchors.device)
-        num_pos = new_buffer((n,), torch.int32, anchors.device)
-        log_den = new_buffer((n,), torch.float32, anchors.device)
-        cfg = _launch_config(dim, anchors.element_size())
+        log2_den = new_buffer((n,), torch.float32, anchors.device)
+        store_o = ctx.needs_input_grad[0]
+        # Without an anchor gradient the kernel never touches O; the pointer is a placeholder.
+        weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
+        cfg = _launch_config(dim, anchors.element_size(), "fwd")
         _o2a_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            anchors, anchor_labels, keys, key_labels, counts, loss, num_pos, log_den,
-            n, m, dim, anchor_offset, 1.0 / temperature, anchors.stride(0), keys.stride(0),
-            CLASS_AVERAGE=class_average, **cfg,
+            anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, weighted_keys,
+            n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
+            weighted_keys.stride(0) if store_o else 0,
+            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, **cfg,
         )
-        ctx.save_for_backward(anchors, keys, anchor_labels, key_labels, counts, log_den, num_pos)
-        ctx.params = (anchor_offset, temperature, class_average)
-        num_pos = num_pos.long()
-        ctx.mark_non_differentiable(num_pos)
-        return loss, num_pos
+        ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den,
+                              weighted_keys if store_o else None)
+        ctx.params = (anchor_offset, temperature, class_average, dot_precision)
+        return log2_den * math.log(2.0)
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_num_pos: Tensor | None):
-        anchors, keys, anchor_labels, key_labels, counts, log_den, num_pos = ctx.saved_tensors
-        anchor_offset, temperature, class_average = ctx.params
+    def backward(ctx, grad_log_den: Tensor):
+        anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den, weighted_keys = ctx.saved_tensors
+        anchor_offset, temperature, class_average, dot_precision = ctx.params
         n, dim = anchors.shape
         m = keys.shape[0]
-        # O(n) per-anchor factors of dS; anchors without positives get coef 0.
-        coef = torch.where(num_pos > 0, grad_loss.float() / temperature, 0.0).contiguous()
-        inv_num_pos = 1.0 / num_pos.clamp(min=1).float()
-        cfg = _launch_config(dim, anchors.element_size())
-        common = (anchors, anchor_labels, keys, key_labels, counts, log_den, coef, inv_num_pos)
-        sizes = (n, m, dim, anchor_offset, 1.0 / temperature, anchors.stride(0), keys.stride(0))
+        coef = (grad_log_den.float() / temperature).contiguous()
         grad_anchors = grad_keys = None
         if ctx.needs_input_grad[0]:
-            grad_anchors = new_buffer((n, dim), anchors.dtype, anchors.device)
-            _o2a_bwd_anchors_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-                *common, grad_anchors, *sizes, grad_anchors.stride(0), CLASS_AVERAGE=class_average, **cfg
-            )
+            grad_anchors = (coef[:, None] * weighted_keys).to(anchors.dtype)
         if ctx.needs_input_grad[1]:
+            # An anchor with no other key has log_den = -inf; nothing reaches it (its loss
+            # is 0), and a finite stand-in keeps exp2(-inf - log2_den) at 0 rather than NaN.
+            log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
             grad_keys = new_buffer((m, dim), keys.dtype, keys.device)
+            cfg = _launch_config(dim, anchors.element_size(), "bwd_keys")
             _o2a_bwd_keys_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                *common, grad_keys, *sizes, grad_keys.stride(0), CLASS_AVERAGE=class_average, **cfg
+                anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef, grad_keys,
+                n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
+                grad_keys.stride(0), CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, **cfg,
             )
-        return grad_anchors, grad_keys, None, None, None, None, None
+        return grad_anchors, grad_keys, *([None] * 8)
 
 
 def fused_o2a_per_anchor(
@@ -250,11 +238,13 @@ def fused_o2a_per_anchor(
     anchor_offset: int,
     temperature: float,
     class_average: bool = True,
+    dot_precision: str = "tf32x3",
 ) -> tuple[Tensor, Tensor]:
     """Per-anchor O2A loss (n, float32) and number of positives (n, int64).
 
-    anchors (n x D) are rows `anchor_offset ..` of keys (M x D); gradients flow to
-    both (autograd adds them up when keys was built from the anchors).
+    anchors (n x D) are rows `anchor_offset ..` of keys (M x D), with the same labels;
+    gradients flow to both (autograd adds them up when keys was built from the anchors).
+    `dot_precision` applies to float32 inputs: "tf32x3" or "ieee" (see DOT_PRECISIONS).
     """
     for name, x in (("anchors", anchors), ("keys", keys)):
         check_kernel_dtype(name, x)
@@ -265,16 +255,34 @@ def fused_o2a_per_anchor(
         raise ValueError(f"anchors and keys must have the same width, got {anchors.shape[1]} and {keys.shape[1]}")
     if not 0 <= anchor_offset <= m - n:
         raise ValueError(f"anchors must be rows {anchor_offset}..{anchor_offset + n - 1} of {m} keys")
-    if _INTERPRETED and anchors.dtype == torch.bfloat16:
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {', '.join(map(repr, DOT_PRECISIONS))}, got {dot_precision!r}")
+    if INTERPRETED and anchors.dtype == torch.bfloat16:
         # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584):
         # run it in float32, which holds bfloat16 products exactly; autograd casts the grads back.
         anchors, keys = anchors.float(), keys.float()
-    return _O2AFunction.apply(
-        anchors.contiguous(),
-        keys.contiguous(),
-        anchor_labels.contiguous(),
-        key_labels.contiguous(),
-        int(anchor_offset),
-        float(temperature),
-        bool(class_average),
+    anchors, keys = anchors.contiguous(), keys.contiguous()
+
+    # O(M) per-key quantities: class ids, class sizes and the log2 class weights
+    # -log2 |A_c| (anchor of another class) and -log2(|A_c| - 1) (of the key's class).
+    key_slots, sizes = key_classes(key_labels.contiguous())
+    key_sizes = sizes[key_slots].float()
+    if class_average:
+        bias_other = -torch.log2(key_sizes)
+        bias_same = -torch.log2((key_sizes - 1).clamp(min=1))
+    else:
+        bias_other = bias_same = torch.zeros_like(key_sizes)
+    key_slots = key_slots.to(torch.int32)
+    anchor_slots = key_slots[anchor_offset : anchor_offset + n].contiguous()
+    log_den = _LogDenominator.apply(
+        anchors, keys, anchor_slots, key_slots, bias_other, bias_same,
+        int(anchor_offset), float(temperature), bool(class_average), dot_precision,
     )
+
+    # Positives: the keys of the anchor's class but itself, from per-class key sums.
+    num_pos = sizes[anchor_slots.long()] - 1
+    class_sums = torch.zeros(m, keys.shape[1], device=keys.device).index_add(0, key_slots, keys.float())
+    others = class_sums[anchor_slots] - keys[anchor_offset : anchor_offset + n].float()
+    pos_mean = (anchors.float() * others).sum(1) / (temperature * num_pos.clamp(min=1))
+    loss = torch.where(num_pos > 0, log_den - pos_mean, 0.0)
+    return loss, num_pos

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,19 +18,19 @@ from torch import Tensor
 
 from jrcl_fast.kernels import _common
 
-# Compiles each spec (module, kernel name, argument types, constexprs, num_warps) to a
-# cubin for sm_90 with Triton's bundled ptxas; no GPU needed.
+# Compiles the kernels of benchmarks/kernel_sass.py's specs for sm_90 with Triton's
+# bundled ptxas, as a launch would specialise them; no GPU needed. Each request is
+# (loss, keyword arguments of kernel_sass.<loss>_specs, constexprs to override).
 _COMPILE_SCRIPT = """
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-for module, name, types, constexprs, num_warps in json.load(sys.stdin):
-    fn = getattr(importlib.import_module(module), name)
-    signature = {arg: "constexpr" if arg in constexprs else types[arg] for arg in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_sass
+for loss, kwargs, overrides in json.load(sys.stdin):
+    for spec in getattr(kernel_sass, f"{loss}_specs")(**kwargs):
+        flags = {**spec.constexprs, **{k: v for k, v in overrides.items() if k in spec.constexprs}}
+        kernel_sass.compile_sm90(dataclasses.replace(spec, constexprs=flags))
 """
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +52,12 @@ def assert_close_to_largest(got: Iterable[Tensor], want: Iterable[Tensor], tol: 
         torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol * w.float().abs().max().item())
 
 
-def compile_for_sm90(specs: list[tuple[str, str, dict[str, str], dict[str, object], int]]) -> None:
+def compile_for_sm90(requests: list[tuple[str, dict[str, object], dict[str, object]]]) -> None:
     """The interpreter skips Triton's type checks, layouts and register allocation: this
     runs the real compiler (in a subprocess, as the interpreter mode is fixed at import)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], input=json.dumps(specs), env=env,
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(BENCHMARKS)], input=json.dumps(requests), env=env,
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]

@@ -8,7 +8,9 @@ buffers poisoned with NaN, so matching the reference proves every element was wr
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,18 +177,14 @@ def test_half_precision_inputs(dtype: torch.dtype, tol: float, device: str) -> N
 
 
 def test_kernels_compile_for_sm90() -> None:
-    """The three kernels through the real compiler at their launch configurations."""
-    specs = []
-    for dtype, elem_size, dim in (("fp32", 4, 128), ("bf16", 2, 128), ("fp16", 2, 256)):
-        types = dict.fromkeys(("n", "M", "D", "anchor_offset", "stride_a", "stride_k", "stride_da", "stride_dk"), "i32")
-        types |= dict.fromkeys(("a_ptr", "k_ptr", "da_ptr", "dk_ptr"), f"*{dtype}")
-        types |= dict.fromkeys(("loss_ptr", "log_den_ptr", "coef_ptr", "inv_num_pos_ptr"), "*fp32")
-        types |= {"ya_ptr": "*i64", "yk_ptr": "*i64", "count_ptr": "*i32", "num_pos_ptr": "*i32", "inv_tau": "fp32"}
-        config = o2a._launch_config(dim, elem_size)
-        num_warps = config.pop("num_warps")
-        for kernel in ("_o2a_fwd_kernel", "_o2a_bwd_anchors_kernel", "_o2a_bwd_keys_kernel"):
-            specs.append(("jrcl_fast.kernels.o2a", kernel, types, {"CLASS_AVERAGE": dtype != "fp16", **config}, num_warps))
-    compile_for_sm90(specs)
+    """The kernels through the real compiler at their launch configurations, both dot
+    precisions in float32, without class averaging and without the anchors' O."""
+    requests = []
+    for dtype, dim in (("fp32", 128), ("bf16", 128), ("fp16", 256)):
+        for precision in o2a.DOT_PRECISIONS if dtype == "fp32" else ("tf32x3",):
+            shape = {"n": 1000, "classes": 365, "dim": dim, "dtype": dtype, "dot_precision": precision}
+            requests.append(("o2a", shape, {"CLASS_AVERAGE": dtype != "fp16", "STORE_O": dtype != "bf16"}))
+    compile_for_sm90(requests)
 
 
 @requires_gpu
@@ -206,3 +204,108 @@ def test_compiled_gpu(dtype: torch.dtype, tol: float, num_classes: int, dim: int
     want = run_with_grads(o2a_per_anchor_reference, keys[n : 2 * n], keys, labels, n, True, upstream)
     torch.testing.assert_close(got[1], want[1])
     assert_close_to_largest((got[0], got[2], got[3]), (want[0], want[2], want[3]), tol)
+
+
+def test_kernels_import_nothing_from_jrcl_fast() -> None:
+    """kernels/ is the leaf of the package: importing a kernel must not load the losses
+    or the config (their own modules are imported relatively)."""
+    kernel_dir = Path(o2a.__file__).parent
+    offenders = []
+    for path in sorted(kernel_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "jrcl_fast"]
+    assert len(list(kernel_dir.glob("*.py"))) >= 3 and not offenders, offenders
+
+
+@requires_gpu
+def test_training_losses_never_wait_for_the_gpu() -> None:
+    """Forward and backward of both fused losses through their public functions with
+    CUDA's sync debug mode set to error: any device-to-host read (a bincount sized
+    from the data, a value check) raises."""
+    from jrcl_fast.losses import ce_bdc_loss
+
+    features = F.normalize(torch.randn(256, 64, device="cuda"), dim=1).requires_grad_()
+    prototypes = F.normalize(torch.randn(30, 64, device="cuda"), dim=1).requires_grad_()
+    labels = torch.randint(0, 30, (256,), device="cuda")
+    logits = torch.randn(256, 30, device="cuda", requires_grad=True)
+    binary_logits = torch.randn(256, 2, device="cuda", requires_grad=True)
+    normal_mask = torch.arange(30, device="cuda") < 10
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = one_to_all_supcon(features, labels, prototypes, temperature=TAU)
+        total = total + ce_bdc_loss(logits, binary_logits, labels, normal_mask, torch.zeros(30, device="cuda")).total
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total) and features.grad is not None and logits.grad is not None
+
+
+def test_key_classes_match_bincount(device: str) -> None:
+    """Sparse labels up to 10^6 (most classes absent): each key's class size, as
+    bincount over the labels would give it."""
+    labels = torch.randint(0, 10**6, (50,), device=device)
+    labels[torch.randperm(50, device=device)[:20]] = labels[0].item()  # one class with many keys
+    want = torch.bincount(labels)[labels].to(torch.int32)
+    slots, sizes = o2a.key_classes(labels)
+    assert slots.min() >= 0 and slots.max() < 50
+    torch.testing.assert_close(sizes[slots].to(torch.int32), want)
+
+
+def labels_for(pattern: str, m: int, device: str) -> Tensor:
+    """Key labels of the edge cases of the class weights and positives."""
+    if pattern == "one_class":  # every key a positive of every anchor
+        return torch.zeros(m, dtype=torch.long, device=device)
+    if pattern == "singletons":  # every class has one key: no positives, weights 1
+        return torch.randperm(m, device=device) * 7
+    # "pairs": each class has two keys, as features with only their prototype
+    return torch.arange(m, device=device) % (m // 2)
+
+
+@pytest.mark.parametrize("class_average", [True, False])
+@pytest.mark.parametrize("pattern", ["one_class", "singletons", "pairs"])
+def test_label_patterns_match_brute_force(pattern: str, class_average: bool, device: str) -> None:
+    """n = 65 and M = 130 are multiples of no block size, and the offset puts the
+    anchors' diagonal across tile boundaries."""
+    n, m, offset = 65, 130, 33
+    keys = F.normalize(torch.randn(m, 32, device=device), dim=1)
+    labels = labels_for(pattern, m, device)
+    upstream = torch.rand(n, device=device) + 0.5
+    loss, num_pos, grad_a, grad_k = run_with_grads(
+        fused_o2a_per_anchor, keys[offset : offset + n], keys, labels, offset, class_average, upstream
+    )
+    a64 = keys[offset : offset + n].double().cpu().requires_grad_()
+    k64 = keys.double().cpu().requires_grad_()
+    bf_loss, bf_num_pos = brute_force(a64, k64, labels.tolist(), offset, TAU, class_average)
+    bf_grads = torch.autograd.grad((bf_loss * upstream.double().cpu()).sum(), (a64, k64), materialize_grads=True)
+    assert num_pos.tolist() == bf_num_pos
+    for got, want in zip((loss, grad_a, grad_k), (bf_loss.detach(), *bf_grads)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=5e-5)
+
+
+def test_rejects_unknown_dot_precision(device: str) -> None:
+    x = torch.randn(4, 32, device=device)
+    labels = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="^dot_precision must be one of 'tf32x3', 'ieee', got 'tf32'$"):
+        fused_o2a_per_anchor(x, labels, x, labels, 0, TAU, dot_precision="tf32")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dot_precision,tol", [("tf32x3", 2e-5), ("ieee", 2e-5)])
+def test_float32_dot_precision_against_float64(dot_precision: str, tol: float) -> None:
+    """Float32 inputs at a training-like size: the loss and gradients of each dot
+    precision against float64, relative to the largest entry (printed: the measured
+    error is what docs/BENCHMARKS.md quotes)."""
+    n, num_classes = 2048, 365
+    keys, labels = random_problem(n, n + num_classes, 0, 128, num_classes, "cuda")
+    labels[n:] = torch.arange(num_classes, device="cuda")
+    upstream = torch.rand(n, device="cuda")
+    got = run_with_grads(lambda *args: fused_o2a_per_anchor(*args, dot_precision=dot_precision),
+                         keys[:n], keys, labels, 0, True, upstream)
+    want = run_with_grads(o2a_per_anchor_reference, keys[:n].double(), keys.double(), labels, 0, True, upstream.double())
+    errors = [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3]))]
+    print(f"{dot_precision}: max error / max |value| (loss, grad anchors, grad keys) = {errors}")
+    assert max(errors) < tol

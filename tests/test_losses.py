@@ -9,6 +9,8 @@ import torch.distributed as dist
 
 from jrcl_fast.engine.distributed import global_one_to_all_supcon
 from jrcl_fast.losses import bdc_loss, ce_bdc_loss, o2a_per_anchor, one_to_all_supcon
+from jrcl_fast.losses import checks
+from jrcl_fast.losses.checks import check_labels, check_normal_mask, check_o2a_args
 
 
 def brute_o2a(z, y, protos, tau, class_average=True):
@@ -311,3 +313,27 @@ def test_auto_backend_dispatch():
         use_kernels("cuda", cpu)
     if torch.cuda.is_available():
         assert use_kernels("auto", cpu.cuda()) and not use_kernels("auto", cpu.double().cuda())
+
+
+def test_checks_read_no_values_of_device_tensors():
+    """Off the CPU only the shape and dtype checks run, so the loss path never makes the
+    host wait for the device. Meta tensors stand in for CUDA ones: reading a value of one
+    fails, as it would stall on a GPU."""
+    labels = torch.zeros(6, dtype=torch.long, device="meta")
+    features = torch.empty(6, 4, device="meta")
+    check_o2a_args(features, labels, 0.1, prototypes=torch.empty(3, 4, device="meta"))
+    check_o2a_args(features[:2], labels[:2], 0.1, keys=features, key_labels=labels, anchor_offset=2)
+    check_labels("labels", labels, 6, 3)
+    check_normal_mask(torch.zeros(3, dtype=torch.bool, device="meta"), 3)
+    with pytest.raises(ValueError, match="^prototypes must be a N x 4 matrix"):
+        check_o2a_args(features, labels, 0.1, prototypes=torch.empty(3, 5, device="meta"))
+    with pytest.raises(ValueError, match="^features must be rows 5..6 of keys"):
+        check_o2a_args(features[:2], labels[:2], 0.1, keys=features, key_labels=labels, anchor_offset=5)
+
+
+def test_value_checks_switch_reads_device_tensors(monkeypatch):
+    """JRCL_CHECK_VALUES=1 (the debug switch) turns the value checks on for device tensors:
+    on meta tensors, which hold no values, the read itself then fails."""
+    monkeypatch.setattr(checks, "CHECK_DEVICE_VALUES", True)
+    with pytest.raises(RuntimeError, match="meta"):
+        check_labels("labels", torch.zeros(6, dtype=torch.long, device="meta"), 6, 3)

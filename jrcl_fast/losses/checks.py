@@ -7,8 +7,23 @@ names the argument and what was expected.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+
+# Reading a value of a CUDA tensor makes the host wait for the device, every step. So
+# the value checks (finite, label range, normal mask, anchors among the keys) read CPU
+# tensors only, where they cost no such wait, unless JRCL_CHECK_VALUES=1 turns them on
+# for device tensors too. Shape and dtype checks always run. A diverging run is still
+# caught on the GPU: the trainer checks the loss, which non-finite outputs make
+# non-finite, and the CE+BDC kernel turns a label out of range into a NaN loss.
+CHECK_DEVICE_VALUES = os.environ.get("JRCL_CHECK_VALUES", "0") == "1"
+
+
+def reads_values(x: Tensor) -> bool:
+    """Whether the value checks may read `x` (see CHECK_DEVICE_VALUES)."""
+    return x.device.type == "cpu" or CHECK_DEVICE_VALUES
 
 
 class NonFiniteError(ValueError):
@@ -21,7 +36,7 @@ def check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None
         raise ValueError(f"{name} must be a {want} matrix, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if reads_values(x) and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 
@@ -30,7 +45,7 @@ def check_labels(name: str, labels: Tensor, length: int, num_classes: int | None
         raise ValueError(f"{name} must be a vector of length {length}, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if length and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
+    if length and reads_values(labels) and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
         upper = f"{num_classes}" if num_classes is not None else "inf"
         raise ValueError(
             f"{name} must lie in [0, {upper}), got values from {int(labels.min())} to {int(labels.max())}"
@@ -43,7 +58,7 @@ def check_normal_mask(normal_mask: Tensor, num_classes: int) -> None:
             f"normal_mask must be a boolean vector of length C = {num_classes}, "
             f"got {normal_mask.dtype} of shape {tuple(normal_mask.shape)}"
         )
-    if bool(normal_mask.all()) or not bool(normal_mask.any()):
+    if reads_values(normal_mask) and (bool(normal_mask.all()) or not bool(normal_mask.any())):
         raise ValueError("normal_mask must mark at least one normal and one abnormal class, got all "
                          f"{'True' if bool(normal_mask.all()) else 'False'}")
 
@@ -77,8 +92,9 @@ def check_o2a_args(
         check_labels("key_labels", key_labels, keys.shape[0], None)
         # The self-exclusion trusts that anchor i is key anchor_offset + i.
         rows = slice(anchor_offset, anchor_offset + n)
-        if not (0 <= anchor_offset <= keys.shape[0] - n and torch.equal(keys[rows], anchors)
-                and torch.equal(key_labels[rows], anchor_labels)):
+        in_range = 0 <= anchor_offset <= keys.shape[0] - n
+        if not in_range or (reads_values(keys) and not (torch.equal(keys[rows], anchors)
+                                                         and torch.equal(key_labels[rows], anchor_labels))):
             raise ValueError(f"{anchor_name} must be rows {anchor_offset}..{anchor_offset + n - 1} of keys, with the "
                              f"same labels; pass their position in the {keys.shape[0]} keys as anchor_offset")
     if not temperature > 0:

@@ -53,12 +53,9 @@ def ce_bdc_loss(
         raise ValueError(
             f"logit_adjustment must be a vector of length C = {logits.shape[1]}, got shape {tuple(logit_adjustment.shape)}"
         )
+    args = (logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc)
     if use_kernels(backend, logits, binary_logits):
         from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 
-        fn = fused_ce_bdc
-    else:
-        fn = ce_bdc_reference
-    return ClassifierLoss(
-        *fn(logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc, divergence)
-    )
+        return ClassifierLoss(*fused_ce_bdc(*args, sym_kl=divergence == "sym_kl"))
+    return ClassifierLoss(*ce_bdc_reference(*args, divergence))
