@@ -94,8 +94,13 @@ def test_matches_reference_and_brute_force(
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in values)
 
     ref_values, ref_z, ref_b = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, divergence, upstream)
+    # The kernel takes exp(x) as exp2(x * log2 e), like CUDA's fast exp: rounding the
+    # product costs a relative error of about |x| * 2^-24 * log2 e, which saturated
+    # logits (spread 40, |x| up to ~4 x 40) lift past 1e-5 (seen: 1.3e-5 against float64,
+    # 1 seed in 300). The tolerance follows the spread instead of being loosened for all.
+    rtol = max(1e-5, 2 * (4 * scale) * 2.0**-24 * 1.4427)  # |x| <= ~4 x spread, twice the bound
     for got, want in zip((*values, grad_z, grad_b), (*ref_values, ref_z, ref_b)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
 
     z64 = logits.double().cpu().requires_grad_()
     b64 = binary_logits.double().cpu().requires_grad_()
@@ -103,7 +108,7 @@ def test_matches_reference_and_brute_force(
     bf = brute_force(z64, b64, labels.tolist(), normal_mask.tolist(), adj64, divergence)
     bf_z, bf_b = torch.autograd.grad(upstream * bf[0], (z64, b64))
     for got, want in zip((*values, grad_z, grad_b), (*(v.detach() for v in bf), bf_z, bf_b)):
-        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=1e-6)
 
 
 def test_without_gradients_only_values(device: str) -> None:
