@@ -231,21 +231,27 @@ def implementations(loss: str, gpu: bool) -> dict[str, Callable[..., Tensor]]:
     return impls
 
 
-def sweep(quick: bool, gpu: bool) -> list[Case]:
+def sweep(quick: bool, gpu: bool, args: argparse.Namespace) -> list[Case]:
+    """The default N x C x dtype grid for this machine; --sizes, --classes, --dtypes and
+    --losses replace its axes."""
     if gpu:
         sizes, classes, dtypes = ((4096,), (20, 8142), ("fp32", "bf16")) if quick else (
             (4096, 16384, 65536), (20, 365, 8142), ("fp32", "bf16"))
     else:  # the eager reference on shapes a CPU finishes in seconds
         sizes, classes, dtypes = ((256,), (20, 365), ("fp32",)) if quick else ((256, 1024), (20, 365), ("fp32",))
-    return [Case(loss, n, c, d) for loss in ("o2a", "ce_bdc") for n in sizes for c in classes for d in dtypes]
+    sizes, classes, dtypes = args.sizes or sizes, args.classes or classes, args.dtypes or dtypes
+    return [Case(loss, n, c, d) for loss in args.losses for n in sizes for c in classes for d in dtypes]
 
 
-def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int, repeats: int) -> list[Row]:
+def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int, repeats: int,
+             impls: list[str] | None = None) -> list[Row]:
     device = "cuda" if gpu else "cpu"
     setup = o2a_setup if case.loss == "o2a" else ce_bdc_setup
     torch._dynamo.reset()  # fresh compile per shape: no recompile limit falls back to eager
     rows = []
     for impl, objective in implementations(case.loss, gpu).items():
+        if impls and impl not in impls:
+            continue
         for mode in MODES:
             flops, nbytes, floor_ms = floor(case, mode, rates)
             ms = peak = None
@@ -287,6 +293,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (median reported)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="N values instead of the default grid's")
+    parser.add_argument("--classes", type=int, nargs="+", help="C values instead of the default grid's")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), help="dtypes instead of the default grid's")
+    parser.add_argument("--losses", nargs="+", choices=("o2a", "ce_bdc"), default=["o2a", "ce_bdc"])
+    parser.add_argument("--impls", nargs="+", choices=("eager", "compile", "triton"),
+                        help="implementations to time (default: every one the machine runs)")
     args = parser.parse_args()
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # the table is wide; logs are not terminals
@@ -303,9 +315,9 @@ def main() -> None:
                                                       if k.startswith("matmul"))
                       + f"; copy bandwidth {rates['copy_bytes_per_s'] / 1e9:.0f} GB/s")
     rows = []
-    for case in sweep(args.quick, gpu):
+    for case in sweep(args.quick, gpu, args):
         console.print(f"[dim]{case}[/]")
-        rows += run_case(case, gpu, rates, warmup, repeats)
+        rows += run_case(case, gpu, rates, warmup, repeats, args.impls)
     print_table(console, rows, device)
     if args.out:
         args.out.write_text(json.dumps({

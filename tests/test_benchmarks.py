@@ -60,6 +60,15 @@ def test_bench_losses_cpu_smoke_writes_eager_rows(tmp_path: Path) -> None:
         assert row["impl"] == "eager" and row["status"] == "ok" and row["ms"] > 0
 
 
+def test_bench_losses_axes_can_be_chosen(tmp_path: Path) -> None:
+    out = tmp_path / "losses.json"
+    run_benchmark("bench_losses.py", "--sizes", "64", "--classes", "7", "--losses", "ce_bdc", "--impls", "eager",
+                  "--repeats", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["loss"], r["n"], r["classes"], r["impl"]) for r in rows} == {("ce_bdc", 64, 7, "eager")}
+    assert len(rows) == 3  # fwd, bwd, fwd+bwd
+
+
 def test_bench_e2e_times_three_objectives(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
     run_benchmark("bench_e2e.py", "--quick", "--batch", "2", "--image-size", "32", "--classes", "10",
