@@ -57,7 +57,7 @@ def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_ave
 
 def worker(rank, port, out_dir):
     from jrcl_fast.data.sampling import eval_indices
-    from jrcl_fast.engine.distributed import global_one_to_all_supcon
+    from jrcl_fast.losses.contrastive import global_one_to_all_supcon
     from jrcl_fast.runtime import gather_shards
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -27,12 +27,10 @@ from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.groups import normal_class_mask
 from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
-from jrcl_fast.engine.distributed import global_one_to_all_supcon
 from jrcl_fast.engine.engines import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
 from jrcl_fast.losses.checks import NonFiniteError
-from jrcl_fast.losses.contrastive import one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import JRCLNet
 from jrcl_fast.runtime import Ranks, collective_failures, is_distributed, mean_over_ranks, select_device
@@ -115,9 +113,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, micro_steps // accum, cfg.train.epochs)
     engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
-    contrastive = global_one_to_all_supcon if is_distributed() else one_to_all_supcon
-    objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device,
-                              contrastive)
+    objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
 
     epochs_done = 0
     if resume:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,8 +9,9 @@ from torch import Tensor
 
 from jrcl_fast.config import LossConfig
 from jrcl_fast.losses.classifier import ce_bdc_loss
-from jrcl_fast.losses.contrastive import one_to_all_supcon
+from jrcl_fast.losses.contrastive import global_one_to_all_supcon, one_to_all_supcon
 from jrcl_fast.losses.reference import binary_targets, upcast
+from jrcl_fast.runtime import is_distributed
 
 
 def logit_adjustment(train_counts: np.ndarray, tau: float) -> Tensor | None:
@@ -26,12 +25,8 @@ def logit_adjustment(train_counts: np.ndarray, tau: float) -> Tensor | None:
 class JRCLObjective:
     """Weighted sum of the JRCL terms; a weight of 0 skips its term entirely."""
 
-    def __init__(self, cfg: LossConfig, train_counts: np.ndarray, normal_mask: np.ndarray, device: torch.device,
-                 contrastive: Callable[..., Tensor] = one_to_all_supcon):
-        """`contrastive` has one_to_all_supcon's signature; the distributed trainer
-        passes a version that contrasts with the keys of every rank."""
+    def __init__(self, cfg: LossConfig, train_counts: np.ndarray, normal_mask: np.ndarray, device: torch.device):
         self.cfg = cfg
-        self.contrastive = contrastive
         adjustment = logit_adjustment(train_counts, cfg.logit_adjust_tau)
         self.adjustment = None if adjustment is None else adjustment.to(device)
         self.normal_mask = torch.as_tensor(normal_mask, device=device)
@@ -61,7 +56,9 @@ class JRCLObjective:
                 terms["binary_ce"] = F.cross_entropy(upcast(binary0), binary_targets(labels, self.normal_mask))
                 total = total + cfg.lambda_bin * terms["binary_ce"]
         if cfg.lambda_con:
-            contrastive = self.contrastive(
+            # Under data parallelism every rank's anchors meet the keys of all ranks.
+            o2a = global_one_to_all_supcon if is_distributed() else one_to_all_supcon
+            contrastive = o2a(
                 features, labels.repeat(num_views), prototypes if cfg.use_prototypes else None,
                 cfg.temperature, cfg.class_average, cfg.backend,
             )
