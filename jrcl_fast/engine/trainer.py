@@ -16,8 +16,8 @@ import itertools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
