@@ -20,7 +20,7 @@ from jrcl_fast.config import DataConfig
 from jrcl_fast.data.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.check import check_data
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.registry import load_dataset
 from jrcl_fast.errors import UserError
 
@@ -245,6 +245,15 @@ def test_places_lt_classes_are_named_by_their_scene_folders(tmp_path: Path) -> N
     names = dataset.class_names
     assert (names[0], names[9], names[364], names[1], len(names)) == ("abbey", "arena/hockey", "youth_hostel", "1", 365)
     assert check_data(dataset).ok  # the leading / is relative to data.root
+
+
+def test_places_lt_classes_whose_paths_disagree_or_say_nothing_keep_their_number() -> None:
+    from jrcl_fast.data.registry import places_class_names
+
+    paths = ["a/abbey/1.jpg", "b/bakery/2.jpg", "a/abbey/3.jpg", "flat_4.jpg", "c/canyon/5.jpg"]
+    split = Split(Path("/data"), paths, np.array([0, 0, 1, 2, 3]), "Places_LT_train.txt")
+    names = places_class_names(split)
+    assert names[:5] == ["0", "abbey", "2", "canyon", "4"]
 
 
 def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) -> None:
