@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from jrcl_fast.config import load_config, parse_config
+from jrcl_fast.config import Config, load_config, parse_config
 from jrcl_fast.errors import CheckFailure, RankFailure, UserError
 
 
@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_loss_backend(cfg: Config) -> None:
+    """loss.backend=triton without a GPU fails deep in Triton ("0 active drivers") unless
+    the kernels run under the interpreter (Triton reads TRITON_INTERPRET as on/true/1)."""
+    import torch
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+    on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if cfg.loss.backend == "triton" and on_cpu and not interpreted:
+        raise UserError("loss.backend=triton needs a CUDA GPU and this run has none; use --set "
+                        "loss.backend=torch (or auto, which takes the kernels only on a GPU), or set "
+                        "TRITON_INTERPRET=1 to run the kernels under the Triton interpreter (slow)")
+
+
 def _train(args: argparse.Namespace, console: Console) -> None:
     import torch.distributed as dist
 
@@ -56,6 +69,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     if not ranks.is_main:
         console.quiet = True  # rank 0 speaks for the job
     cfg = load_config(args.config, args.overrides)
+    _check_loss_backend(cfg)
     dataset = load_dataset(cfg.data)
     model, device = train(cfg, dataset, args.resume, args.overwrite, console, ranks)
     results = evaluate(model, dataset, cfg, device, ranks)
@@ -94,8 +108,8 @@ def _check_data(args: argparse.Namespace, console: Console) -> None:
     for line in report.lines():
         console.print(line, highlight=False, soft_wrap=True)
     if not report.ok:
-        raise UserError(f"{len(report.bad)} of {report.checked} images are missing or corrupt (listed above); "
-                        "replace them or remove their entries from the split files")
+        raise UserError(f"{report.missing} missing and {report.corrupt} corrupt of {report.checked} images "
+                        "(listed above); replace them or remove their entries from the split files")
 
 
 def _doctor(args: argparse.Namespace, console: Console) -> None:

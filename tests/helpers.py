@@ -35,7 +35,8 @@ def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "160"}  # wide enough that table headers do not wrap
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`jrcl-fast *args` in a fresh process, in this process's environment or `env`."""
+    env = {**(os.environ if env is None else env), "COLUMNS": "160"}  # wide enough that table headers do not wrap
     return subprocess.run([sys.executable, "-m", "jrcl_fast", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)

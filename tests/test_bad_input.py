@@ -1,12 +1,20 @@
 """User mistakes end with one clear line on stderr, exit code 2 and no traceback."""
 
+import dataclasses
+import os
 import shutil
 
 import pytest
+from rich.console import Console
 
 from helpers import run_cli, tiny_config
 
+from jrcl_fast.config import load_config
+from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.digits_lt import prepare_digits_lt
+from jrcl_fast.data.registry import load_dataset
+from jrcl_fast.engine.trainer import train
+from jrcl_fast.errors import UserError
 
 
 @pytest.fixture
@@ -40,14 +48,37 @@ def test_missing_image_file(tmp_path, broken_root):
     root, folder = broken_root
     missing = first_train_image(folder)
     missing.unlink()
-    assert_user_error(run_train(tmp_path, root), f"{folder / 'train.txt'}: entry 1 names", "does not exist")
+    assert_user_error(run_train(tmp_path, root), f"{folder / 'train.txt'}: entry 1 ({missing}) is missing; "
+                      "fix the path or data.root, and run 'jrcl-fast check-data'")
+
+
+def test_missing_test_images_stop_the_run_before_training(tmp_path, broken_root):
+    root, folder = broken_root
+    entries = (folder / "test.txt").read_text().split()[::2]
+    for rel in (entries[2], entries[5]):
+        (folder / rel).unlink()
+    assert_user_error(run_train(tmp_path, root), f"{folder / 'test.txt'}: entry 3 ({folder / entries[2]}) is "
+                      "missing (1 more entry is missing too)")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not a single step was trained
+
+
+def test_every_split_a_run_can_read_is_checked_before_training(tmp_path, digits_root):
+    """A further evaluation split (CXR-LT's balanced-test) counts too."""
+    cfg = load_config(tiny_config(tmp_path, digits_root))
+    dataset = load_dataset(cfg.data)
+    gone = Split(dataset.test.root, dataset.test.paths[:2] + ["nowhere.png"], dataset.test.labels[:3], "bt.csv")
+    dataset = dataclasses.replace(dataset, extra_splits={"balanced-test": gone})
+    with pytest.raises(UserError, match=r"^bt.csv: entry 3 \(.*nowhere.png\) is missing; fix"):
+        train(cfg, dataset, resume=False, overwrite=False, console=Console(quiet=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_image(tmp_path, broken_root):
     root, folder = broken_root
     image = first_train_image(folder)
     image.write_bytes(image.read_bytes()[:20])  # truncated PNG
-    assert_user_error(run_train(tmp_path, root), f"image {image} is unreadable or corrupt", "check-data")
+    assert_user_error(run_train(tmp_path, root), f"{folder / 'train.txt'}: entry 1 ({image}) is corrupt (",
+                      "replace the file or remove its entry, and run 'jrcl-fast check-data'")
 
 
 def test_label_out_of_range(tmp_path, broken_root):
@@ -99,3 +130,51 @@ def test_markup_like_text_in_an_error_is_printed_verbatim(tmp_path, digits_root)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {name: digits_lt, root: x}\n'[/bold]': 1\n")
     assert_user_error(run_cli("train", "--config", str(bad)), "unknown key '[/bold]'")
+
+
+def test_triton_backend_without_a_gpu_is_refused_in_one_line(tmp_path, digits_root):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the same answer on a machine with a GPU
+    done = run_cli("train", "--config", str(tiny_config(tmp_path, digits_root)), "--set", "loss.backend=triton",
+                   env=env)
+    assert_user_error(done, "loss.backend=triton needs a CUDA GPU", "--set loss.backend=torch", "TRITON_INTERPRET=1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_triton_backend_under_the_interpreter_is_allowed(tmp_path, digits_root, monkeypatch):
+    from jrcl_fast.cli import _check_loss_backend
+
+    cfg = load_config(tiny_config(tmp_path, digits_root), ["loss.backend=triton"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for value, refused in (("1", False), ("true", False), ("0", True), ("", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        if refused:
+            with pytest.raises(UserError, match="needs a CUDA GPU"):
+                _check_loss_backend(cfg)
+        else:
+            _check_loss_backend(cfg)
+
+
+def finished_run(tmp_path, digits_root, epochs_done=1, epochs=1):
+    """A config whose output folder holds a run that finished `epochs_done` epochs."""
+    config = tiny_config(tmp_path, digits_root, train={"epochs": epochs})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / f"epoch_{epochs_done:04d}").mkdir(parents=True)
+    (checkpoints / "latest").write_text(f"epoch_{epochs_done:04d}")
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n" * epochs_done)
+    return config, checkpoints
+
+
+def test_resuming_a_finished_run_says_how_to_evaluate_it(tmp_path, digits_root):
+    config, checkpoints = finished_run(tmp_path, digits_root)
+    assert_user_error(run_cli("train", "--config", str(config), "--resume"),
+                      f"--resume: the run in {tmp_path / 'run'} is complete (all 1 epochs trained)",
+                      f"'jrcl-fast eval --checkpoint {checkpoints}'")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"  # untouched
+
+
+def test_resume_with_overwrite_is_refused(tmp_path, digits_root):
+    config, checkpoints = finished_run(tmp_path, digits_root, epochs_done=1, epochs=2)
+    assert_user_error(run_cli("train", "--config", str(config), "--resume", "--overwrite"),
+                      "--resume and --overwrite contradict each other", "pass one of them")
+    assert (checkpoints / "latest").read_text() == "epoch_0001"  # nothing deleted

@@ -3,6 +3,7 @@ same batch contract, sharding without overlap. Runs CPU-only DALI when there is 
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from nvidia.dali.pipeline import DataNode  # noqa: E402
 
 from jrcl_fast.config import DataConfig  # noqa: E402
 from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
-from jrcl_fast.data.dali_pipelines import DaliBatches, DaliTrainLoader, EncodedFeed, dali_eval_loader  # noqa: E402
+from jrcl_fast.data.dali_pipelines import (DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped,  # noqa: E402
+                                          dali_eval_loader)
 from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
 from jrcl_fast.data.sampling import epoch_indices  # noqa: E402
@@ -124,26 +126,52 @@ def test_train_views_are_independent_and_epochs_differ(tmp_path: Path) -> None:
     assert all(not torch.equal(a, b) for a, b in zip(by_sample, next_by_sample))
 
 
+def bad_image_message(split: Split, entry: int, problem: str) -> str:
+    """The one message both loaders give for a bad image, written out independently."""
+    fix = "fix the path or data.root" if problem == "missing" else "replace the file or remove its entry"
+    return (f"{split.source}: entry {entry} ({split.root / split.paths[entry - 1]}) is {problem}; {fix}, and run "
+            "'jrcl-fast check-data' to list every missing or corrupt image")
+
+
+def loaders_of(split: Split) -> dict[str, object]:
+    return {"dali eval": dali_eval_loader(split, 16, NATURAL, batch_size=2),
+            "dali train": DaliTrainLoader(split, 16, NATURAL, 2, batch_size=2, sampler="instance", seed=0).epoch(0),
+            "torch eval": torch_eval_loader(split, 16, NATURAL, batch_size=2),
+            "torch train": TorchTrainLoader(split, 16, NATURAL, 2, batch_size=2, sampler="instance", seed=0).epoch(0)}
+
+
 @pytest.mark.parametrize("bad_entry", [1, 4])  # in the batch DALI runs while starting, and in a later one
-def test_a_corrupt_image_is_named_on_the_dali_path(tmp_path: Path, bad_entry: int) -> None:
+def test_a_corrupt_image_gives_one_message_the_same_on_both_loaders(tmp_path: Path, bad_entry: int,
+                                                                    capfd: pytest.CaptureFixture) -> None:
     split = make_split(tmp_path, 6, "jpg")
     (tmp_path / split.paths[bad_entry - 1]).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    for batches in (dali_eval_loader(split, 16, NATURAL, batch_size=2),
-                    DaliTrainLoader(split, 16, NATURAL, 2, batch_size=2, sampler="instance", seed=0).epoch(0)):
+    messages = {}
+    for name, batches in loaders_of(split).items():
         with pytest.raises(UserError) as caught:
             collect(batches)
-        message = str(caught.value)
-        assert message.startswith(f"fixture.txt: entry {bad_entry} ({tmp_path / split.paths[bad_entry - 1]}) is "
-                                  "corrupt (") and message.endswith("run 'jrcl-fast check-data' to list every "
-                                                                    "missing or corrupt image")
-        assert "\n" not in message
+        messages[name] = str(caught.value)
+    reason = messages["torch eval"].split(" is corrupt (", 1)[1].split(")", 1)[0]
+    assert set(messages.values()) == {bad_image_message(split, bad_entry, f"corrupt ({reason})")}, messages
+    # nvImageCodec's own coloured "[ERROR] [jpeg_parser] ..." line is not printed besides it.
+    assert capfd.readouterr().err == ""
 
 
-def test_a_missing_image_is_named_on_the_dali_path(tmp_path: Path) -> None:
+def test_a_missing_image_gives_one_message_the_same_on_both_loaders(tmp_path: Path) -> None:
     split = make_split(tmp_path, 4, "jpg")
     (tmp_path / split.paths[2]).unlink()
-    with pytest.raises(UserError, match="entry 3 names .*jpg, which does not exist"):
-        collect(dali_eval_loader(split, 16, NATURAL, batch_size=2))
+    for name, batches in loaders_of(split).items():
+        with pytest.raises(UserError) as caught:
+            collect(batches)
+        assert str(caught.value) == bad_image_message(split, 3, "missing"), name
+
+
+def test_only_the_codec_log_is_dropped_from_stderr(capfd: pytest.CaptureFixture) -> None:
+    codec_line = b"\x1b[0;31m[ERROR] \x1b[0m[jpeg_parser] Invalid marker\n"
+    with codec_log_dropped():
+        os.write(2, b"before\n" + codec_line + b"[ERROR] [nvjpeg-ext] plain\n")
+        os.write(2, b"unterminated")
+    os.write(2, b"\nafter\n")
+    assert capfd.readouterr().err == "before\nunterminated\nafter\n"
 
 
 @pipeline_def(enable_conditionals=False)
@@ -167,9 +195,8 @@ def test_a_corrupt_image_in_a_torch_worker_keeps_its_one_line_message(tmp_path: 
     batches.loader.multiprocessing_context = "spawn"  # no fork of a process that has run DALI's threads
     with pytest.raises(UserError) as caught:
         collect(batches)
-    message = str(caught.value)
-    assert message.startswith(f"image {tmp_path / split.paths[1]} is unreadable or corrupt")
-    assert "\n" not in message and "Traceback" not in message
+    reason = str(caught.value).split(" is corrupt (", 1)[1].split(")", 1)[0]
+    assert str(caught.value) == bad_image_message(split, 2, f"corrupt ({reason})")
 
 
 def test_factories_pick_the_loader_of_the_config(tmp_path: Path) -> None:

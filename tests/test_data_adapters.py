@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.adapters import MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
+from jrcl_fast.data.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.check import check_data
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.registry import load_dataset
 from jrcl_fast.errors import UserError
 
@@ -40,7 +40,8 @@ def cxr_root(tmp_path: Path, spec, train_from: str) -> Path:
     here, so another split stands in) and placeholder images for balanced-val."""
     root = tmp_path / spec.name
     root.mkdir()
-    for split, source in (("train", train_from), ("balanced-val", "balanced-val"), ("test", "balanced-test")):
+    for split, source in (("train", train_from), ("balanced-val", "balanced-val"), ("test", "balanced-test"),
+                          ("balanced-test", "balanced-test")):
         spec.csv_path(root, split).symlink_to(spec.csv_path(CXR_DIR, source))
     val = read_cxr_csv(spec.csv_path(root, "balanced-val"), spec, root)
     for rel in val.paths:
@@ -107,10 +108,11 @@ def write_cxr_csv(root: Path, spec, split: str = "balanced-val", edit=None) -> P
 @pytest.mark.parametrize("spec", [NIH_CXR_LT, MIMIC_CXR_LT], ids=lambda spec: spec.name)
 def test_synthetic_cxr_csvs_load(tmp_path: Path, spec) -> None:
     """The fixture the bad cases break is itself valid, so each bad case fails for its edit."""
-    for split in ("train", "balanced-val", "test"):
+    for split in CXR_SPLITS:
         write_cxr_csv(tmp_path, spec, split)
     dataset = load_dataset(DataConfig(name=spec.name, root=str(tmp_path)))
     assert dataset.val.labels.tolist() == list(range(len(spec.class_names)))
+    assert list(dataset.splits()) == ["train", "val", "test", "balanced-test"]
     assert dataset.val.paths[2].endswith("10000003_000.png" if spec is NIH_CXR_LT else "/s50000003/00000002-0000.jpg")
     assert check_data(dataset).ok
 
@@ -145,9 +147,23 @@ def test_cxr_bad_csv(tmp_path: Path, spec, edit, message: str) -> None:
         read_cxr_csv(path, spec, tmp_path)
 
 
-def test_cxr_missing_csv_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="nih-cxr-lt_single-label_train.csv does not exist"):
-        load_dataset(DataConfig(name="nih_cxr_lt", root=str(tmp_path)))
+@pytest.mark.parametrize("spec", [NIH_CXR_LT, MIMIC_CXR_LT], ids=lambda spec: spec.name)
+def test_cxr_missing_csvs_are_named_at_once(tmp_path: Path, spec) -> None:
+    write_cxr_csv(tmp_path, spec, "balanced-val")
+    with pytest.raises(UserError) as caught:
+        load_dataset(DataConfig(name=spec.name, root=str(tmp_path)))
+    prefix = spec.name.replace("_", "-")
+    assert str(caught.value).startswith(
+        f"data.root {tmp_path} lacks {prefix}_single-label_train.csv, {prefix}_single-label_test.csv, "
+        f"{prefix}_single-label_balanced-test.csv; it must hold the four {spec.name} split CSVs")
+
+
+@pytest.mark.parametrize("name, files", [("inat2018", ["train2018.json", "val2018.json"]),
+                                         ("places_lt", ["Places_LT_train.txt", "Places_LT_val.txt",
+                                                        "Places_LT_test.txt"])])
+def test_missing_label_files_are_named_at_once(tmp_path: Path, name: str, files: list[str]) -> None:
+    with pytest.raises(UserError, match=re.escape(f"data.root {tmp_path} lacks {', '.join(files)}; it must hold")):
+        load_dataset(DataConfig(name=name, root=str(tmp_path)))
 
 
 def write_inat(root: Path, train_images: int = 6) -> None:
@@ -171,6 +187,7 @@ def test_inat_load_dataset(tmp_path: Path) -> None:
     write_inat(tmp_path)
     dataset = load_dataset(DataConfig(name="inat2018", root=str(tmp_path)))
     assert dataset.class_names == ["species 2", "species 7", "species 40"]  # sorted by category id
+    assert dataset.class_ids == [2, 7, 40]
     assert dataset.train.labels.tolist() == [1, 0, 2, 1, 0, 2] and len(dataset.test) == 3
     assert check_data(dataset).ok
 
@@ -212,6 +229,33 @@ def test_places_lt_still_loads(tmp_path: Path) -> None:
     assert check_data(dataset).checked == 12
 
 
+def test_places_lt_classes_are_named_by_their_scene_folders(tmp_path: Path) -> None:
+    """Places-LT lists name train images by scene folder (/a/abbey/..., sub-scenes as
+    /a/arena/hockey/...) and test images by a flat Places365 val name."""
+    train = {0: ["/a/abbey/00000001.jpg", "/a/abbey/00000002.jpg"], 9: ["/a/arena/hockey/00000003.jpg"],
+             364: ["/y/youth_hostel/00000004.jpg"]}
+    lines = [f"{rel} {label}\n" for label, rels in train.items() for rel in rels]
+    (tmp_path / "Places_LT_train.txt").write_text("".join(lines))
+    for split in ("val", "test"):
+        (tmp_path / f"Places_LT_{split}.txt").write_text("val_256/Places365_val_00000001.jpg 9\n")
+    for rel in [rel for rels in train.values() for rel in rels] + ["val_256/Places365_val_00000001.jpg"]:
+        (tmp_path / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(32, 32)).save(tmp_path / rel.lstrip("/"))
+    dataset = load_dataset(DataConfig(name="places_lt", root=str(tmp_path)))
+    names = dataset.class_names
+    assert (names[0], names[9], names[364], names[1], len(names)) == ("abbey", "arena/hockey", "youth_hostel", "1", 365)
+    assert check_data(dataset).ok  # the leading / is relative to data.root
+
+
+def test_places_lt_classes_whose_paths_disagree_or_say_nothing_keep_their_number() -> None:
+    from jrcl_fast.data.registry import places_class_names
+
+    paths = ["a/abbey/1.jpg", "b/bakery/2.jpg", "a/abbey/3.jpg", "flat_4.jpg", "c/canyon/5.jpg"]
+    split = Split(Path("/data"), paths, np.array([0, 0, 1, 2, 3]), "Places_LT_train.txt")
+    names = places_class_names(split)
+    assert names[:5] == ["0", "abbey", "2", "canyon", "4"]
+
+
 def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) -> None:
     from jrcl_fast.data.filelist import read_file_list
 
@@ -228,8 +272,8 @@ def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) ->
     assert report.checked == 12 and not report.ok
     train_bad = [(b.entry, Path(b.path).name, b.reason.split(" ")[0]) for b in report.bad if b.split == "train"]
     assert train_bad == [(4, "truncated.jpg", "corrupt"), (5, "noise.png", "corrupt"), (6, "gone.png", "missing")]
-    assert report.lines()[0] == "places_lt: 12 images decoded, 6 bad"
-    with pytest.raises(UserError, match="gone.png, which does not exist"):
+    assert report.lines()[0] == "places_lt (train, test): 12 images, 6 decoded, 2 missing, 4 corrupt"
+    with pytest.raises(UserError, match=re.escape(f"list.txt: entry 6 ({tmp_path / 'gone.png'}) is missing; fix")):
         split.check_files_exist()
 
 
@@ -242,6 +286,26 @@ def test_check_data_command(tmp_path: Path, capsys) -> None:
         (tmp_path / f"Places_LT_{split}.txt").write_text(f"{split}.jpg 3\n")
     assert main(["check-data", "--config", str(config), "--set", f"data.root={tmp_path}"]) == 0
     (tmp_path / "val.jpg").write_bytes(b"not an image")
+    (tmp_path / "test.jpg").unlink()
     assert main(["check-data", "--config", str(config), "--set", f"data.root={tmp_path}"]) == 2
     out, err = capsys.readouterr()
-    assert "val entry 1: " in out and "val.jpg: corrupt" in out and "1 of 3 images are missing or corrupt" in err
+    assert "places_lt (train, val, test): 3 images, 1 decoded, 1 missing, 1 corrupt" in out
+    assert "val entry 1: " in out and "val.jpg: corrupt" in out and "test.jpg: missing" in out
+    assert "1 missing and 1 corrupt of 3 images" in err
+
+
+@pytest.mark.parametrize("spec", [NIH_CXR_LT, MIMIC_CXR_LT], ids=lambda spec: spec.name)
+def test_check_data_covers_every_cxr_split(tmp_path: Path, spec) -> None:
+    for split in CXR_SPLITS:
+        write_cxr_csv(tmp_path, spec, split)
+    dataset = load_dataset(DataConfig(name=spec.name, root=str(tmp_path)))
+    # A bad image named by balanced-test alone: the last row of the other splits is dropped.
+    for split in ("train", "balanced-val", "test"):
+        path = spec.csv_path(tmp_path, split)
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    only_in_balanced_test = tmp_path / dataset.test.paths[-1]
+    only_in_balanced_test.write_bytes(b"broken")
+    report = check_data(load_dataset(DataConfig(name=spec.name, root=str(tmp_path))))
+    n = len(spec.class_names)
+    assert report.splits == ["train", "val", "test", "balanced-test"] and report.checked == 4 * n - 3
+    assert [(b.split, b.entry, b.path) for b in report.bad] == [("balanced-test", n, str(only_in_balanced_test))]

@@ -1,7 +1,15 @@
+import re
+
 import numpy as np
 import pytest
+import torch
+from rich.console import Console
 
-from jrcl_fast.config import DataConfig
+from jrcl_fast.config import Config, DataConfig, ModelConfig, parse_config
+from jrcl_fast.data.registry import load_dataset
+from jrcl_fast.evaluation.evaluate import evaluate
+from jrcl_fast.evaluation.report import print_results
+from jrcl_fast.models import JRCLNet
 from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.groups import normal_class_mask, shot_groups
 from jrcl_fast.errors import UserError
@@ -72,3 +80,52 @@ def test_normal_group_resolution():
         normal_class_mask(dataset_with_counts([150, 50, 5]), DataConfig(name="digits_lt", root="x", normal_classes=["c9"]))
     with pytest.raises(UserError, match="has 0 of 3 classes"):
         normal_class_mask(dataset_with_counts([50, 50, 5]), cfg)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_a_small_subset_gets_one_message_whose_overrides_work(trial):
+    """An iNat/Places subset with few images per class: the default thresholds leave the
+    normal group empty; the one message names every key, and its values then work."""
+    rng = np.random.default_rng(trial)
+    counts = rng.integers(1, 30, size=int(rng.integers(3, 12)))
+    counts[0] = counts.max() + 1  # at least two distinct counts
+    data = dataset_with_counts(counts.tolist())
+    with pytest.raises(UserError) as caught:
+        normal_class_mask(data, DataConfig(name="inat2018", root="x"))
+    message = str(caught.value)
+    assert "data.normal_classes" in message and "data.many_shot_min" in message and "data.few_shot_max" in message
+    overrides = re.findall(r"--set (\S+)", message)
+    assert [o.split("=")[0] for o in overrides] == ["data.many_shot_min", "data.few_shot_max"]
+    cfg = parse_config({"data": {"name": "inat2018", "root": "x"}}, "subset.yaml", overrides).data
+    mask = normal_class_mask(data, cfg)
+    assert mask.any() and not mask.all()
+    assert mask.tolist() == (counts > cfg.many_shot_min).tolist()
+
+
+def test_equal_counts_point_to_normal_classes_only():
+    with pytest.raises(UserError, match=r"so set data.normal_classes \(class names, e.g. \['c0'\]\)$"):
+        normal_class_mask(dataset_with_counts([4, 4, 4]), DataConfig(name="places_lt", root="x"))
+
+
+def test_per_class_results_keep_the_data_sets_class_ids():
+    labels = np.array([0, 1, 2, 2])
+    got = classification_metrics(np.array([0, 2, 2, 2]), labels, np.array([5, 3, 1]),
+                                 {"many": [0], "medium": [1], "few": [2]}, ["s2", "s7", "s40"], [2, 7, 40])
+    assert [(r["class"], r["id"], r["name"]) for r in got["per_class"]] == [(0, 2, "s2"), (1, 7, "s7"), (2, 40, "s40")]
+    console = Console(record=True, width=120)
+    print_results(got, console, "toy")
+    table = console.export_text()
+    assert all(re.search(rf"│\s+{cid} │\s+{name} │", table) for cid, name in ((2, "s2"), (7, "s7"), (40, "s40"))), table
+
+
+def test_inat_results_name_classes_by_category_id(tmp_path):
+    from test_data_adapters import write_inat
+
+    write_inat(tmp_path)
+    cfg = Config(data=DataConfig(name="inat2018", root=str(tmp_path), image_size=16, many_shot_min=1, few_shot_max=1),
+                 model=ModelConfig(backbone="resnet18", small_input_stem=True, projection_dim=8,
+                                   projection_hidden_dim=8))
+    dataset = load_dataset(cfg.data)
+    results = evaluate(JRCLNet(cfg.model, dataset.num_classes), dataset, cfg, torch.device("cpu"))
+    assert [(r["id"], r["name"]) for r in results["per_class"]] == [(2, "species 2"), (7, "species 7"),
+                                                                   (40, "species 40")]

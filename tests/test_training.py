@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import time
 import pytest
 
 from helpers import REPO, run_cli, tiny_config
+
+from jrcl_fast.data.digits_lt import prepare_digits_lt
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +30,12 @@ def test_train_then_eval_writes_results(tmp_path, digits_root):
     assert results["num_test_images"] == sum(r["test_count"] for r in results["per_class"]) > 0
     assert set(results["shot_accuracy"]) == {"many", "medium", "few"}
     assert "balanced acc" in done.stdout and "Per-class accuracy" in done.stdout
+    # Output to a pipe, as under a cluster scheduler: plain progress lines, at least one per epoch.
+    steps = len((prepare_digits_lt(digits_root) / "train.txt").read_text().splitlines()) // 32
+    progress = re.findall(r"^epoch (\d)/3 step (\d+)/(\d+) \d+ img/s loss \d+\.\d{4} ETA \d+:\d\d:\d\d$",
+                          done.stdout, re.MULTILINE)
+    assert {(epoch, step, total) for epoch, step, total in progress if step == total} == {
+        (str(e), str(steps), str(steps)) for e in (1, 2, 3)}, done.stdout
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for term in ("loss_ce", "loss_binary_ce", "loss_bdc", "loss_contrastive", "loss_total"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jrcl_fast.data.dataset import LongTailedDataset, Split
+from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
 from jrcl_fast.errors import UserError
 
 
@@ -32,8 +32,14 @@ class CxrSpec:
     # Published head/medium/tail sizes along the class order; None: derive from training counts.
     shot_sizes: tuple[int, int, int] | None
 
+    def csv_name(self, split: str) -> str:
+        return f"{self.file_prefix}_single-label_{split}.csv"
+
     def csv_path(self, root: Path, split: str) -> Path:
-        return root / f"{self.file_prefix}_single-label_{split}.csv"
+        return root / self.csv_name(split)
+
+
+CXR_SPLITS = ("train", "balanced-val", "test", "balanced-test")  # the published split CSVs
 
 
 NIH_CXR_LT = CxrSpec(
@@ -111,9 +117,10 @@ def read_cxr_split(root: Path, spec: CxrSpec, split: str) -> Split:
 
 def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
     """Train on train, test on the imbalanced test split (the benchmark's balanced
-    accuracy). balanced-val is the validation split: check-data scans it, but training
-    reports the last epoch and selects nothing on it. balanced-test is read with
-    read_cxr_split."""
+    accuracy). balanced-val is the validation split and balanced-test a further test
+    split: check-data decodes both and a run checks their files exist, but training
+    reports the last epoch, selects nothing on balanced-val and evaluates on test."""
+    require_files(root, [spec.csv_name(split) for split in CXR_SPLITS], f"the four {spec.name} split CSVs")
     groups = None
     if spec.shot_sizes is not None:
         many, medium, _ = spec.shot_sizes
@@ -127,6 +134,7 @@ def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
         test=read_cxr_split(root, spec, "test"),
         normal_classes=[spec.class_names.index("No Finding")],
         shot_groups=groups,
+        extra_splits={"balanced-test": read_cxr_split(root, spec, "balanced-test")},
     )
 
 
@@ -175,6 +183,7 @@ def coco_split(path: Path, data: dict, root: Path, class_of: dict[int, int]) -> 
 
 def load_inat2018(root: Path) -> LongTailedDataset:
     """train2018.json and val2018.json; the published val split is the benchmark's test set."""
+    require_files(root, ["train2018.json", "val2018.json"], "the iNaturalist 2018 JSON files")
     train_json, val_json = root / "train2018.json", root / "val2018.json"
     train = _read_json(train_json)
     categories = sorted((_entry(train_json, "categories", i, c, ("id", "name"))
@@ -183,6 +192,7 @@ def load_inat2018(root: Path) -> LongTailedDataset:
     return LongTailedDataset(
         name="inat2018",
         class_names=[str(c["name"]) for c in categories],
+        class_ids=[c["id"] for c in categories],
         train=coco_split(train_json, train, root, class_of),
         test=coco_split(val_json, _read_json(val_json), root, class_of),
     )

@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jrcl_fast.data.dataset import LongTailedDataset, Split
-from jrcl_fast.data.images import load_rgb
-from jrcl_fast.errors import UserError
+from jrcl_fast.data.dataset import MISSING, LongTailedDataset
+from jrcl_fast.data.images import ImageError, load_rgb
 
 
 @dataclass(frozen=True)
@@ -22,12 +21,13 @@ class BadImage:
     split: str
     entry: int  # 1-based position in the split file
     path: str
-    reason: str
+    reason: str  # MISSING or "corrupt (why)"
 
 
 @dataclass
 class DataReport:
     dataset: str
+    splits: list[str] = field(default_factory=list)
     checked: int = 0
     bad: list[BadImage] = field(default_factory=list)
 
@@ -35,8 +35,19 @@ class DataReport:
     def ok(self) -> bool:
         return not self.bad
 
+    @property
+    def missing(self) -> int:
+        return sum(b.reason == MISSING for b in self.bad)
+
+    @property
+    def corrupt(self) -> int:
+        return len(self.bad) - self.missing
+
+    def summary(self) -> str:
+        return f"{self.checked - len(self.bad)} decoded, {self.missing} missing, {self.corrupt} corrupt"
+
     def lines(self) -> list[str]:
-        head = f"{self.dataset}: {self.checked} images decoded, {len(self.bad)} bad"
+        head = f"{self.dataset} ({', '.join(self.splits)}): {self.checked} images, {self.summary()}"
         return [head] + [f"  {b.split} entry {b.entry}: {b.path}: {b.reason}" for b in self.bad]
 
 
@@ -44,24 +55,20 @@ def image_problem(path: Path) -> str | None:
     """None when PIL decodes the file (as the torchvision path does), else why not."""
     try:
         load_rgb(path)
-    except UserError as err:
-        # load_rgb's message is for a training run; the report wants the bare cause.
-        cause = err.__context__
-        return "missing" if isinstance(cause, FileNotFoundError) else f"corrupt ({cause or err})"
+    except ImageError as err:
+        return err.problem
     return None
 
 
 def check_data(dataset: LongTailedDataset, num_workers: int = 2) -> DataReport:
-    """Decode every image of every split (PIL, as the torchvision path does)."""
+    """Decode every image of every split a config can read (PIL, as the torchvision path does)."""
     report = DataReport(dataset.name)
-    splits: dict[str, Split] = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL decodes without the GIL
-        for name, split in splits.items():
-            if split is None:
-                continue
+        for name, split in dataset.splits().items():
             problems = pool.map(image_problem, [split.root / p for p in split.paths], chunksize=64)
             for i, problem in enumerate(problems):
                 if problem is not None:
                     report.bad.append(BadImage(name, i + 1, str(split.root / split.paths[i]), problem))
             report.checked += len(split)
+            report.splits.append(name)
     return report

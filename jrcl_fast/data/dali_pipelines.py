@@ -12,8 +12,12 @@ Train batches are (images B x V x 3 x H x W float32, labels B int64) and eval ba
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.check import image_problem
-from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.dataset import MISSING, Split
 from jrcl_fast.data.sampling import epoch_indices, eval_indices
 from jrcl_fast.errors import UserError
 
@@ -53,26 +57,23 @@ class EncodedFeed:
         for j in batch:
             path = self.split.root / self.split.paths[j]
             if not path.is_file():
-                raise UserError(f"{self.split.source}: entry {j + 1} names {path}, which does not exist; "
-                                "fix the path or data.root")
+                raise self.split.bad_entry(int(j), MISSING)
             encoded.append(np.fromfile(path, dtype=np.uint8))
         return encoded, self.split.labels[batch]
 
     def decode_failure(self, batches_delivered: int, dali_error: str) -> UserError:
         """The error for a decode failure after `batches_delivered` good batches: the
         culprit is among the batches fed since (DALI reads ahead), so decode those with
-        PIL and name the bad files; else name the range of entries."""
+        PIL and name the first bad file as the torchvision path would; else name the
+        range of entries."""
         suspects = self.indices[batches_delivered * self.batch_size:self._pos]
-        bad = [(j, problem) for j in suspects
-               if (problem := image_problem(self.split.root / self.split.paths[j])) is not None]
-        where = "; ".join(f"entry {j + 1} ({self.split.root / self.split.paths[j]}) is {problem}"
-                          for j, problem in bad[:3])
-        if not bad:
-            reason = dali_error.split("encountered:")[-1].strip().splitlines()[0]
-            where = (f"DALI could not decode one of the images at entries "
-                     f"{', '.join(str(j + 1) for j in suspects[:8])}{', ...' if len(suspects) > 8 else ''} ({reason})")
-        return UserError(f"{self.split.source}: {where}; run 'jrcl-fast check-data' to list every missing or "
-                         "corrupt image")
+        for j in suspects:
+            if (problem := image_problem(self.split.root / self.split.paths[j])) is not None:
+                return self.split.bad_entry(int(j), problem)
+        reason = dali_error.split("encountered:")[-1].strip().splitlines()[0]
+        return UserError(f"{self.split.source}: DALI could not decode one of the images at entries "
+                         f"{', '.join(str(j + 1) for j in suspects[:8])}{', ...' if len(suspects) > 8 else ''} "
+                         f"({reason}); run 'jrcl-fast check-data' to list every missing or corrupt image")
 
 
 def _read(feed: EncodedFeed, gpu: bool) -> tuple[DataNode, DataNode]:
@@ -189,6 +190,39 @@ def dali_on_gpu() -> bool:
 DECODE_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.(decoders\.image|peek_image_shape)`")
 
 
+# nvImageCodec writes each undecodable file to fd 2 itself, in colour ("[ERROR] [jpeg_parser]
+# Invalid marker"), before DALI raises; DALI_NVIMGCODEC_LOG_LEVEL cannot go below errors.
+# DaliBatches turns the failure into one UserError, so those lines are dropped.
+CODEC_LOG_LINE = re.compile(rb"^(\x1b\[[0-9;]*m)?\[(ERROR|WARNING)\] (\x1b\[[0-9;]*m)?\[[\w-]+\] ")
+
+
+@contextmanager
+def codec_log_dropped() -> Iterator[None]:
+    """Route fd 2 through a pipe whose reader forwards every line except nvImageCodec's."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not CODEC_LOG_LINE.match(line):
+                    while line:
+                        line = line[os.write(saved, line):]
+
+    thread = threading.Thread(target=forward, name="codec-log-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees EOF and drains
+        thread.join(timeout=10)
+        os.close(saved)
+
+
 class DaliBatches:
     """Passes over a pipeline as (images, labels) torch tensors; each pass builds a
     fresh feed and pipeline, so the object can be iterated again like a DataLoader.
@@ -206,15 +240,16 @@ class DaliBatches:
         if self.num_batches == 0:  # DALI cannot start on an empty feed
             return
         feed, delivered = EncodedFeed(self.split, self.indices, self.batch_size), 0
-        try:
-            # Building the iterator already runs the first batch.
-            for batch in DALIGenericIterator([self.build(feed)], ["images", "labels"], size=-1):
-                delivered += 1
-                yield batch[0]["images"], batch[0]["labels"]
-        except RuntimeError as err:
-            if not DECODE_FAILURE.search(str(err)):
-                raise
-            raise feed.decode_failure(delivered, str(err)) from None
+        with codec_log_dropped():
+            try:
+                # Building the iterator already runs the first batch.
+                for batch in DALIGenericIterator([self.build(feed)], ["images", "labels"], size=-1):
+                    delivered += 1
+                    yield batch[0]["images"], batch[0]["labels"]
+            except RuntimeError as err:
+                if not DECODE_FAILURE.search(str(err)):
+                    raise
+                raise feed.decode_failure(delivered, str(err)) from None
 
 
 def _pipeline_seed(*parts: int) -> int:

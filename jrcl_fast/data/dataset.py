@@ -9,6 +9,8 @@ import numpy as np
 
 from jrcl_fast.errors import UserError
 
+MISSING = "missing"  # the problem of an image file that does not exist (else "corrupt (why)")
+
 
 @dataclass(frozen=True)
 class Split:
@@ -22,14 +24,27 @@ class Split:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def bad_entry(self, i: int, problem: str, others: int = 0) -> UserError:
+        """The one wording, on both loaders and before training, for the image of entry
+        `i` (0-based) that is `problem`; `others` more entries have the same problem."""
+        more = f" ({others} more {'entries are' if others > 1 else 'entry is'} {problem.split()[0]} too)" if others else ""
+        fix = "fix the path or data.root" if problem == MISSING else "replace the file or remove its entry"
+        return UserError(f"{self.source}: entry {i + 1} ({self.root / self.paths[i]}) is {problem}{more}; {fix}, "
+                         "and run 'jrcl-fast check-data' to list every missing or corrupt image")
+
     def check_files_exist(self) -> None:
         """Fail before training, not at hour 9, when an image file is missing."""
-        for i, rel in enumerate(self.paths):
-            if not (self.root / rel).is_file():
-                raise UserError(
-                    f"{self.source}: entry {i + 1} names {self.root / rel}, which does not exist; "
-                    "fix the path or the data root (data.root)"
-                )
+        missing = [i for i, rel in enumerate(self.paths) if not (self.root / rel).is_file()]
+        if missing:
+            raise self.bad_entry(missing[0], MISSING, len(missing) - 1)
+
+
+def require_files(root: Path, names: list[str], what: str) -> None:
+    """Name every missing file of a data set's layout at once, not one per attempt."""
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise UserError(f"data.root {root} lacks {', '.join(missing)}; it must hold {what} "
+                        "(README, Data sets, lists the layout of each data set)")
 
 
 @dataclass(frozen=True)
@@ -43,13 +58,17 @@ class LongTailedDataset:
     normal_classes: list[int] | None = None
     # Published head/medium/tail class lists (CXR-LT); None: derive from training counts.
     shot_groups: dict[str, list[int]] | None = None
+    # The data set's own id of each class (iNat category ids); None: the class index.
+    class_ids: list[int] | None = None
+    # Further published evaluation splits by name (CXR-LT balanced-test): checked, not trained on.
+    extra_splits: dict[str, Split] = field(default_factory=dict)
     train_counts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         num_classes = len(self.class_names)
-        for split in (self.train, self.test, self.val):
-            if split is None:
-                continue
+        if self.class_ids is None:
+            object.__setattr__(self, "class_ids", list(range(num_classes)))
+        for split in self.splits().values():
             if len(split) == 0:
                 raise UserError(f"{split.source}: the split is empty; check the file and data.root")
             bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_classes))
@@ -63,3 +82,9 @@ class LongTailedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def splits(self) -> dict[str, Split]:
+        """Every split a config can read, by name: what check-data decodes and what a
+        run checks for missing files before its first step."""
+        named = {"train": self.train, "val": self.val, "test": self.test, **self.extra_splits}
+        return {name: split for name, split in named.items() if split is not None}

@@ -21,7 +21,7 @@ def read_file_list(list_file: str | Path, image_root: str | Path) -> Split:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise UserError(f"{list_file} line {number}: expected 'relative/path label', got {line!r}")
-        paths.append(parts[0])
+        paths.append(parts[0].lstrip("/"))  # Places365 lists write /a/abbey/...: still relative to the root
         labels.append(int(parts[1]))
     return Split(Path(image_root), paths, np.asarray(labels, dtype=np.int64), str(list_file))
 

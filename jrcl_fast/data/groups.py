@@ -41,9 +41,21 @@ def normal_class_mask(dataset: LongTailedDataset, cfg: DataConfig) -> np.ndarray
     mask = np.zeros(dataset.num_classes, dtype=bool)
     mask[normal] = True
     if mask.all() or not mask.any():
-        raise UserError(
-            f"data.normal_classes: the normal group of {dataset.name} has {int(mask.sum())} of "
-            f"{dataset.num_classes} classes; BDC needs at least one normal and one abnormal class, "
-            "so set data.normal_classes or data.many_shot_min"
-        )
+        raise UserError(f"data.normal_classes: the normal group of {dataset.name} has {int(mask.sum())} of "
+                        f"{dataset.num_classes} classes; BDC needs at least one normal and one abnormal class, "
+                        f"so {_normal_group_fix(dataset, cfg)}")
     return mask
+
+
+def _normal_group_fix(dataset: LongTailedDataset, cfg: DataConfig) -> str:
+    """Every key to set, with values that work on this data set's training counts."""
+    by_name = f"set data.normal_classes (class names, e.g. [{dataset.class_names[0]!r}])"
+    distinct = np.unique(dataset.train_counts)
+    if cfg.normal_classes is not None or distinct.size < 2:
+        return by_name  # equal counts: no threshold splits the classes
+    # The median count as the threshold puts about the larger half of the classes in G;
+    # below the largest count, so that G is not empty.
+    many_shot_min = int(min(np.median(dataset.train_counts), distinct[-2]))
+    return (f"{by_name}, or set data.many_shot_min below the largest training count ({int(distinct[-1])}) and "
+            f"data.few_shot_max at most data.many_shot_min, e.g. --set data.many_shot_min={many_shot_min} "
+            f"--set data.few_shot_max={min(cfg.few_shot_max, many_shot_min)}")

@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jrcl_fast.errors import UserError
+from jrcl_fast.data.dataset import MISSING
+
+
+class ImageError(Exception):
+    """An image file that does not decode; `problem` is MISSING or 'corrupt (why)'.
+    Callers that know the split entry turn it into Split.bad_entry's message."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
 
 
 def load_rgb(path: Path, grayscale: bool = False) -> Image.Image:
@@ -23,8 +32,6 @@ def load_rgb(path: Path, grayscale: bool = False) -> Image.Image:
                 img = Image.fromarray(np.rint(arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
             return (img.convert("L") if grayscale else img).convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"image {path} does not exist; fix the list file or data.root") from None
+        raise ImageError(MISSING) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(
-            f"image {path} is unreadable or corrupt ({err}); run 'jrcl-fast check-data' to list every bad file"
-        ) from None
+        raise ImageError(f"corrupt ({err})") from None

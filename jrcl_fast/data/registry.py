@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.adapters import CXR_SPECS, load_cxr_lt, load_inat2018
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
 from jrcl_fast.data.digits_lt import load_digits_lt
 from jrcl_fast.data.filelist import read_file_list
 from jrcl_fast.errors import UserError
 
 
+PLACES_LT_CLASSES = 365
+
+
+def places_class_names(train: Split) -> list[str]:
+    """Scene names from the training paths, as Places365 names its categories
+    (`.../a/abbey/x.jpg` -> abbey, `.../a/arena/hockey/x.jpg` -> arena/hockey: the
+    folders below the one-letter folder). A class whose paths give no name, or
+    disagree, keeps its label number."""
+    names: dict[int, set[str]] = {}
+    for rel, label in zip(train.paths, train.labels.tolist()):
+        folders = PurePosixPath(rel).parts[:-1]
+        letter = next((k for k, part in enumerate(folders) if len(part) == 1 and part.isalpha()), None)
+        name = "/".join(folders[letter + 1:]) if letter is not None else ""
+        names.setdefault(label, set()).add(name)
+    unique = {label: found.pop() for label, found in names.items() if len(found) == 1 and "" not in found}
+    return [unique.get(c, str(c)) for c in range(PLACES_LT_CLASSES)]
+
+
 def load_places_lt(root: Path) -> LongTailedDataset:
-    train = read_file_list(root / "Places_LT_train.txt", root)
-    num_classes = 365
+    lists = {split: f"Places_LT_{split}.txt" for split in ("train", "val", "test")}
+    require_files(root, list(lists.values()), "the Places-LT list files")
+    train = read_file_list(root / lists["train"], root)
     return LongTailedDataset(
         name="places_lt",
-        class_names=[str(c) for c in range(num_classes)],
+        class_names=places_class_names(train),
         train=train,
-        val=read_file_list(root / "Places_LT_val.txt", root),
-        test=read_file_list(root / "Places_LT_test.txt", root),
+        val=read_file_list(root / lists["val"], root),
+        test=read_file_list(root / lists["test"], root),
     )
 
 

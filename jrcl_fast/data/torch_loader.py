@@ -15,7 +15,7 @@ from torchvision.transforms import v2 as T
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.dataset import Split
-from jrcl_fast.data.images import load_rgb
+from jrcl_fast.data.images import ImageError, load_rgb
 from jrcl_fast.data.sampling import epoch_indices, eval_indices
 from jrcl_fast.errors import UserError
 
@@ -77,7 +77,10 @@ class SplitDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
-        image = load_rgb(self.split.root / self.split.paths[j], self.grayscale)
+        try:
+            image = load_rgb(self.split.root / self.split.paths[j], self.grayscale)
+        except ImageError as err:
+            raise self.split.bad_entry(j, err.problem) from None
         label = int(self.split.labels[j])
         if self.num_views == 0:
             return self.transform(image), label

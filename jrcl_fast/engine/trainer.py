@@ -11,10 +11,12 @@ the interrupted epoch bit for bit. Rank 0 writes the metrics.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,7 +65,47 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def _progress(console: Console) -> Progress:
+PLAIN_PROGRESS_INTERVAL_S = 30.0  # between plain progress lines, besides one at each epoch's end
+
+
+class PlainProgress:
+    """The progress display when stdout is not a terminal (a log file, a cluster
+    scheduler): a plain line every `interval_s` seconds and at the end of each epoch,
+    with the progress bar's fields. Takes the rich Progress calls the loop makes."""
+
+    def __init__(self, console: Console, steps_per_epoch: int, epochs: int,
+                 interval_s: float = PLAIN_PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self.console, self.steps_per_epoch, self.epochs = console, steps_per_epoch, epochs
+        self.interval_s, self.clock = interval_s, clock
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, description: str, total: int, completed: int, **fields: float) -> int:
+        self.total, self.completed, self.first = total, completed, completed
+        self.start = self.last_line = self.clock()
+        return 0
+
+    def update(self, task: int, advance: int, epoch: int, ips: float, loss: float) -> None:
+        self.completed += advance
+        step = self.completed - (epoch - 1) * self.steps_per_epoch
+        now = self.clock()
+        if step < self.steps_per_epoch and now - self.last_line < self.interval_s:
+            return
+        self.last_line = now
+        seconds_per_step = (now - self.start) / max(self.completed - self.first, 1)
+        eta = datetime.timedelta(seconds=round(seconds_per_step * (self.total - self.completed)))
+        self.console.print(f"epoch {epoch}/{self.epochs} step {step}/{self.steps_per_epoch} "
+                           f"{ips:.0f} img/s loss {loss:.4f} ETA {eta}", markup=False, highlight=False)
+
+
+def _progress(console: Console, steps_per_epoch: int, epochs: int) -> Progress | PlainProgress:
+    """A live bar on a terminal; plain lines at an interval otherwise."""
+    if not console.is_terminal:
+        return PlainProgress(console, steps_per_epoch, epochs)
     return Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -77,13 +119,19 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool, epochs: int) -> None:
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in "
+                        f"{out_dir}, --overwrite deletes it and starts over; pass one of them")
     if latest_tag(ckpt_dir) and not (resume or overwrite):
         raise UserError(f"train.output_dir {out_dir} already holds a run; pass --resume to continue it, "
                         "--overwrite to start over, or set another train.output_dir")
     if resume and not latest_tag(ckpt_dir):
         raise UserError(f"--resume: {ckpt_dir} holds no finished epoch; start without --resume")
+    if resume and latest_tag(ckpt_dir) == epoch_tag(epochs):
+        raise UserError(f"--resume: the run in {out_dir} is complete (all {epochs} epochs trained), nothing is "
+                        f"left to resume; evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
 
 
 @collective_failures()
@@ -93,8 +141,9 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     (checkpoints in train.output_dir/checkpoints) and the device it lives on."""
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
-    _check_output_dir(out_dir, resume, overwrite)
-    dataset.train.check_files_exist()
+    _check_output_dir(out_dir, resume, overwrite, cfg.train.epochs)
+    for split in dataset.splits().values():  # every split the run and check-data read, not at hour 9
+        split.check_files_exist()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -134,7 +183,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     console.print(f"Training with the {description}; global batch "
                   f"{cfg.train.batch_size * ranks.world_size * accum} images")
 
-    with _progress(console) as progress:
+    with _progress(console, micro_steps, cfg.train.epochs) as progress:
         task = progress.add_task("train", total=micro_steps * cfg.train.epochs,
                                  completed=micro_steps * epochs_done, epoch=epochs_done + 1, ips=0.0,
                                  loss=float("nan"))

@@ -34,7 +34,7 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
     # Gathered in sample order, the predictions line up with the split's own labels.
     preds = gather_shards(predict(model, loader, device), positions)
     return classification_metrics(preds, dataset.test.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
-                                  dataset.class_names)
+                                  dataset.class_names, dataset.class_ids)
 
 
 def publish(results: dict[str, Any], out_dir: Path, title: str, console: Console) -> None:

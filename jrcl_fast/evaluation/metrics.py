@@ -21,13 +21,19 @@ def predict(model: nn.Module, loader, device: torch.device) -> np.ndarray:
 
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,
-                           groups: dict[str, list[int]], class_names: list[str]) -> dict[str, Any]:
+                           groups: dict[str, list[int]], class_names: list[str],
+                           class_ids: list[int] | None = None) -> dict[str, Any]:
     """Top-1, balanced accuracy, macro-F1, shot-group and per-class accuracy.
+
+    Per-class rows name each class as the data set does: `id` is its own class id
+    (iNaturalist category id; default the index), `class` the index that
+    `shot_classes` lists.
 
     Balanced and group accuracies average per-class accuracy over classes present in
     the test split, so a head class counts once however many test images it has.
     """
     num_classes = len(class_names)
+    class_ids = list(range(num_classes)) if class_ids is None else class_ids
     test_counts = np.bincount(labels, minlength=num_classes)
     correct = np.bincount(labels, weights=(preds == labels), minlength=num_classes)
     present = test_counts > 0
@@ -46,7 +52,7 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: 
         "shot_accuracy": {group: mean_over(groups[group]) for group in SHOT_GROUPS},
         "shot_classes": {group: [int(c) for c in groups[group]] for group in SHOT_GROUPS},
         "per_class": [
-            {"class": c, "name": class_names[c], "train_count": int(train_counts[c]),
+            {"class": c, "id": class_ids[c], "name": class_names[c], "train_count": int(train_counts[c]),
              "test_count": int(test_counts[c]), "accuracy": None if not present[c] else float(per_class[c])}
             for c in range(num_classes)
         ],

@@ -31,10 +31,10 @@ def print_results(results: dict[str, Any], console: Console, title: str) -> None
     rows = results["per_class"]
     per_class = Table(title="Per-class accuracy (%)" + ("" if len(rows) <= PER_CLASS_ROWS_SHOWN else
                       f", first {PER_CLASS_ROWS_SHOWN} of {len(rows)} classes; all are in the JSON"))
-    for column in ("class", "name", "train images", "test images", "accuracy"):
+    for column in ("id", "name", "train images", "test images", "accuracy"):
         per_class.add_column(column, justify="right")
     for row in rows[:PER_CLASS_ROWS_SHOWN]:
-        per_class.add_row(str(row["class"]), row["name"], str(row["train_count"]), str(row["test_count"]),
+        per_class.add_row(str(row["id"]), row["name"], str(row["train_count"]), str(row["test_count"]),
                           _pct(row["accuracy"]))
     console.print(per_class)
 
