@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jrcl_fast.data.augment import AUGMENTATIONS, Augmentation
-from jrcl_fast.data.dali_pipelines import DaliTrainLoader, dali_on_gpu, decode, view_steps
+from jrcl_fast.data.dali_loader import DaliTrainLoader, dali_on_gpu, decode, view_steps
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import load_rgb
 from jrcl_fast.data.torch_loader import TorchTrainLoader, train_transform

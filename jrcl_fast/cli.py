@@ -60,7 +60,7 @@ def _check_loss_backend(cfg: Config) -> None:
 def _train(args: argparse.Namespace, console: Console) -> None:
     import torch.distributed as dist
 
-    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine.trainer import train
     from jrcl_fast.evaluation.evaluate import evaluate, publish
     from jrcl_fast.runtime import launched_ranks
@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
-    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine.checkpoint import read_model_states, run_dir_of
     from jrcl_fast.evaluation.evaluate import evaluate, publish
     from jrcl_fast.models import JRCLNet
@@ -100,8 +100,8 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
 
 
 def _check_data(args: argparse.Namespace, console: Console) -> None:
-    from jrcl_fast.data.check import check_data
-    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.data.check_data import check_data
+    from jrcl_fast.data.datasets import load_dataset
 
     cfg = load_config(args.config, args.overrides)
     report = check_data(load_dataset(cfg.data), num_workers=os.cpu_count() or 1)

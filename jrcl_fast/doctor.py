@@ -165,7 +165,7 @@ def deepspeed_step(device: torch.device) -> tuple[bool, str]:
     """One optimizer step of the real model through DeepSpeed, default config (bf16,
     BatchNorm), on this device: the set-up that crashed on the first GPU run."""
     from jrcl_fast.config import parse_config
-    from jrcl_fast.engine.engines import build_engine
+    from jrcl_fast.engine.backends import build_engine
     from jrcl_fast.engine.optim import build_optimizer, build_scheduler
     from jrcl_fast.engine.trainer import train_step
     from jrcl_fast.losses.objective import JRCLObjective

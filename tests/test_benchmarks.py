@@ -16,7 +16,7 @@ from helpers import REPO, tiny_config
 
 from jrcl_fast.config import load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
-from jrcl_fast.data.dali_pipelines import view_steps
+from jrcl_fast.data.dali_loader import view_steps
 from jrcl_fast.data.torch_loader import train_transform
 from jrcl_fast.models import JRCLNet
 

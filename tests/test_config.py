@@ -86,7 +86,7 @@ def test_paths_given_with_set_are_relative_to_the_working_directory(tmp_path, mo
 def test_a_missing_deepspeed_json_is_named_by_its_resolved_path(tmp_path, monkeypatch):
     import torch
 
-    from jrcl_fast.engine.engines import deepspeed_config
+    from jrcl_fast.engine.backends import deepspeed_config
 
     (tmp_path / "sub").mkdir()
     path = write(tmp_path / "sub", "data: {name: digits_lt, root: cache}\ntrain: {deepspeed_config: ds.json}\n")

@@ -19,7 +19,7 @@ from nvidia.dali.pipeline import DataNode  # noqa: E402
 
 from jrcl_fast.config import DataConfig  # noqa: E402
 from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
-from jrcl_fast.data.dali_pipelines import (DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped,  # noqa: E402
+from jrcl_fast.data.dali_loader import (DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped,  # noqa: E402
                                           dali_eval_loader)
 from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402

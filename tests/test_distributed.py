@@ -173,7 +173,7 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
     from rich.console import Console
 
     from jrcl_fast.config import load_config
-    from jrcl_fast.data.registry import load_dataset
+    from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine import trainer
     from jrcl_fast.runtime import Ranks
     from jrcl_fast.errors import RankFailure

@@ -68,7 +68,7 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     optimizer step: every layer's buffers share its parameters' dtype, the forward and
     backward pass run, and the weights move."""
     from jrcl_fast.config import load_config
-    from jrcl_fast.engine.engines import build_engine
+    from jrcl_fast.engine.backends import build_engine
     from jrcl_fast.engine.optim import build_optimizer, build_scheduler
     from jrcl_fast.models import JRCLNet
     from jrcl_fast.runtime import Ranks
@@ -102,7 +102,7 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
 def test_match_buffers_to_parameters_follows_each_layer():
     """A layer kept in fp32 (e.g. by DeepSpeed's keep_in_fp32 lists) keeps fp32
     statistics; a bf16 layer gets bf16 ones; a layer without parameters is left alone."""
-    from jrcl_fast.engine.engines import match_buffers_to_parameters
+    from jrcl_fast.engine.backends import match_buffers_to_parameters
 
     model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, affine=False), nn.BatchNorm1d(3))
     model[0].bfloat16()
@@ -116,7 +116,7 @@ def test_match_buffers_to_parameters_follows_each_layer():
 
 def test_default_deepspeed_config_is_the_shipped_file():
     """A config without train.deepspeed_config gets what configs/ds_config.json says."""
-    from jrcl_fast.engine.engines import DEFAULT_DEEPSPEED_CONFIG
+    from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG
 
     shipped = json.loads((REPO / "configs" / "ds_config.json").read_text())
     assert not shipped.pop("fp16")["enabled"]
@@ -125,7 +125,7 @@ def test_default_deepspeed_config_is_the_shipped_file():
 
 def test_zero_stage_3_is_refused(tmp_path, digits_root):
     from jrcl_fast.config import load_config
-    from jrcl_fast.engine.engines import deepspeed_config
+    from jrcl_fast.engine.backends import deepspeed_config
     from jrcl_fast.errors import UserError
 
     ds = tmp_path / "ds.json"

@@ -1,5 +1,5 @@
-"""Adapters from the published label files of NIH-CXR-LT, MIMIC-CXR-LT and
-iNaturalist 2018 to LongTailedDataset.
+"""Adapters from the published label files of NIH-CXR-LT, MIMIC-CXR-LT, iNaturalist
+2018 and Places-LT to LongTailedDataset.
 
 Each reader checks the format as it goes: a wrong file is a UserError naming the
 file, the line (or JSON entry) and what was expected, never a KeyError at step 1000.
@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
+from jrcl_fast.data.filelist import read_file_list
 from jrcl_fast.errors import UserError
 
 
@@ -195,4 +196,35 @@ def load_inat2018(root: Path) -> LongTailedDataset:
         class_ids=[c["id"] for c in categories],
         train=coco_split(train_json, train, root, class_of),
         test=coco_split(val_json, _read_json(val_json), root, class_of),
+    )
+
+
+PLACES_LT_CLASSES = 365
+
+
+def places_class_names(train: Split) -> list[str]:
+    """Scene names from the training paths, as Places365 names its categories
+    (`.../a/abbey/x.jpg` -> abbey, `.../a/arena/hockey/x.jpg` -> arena/hockey: the
+    folders below the one-letter folder). A class whose paths give no name, or
+    disagree, keeps its label number."""
+    names: dict[int, set[str]] = {}
+    for rel, label in zip(train.paths, train.labels.tolist()):
+        folders = PurePosixPath(rel).parts[:-1]
+        letter = next((k for k, part in enumerate(folders) if len(part) == 1 and part.isalpha()), None)
+        name = "/".join(folders[letter + 1:]) if letter is not None else ""
+        names.setdefault(label, set()).add(name)
+    unique = {label: found.pop() for label, found in names.items() if len(found) == 1 and "" not in found}
+    return [unique.get(c, str(c)) for c in range(PLACES_LT_CLASSES)]
+
+
+def load_places_lt(root: Path) -> LongTailedDataset:
+    lists = {split: f"Places_LT_{split}.txt" for split in ("train", "val", "test")}
+    require_files(root, list(lists.values()), "the Places-LT list files")
+    train = read_file_list(root / lists["train"], root)
+    return LongTailedDataset(
+        name="places_lt",
+        class_names=places_class_names(train),
+        train=train,
+        val=read_file_list(root / lists["val"], root),
+        test=read_file_list(root / lists["test"], root),
     )

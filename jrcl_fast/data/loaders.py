@@ -1,7 +1,7 @@
 """Loader factories: the trainer's single door into the data layer.
 
 data.loader picks the torchvision path (torch_loader.py) or the DALI path
-(dali_pipelines.py); both take their sample order from sampling.py and yield the
+(dali_loader.py); both take their sample order from sampling.py and yield the
 same batch shapes. Train: (B x V x 3 x H x W, B), len() steps per epoch, drop-last.
 Eval: (B x 3 x H x W, B), every sample once across ranks.
 """
@@ -20,7 +20,7 @@ from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader
 from jrcl_fast.errors import UserError
 
 if TYPE_CHECKING:
-    from jrcl_fast.data.dali_pipelines import DaliTrainLoader
+    from jrcl_fast.data.dali_loader import DaliTrainLoader
 
 
 def build_train_loader(dataset: LongTailedDataset, data_cfg: DataConfig, batch_size: int, seed: int,
@@ -33,7 +33,7 @@ def build_train_loader(dataset: LongTailedDataset, data_cfg: DataConfig, batch_s
     args = (dataset.train, data_cfg.image_size, augmentation_for(dataset.name), data_cfg.num_views,
             batch_size, data_cfg.sampler, seed, data_cfg.num_workers, rank, world_size)
     if data_cfg.loader == "dali":
-        from jrcl_fast.data.dali_pipelines import DaliTrainLoader  # DALI loads only when asked for
+        from jrcl_fast.data.dali_loader import DaliTrainLoader  # DALI loads only when asked for
 
         return DaliTrainLoader(*args)
     return TorchTrainLoader(*args)
@@ -44,7 +44,7 @@ def build_eval_loader(split: Split, dataset_name: str, data_cfg: DataConfig, bat
     args = (split, data_cfg.image_size, augmentation_for(dataset_name), batch_size, data_cfg.num_workers,
             rank, world_size)
     if data_cfg.loader == "dali":
-        from jrcl_fast.data.dali_pipelines import dali_eval_loader
+        from jrcl_fast.data.dali_loader import dali_eval_loader
 
         return dali_eval_loader(*args)
     return torch_eval_loader(*args)

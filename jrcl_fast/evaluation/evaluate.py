@@ -10,7 +10,7 @@ from rich.console import Console
 
 from jrcl_fast.config import Config
 from jrcl_fast.data.dataset import LongTailedDataset
-from jrcl_fast.data.groups import shot_groups
+from jrcl_fast.data.class_groups import shot_groups
 from jrcl_fast.data.loaders import build_eval_loader
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.runtime import Ranks, gather_shards

@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from jrcl_fast.data.groups import SHOT_GROUPS
+from jrcl_fast.data.class_groups import SHOT_GROUPS
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
-from jrcl_fast.data.check import image_problem
+from jrcl_fast.data.check_data import image_problem
 from jrcl_fast.data.dataset import MISSING, Split
 from jrcl_fast.data.sampling import epoch_indices, eval_indices
 from jrcl_fast.errors import UserError
