@@ -43,6 +43,17 @@ def test_group_norm_backbone_recipe():
             torch.testing.assert_close(block(x), torch.relu(x))
 
 
+def test_group_norm_model_is_per_sample():
+    """What makes 2 ranks x 16 equal 1 rank x 32: no output depends on the rest of the batch."""
+    model = JRCLNet(ModelConfig(backbone="resnet18", small_input_stem=True, projection_dim=16,
+                                projection_hidden_dim=32, norm="group"), 10).train()
+    images = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        whole, halves = model(images), [model(images[:3]), model(images[3:])]
+    for field, got in zip(whole._fields, whole):
+        torch.testing.assert_close(got, torch.cat([getattr(half, field) for half in halves]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm", ["batch", "sync_batch"])
 def test_batch_norm_backbone_is_plain_torchvision(norm):
     """The GroupNorm recipe must not leak into the batch-norm model (the Quick start's default)."""
