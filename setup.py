@@ -24,6 +24,6 @@ setup(
         "scikit-learn",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "ruff>=0.17"]},
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
 )

@@ -21,7 +21,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from rich.console import Console
 from rich.table import Table
 

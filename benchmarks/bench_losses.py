@@ -120,7 +120,7 @@ def machine_rates(quick: bool) -> dict[str, float]:
     for name, dtype in DTYPES.items():
         a = torch.randn(size, size, device="cuda", dtype=dtype)
         b = torch.randn(size, size, device="cuda", dtype=dtype)
-        ms = median_ms(lambda: a @ b, lambda: None, 3, 10)
+        ms = median_ms(lambda a=a, b=b: a @ b, lambda: None, 3, 10)
         rates[f"matmul_{name}_flops"] = 2 * size**3 / (ms * 1e-3)
     src = torch.empty(1 << 28, device="cuda")  # 1 GiB of float32
     dst = torch.empty_like(src)
@@ -184,7 +184,8 @@ def floor(case: Case, mode: str, rates: dict[str, float] | None) -> tuple[float,
     return flops, nbytes, seconds * 1e3
 
 
-def measure(objective: Callable[..., Tensor], inputs: tuple, leaves: tuple, mode: str, warmup: int, repeats: int) -> tuple[float, float | None]:
+def measure(objective: Callable[..., Tensor], inputs: tuple, leaves: tuple, mode: str, warmup: int,
+            repeats: int) -> tuple[float, float | None]:
     """Median ms and peak MiB allocated beyond the inputs for one mode."""
     holder: dict[str, Tensor] = {}
 
@@ -284,7 +285,8 @@ def print_table(console: Console, rows: list[Row], device: str) -> None:
     for r in rows:
         ms = num(r.ms, ".3f") if r.status == "ok" else r.status
         table.add_row(r.loss, r.impl, str(r.n), str(r.classes), r.dtype, r.mode, ms, num(r.peak_mib, ".1f"),
-                      num(r.flops / 1e9, ".1f"), num(r.bytes / 1e6, ".1f"), num(r.floor_ms, ".3g"), num(r.x_floor, ".1f"))
+                      num(r.flops / 1e9, ".1f"), num(r.bytes / 1e6, ".1f"), num(r.floor_ms, ".3g"),
+                      num(r.x_floor, ".1f"))
     console.print(table)
 
 

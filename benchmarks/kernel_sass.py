@@ -147,7 +147,8 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
         done = subprocess.run(
-            [str(TOOLS / "ptxas"), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            [str(TOOLS / "ptxas"), "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src),
+             "-o", str(Path(tmp) / "k.cubin")],
             capture_output=True, text=True, check=True,
         )
     log = done.stdout + done.stderr
@@ -164,7 +165,8 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
     return [(int(address, 16), re.sub(r"^@!?U?P\w+\s+", "", body)) for address, body in _SASS_LINE.findall(text)]
 
 

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a key of the checkpoint's config, e.g. --set data.root=/data/places")
     evaluate.add_argument("--output-dir", type=Path, help="where results go (default: the checkpoint's run folder)")
 
-    check = sub.add_parser("check-data", help="decode every image of the config's data set; list missing or corrupt ones")
+    check = sub.add_parser("check-data",
+                           help="decode every image of the config's data set; list missing or corrupt ones")
     check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set data.root=/data/nih (repeatable)")

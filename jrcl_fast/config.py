@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -41,7 +41,7 @@ class DataConfig:
     split_seed: int = 0
     # Normal group G of the BDC loss, by class name. None: the data set's own normal
     # class (No Finding for CXR-LT) or else the many-shot classes.
-    normal_classes: Optional[list[str]] = None
+    normal_classes: list[str] | None = None
     # Shot groups by training count: many > many_shot_min, few < few_shot_max.
     many_shot_min: int = 100
     few_shot_max: int = 20
@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     # DeepSpeed JSON (precision, ZeRO stage, clipping). None: the built-in default, the
     # same as configs/ds_config.json (bf16, ZeRO stage 0, no clipping).
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
     # A collective that waits longer than this (a rank died or hangs) fails the job.
     collective_timeout_s: float = 600.0
 

@@ -90,7 +90,8 @@ def _o2a_fwd_kernel(
     with STORE_O, O_i = sum_j p_ij k_j, the softmax-weighted mean key (FlashAttention's
     output with V = K): the anchors' gradient is then g_i O_i / tau, with no backward
     pass over the tiles."""
-    rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a, BLOCK_N, BLOCK_D)
+    rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, tl.program_id(0) * BLOCK_N, n, D, stride_a,
+                                             BLOCK_N, BLOCK_D)
     run_max = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

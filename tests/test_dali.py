@@ -16,17 +16,16 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.pipeline import DataNode  # noqa: E402
+from test_data_adapters import gradient  # noqa: E402
 
 from jrcl_fast.config import DataConfig  # noqa: E402
 from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
-from jrcl_fast.data.dali_loader import (DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped,  # noqa: E402
-                                          dali_eval_loader)
+from jrcl_fast.data.dali_loader import DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped, dali_eval_loader  # noqa: E402
 from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
 from jrcl_fast.data.sampling import epoch_indices  # noqa: E402
 from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader  # noqa: E402
 from jrcl_fast.errors import UserError  # noqa: E402
-from test_data_adapters import gradient  # noqa: E402
 
 SIZES = [(60, 80), (80, 60), (37, 91), (64, 64), (128, 200), (300, 257), (45, 45)]
 NATURAL, XRAY = AUGMENTATIONS["natural"], AUGMENTATIONS["xray"]

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from helpers import REPO, TINY_OVERRIDES, run_cli, tiny_config
 
 WORLD = 2
@@ -42,8 +41,8 @@ def problem(seed=0, per_rank=6, views=2, dim=8, classes=4):
 
 def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_average, backend):
     """The common bug: gather without gradient, own rows put back, no world-size factor."""
-    from jrcl_fast.runtime import gather_rows
     from jrcl_fast.losses.contrastive import mean_over_anchors_with_positives, o2a_per_anchor
+    from jrcl_fast.runtime import gather_rows
 
     rank, n = dist.get_rank(), features.shape[0]
     keys = gather_rows(features.detach())
@@ -90,8 +89,8 @@ def worker(rank, port, out_dir):
 
 
 def test_global_batch_gradients_equal_one_process_and_naive_gather_does_not(tmp_path):
-    from jrcl_fast.runtime import free_port
     from jrcl_fast.losses.contrastive import one_to_all_supcon
+    from jrcl_fast.runtime import free_port
 
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -136,8 +135,8 @@ LOST_PEER = [dist.DistError("Connection closed by peer"),
 
 @pytest.mark.parametrize("err", LOST_PEER)
 def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
-    from jrcl_fast.runtime import collective_failures
     from jrcl_fast.errors import RankFailure
+    from jrcl_fast.runtime import collective_failures
 
     message = r"^rank 1 of 2: a collective with the other ranks failed .*Connection closed"
     with pytest.raises(RankFailure, match=message), collective_failures():
@@ -175,8 +174,8 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
     from jrcl_fast.config import load_config
     from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine import trainer
-    from jrcl_fast.runtime import Ranks
     from jrcl_fast.errors import RankFailure
+    from jrcl_fast.runtime import Ranks
 
     # CPU ranks, said explicitly: on a machine with one GPU, rank 1 would otherwise be refused
     cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "device": "cpu"}))

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import REPO, run_cli
 
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

@@ -14,9 +14,8 @@ import os
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import REPO, TINY_OVERRIDES, tiny_config
+from torch import nn
 
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import run_cli, tiny_config
 from torch import nn
 
-from helpers import run_cli, tiny_config
 from jrcl_fast.config import ModelConfig
 from jrcl_fast.models import JRCLNet
 from jrcl_fast.models.jrcl_net import StandardizedConv2d

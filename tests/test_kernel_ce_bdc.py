@@ -9,7 +9,6 @@ proves every element was written.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import requires_gpu

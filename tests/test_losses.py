@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from jrcl_fast.losses.contrastive import global_one_to_all_supcon
-from jrcl_fast.losses import bdc_loss, ce_bdc_loss, o2a_per_anchor, one_to_all_supcon
-from jrcl_fast.losses import checks
+from jrcl_fast.losses import bdc_loss, ce_bdc_loss, checks, o2a_per_anchor, one_to_all_supcon
 from jrcl_fast.losses.checks import check_labels, check_normal_mask, check_o2a_args
+from jrcl_fast.losses.contrastive import global_one_to_all_supcon
 
 
 def brute_o2a(z, y, protos, tau, class_average=True):

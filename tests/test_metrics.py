@@ -6,14 +6,14 @@ import torch
 from rich.console import Console
 
 from jrcl_fast.config import Config, DataConfig, ModelConfig, parse_config
+from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
+from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.errors import UserError
 from jrcl_fast.evaluation.evaluate import evaluate
+from jrcl_fast.evaluation.metrics import classification_metrics
 from jrcl_fast.evaluation.report import print_results
 from jrcl_fast.models import JRCLNet
-from jrcl_fast.data.dataset import LongTailedDataset, Split
-from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
-from jrcl_fast.errors import UserError
-from jrcl_fast.evaluation.metrics import classification_metrics
 
 
 def brute_metrics(preds, labels, groups, num_classes):

@@ -10,7 +10,6 @@ import sys
 import zipfile
 
 import pytest
-
 from helpers import REPO
 
 OFFLINE = ["--no-index", "--no-deps", "--no-build-isolation", "--quiet"]

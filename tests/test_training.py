@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO, run_cli, tiny_config
 
 from jrcl_fast.data.digits_lt import prepare_digits_lt

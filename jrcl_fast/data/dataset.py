@@ -27,7 +27,8 @@ class Split:
     def bad_entry(self, i: int, problem: str, others: int = 0) -> UserError:
         """The one wording, on both loaders and before training, for the image of entry
         `i` (0-based) that is `problem`; `others` more entries have the same problem."""
-        more = f" ({others} more {'entries are' if others > 1 else 'entry is'} {problem.split()[0]} too)" if others else ""
+        entries = "entries are" if others > 1 else "entry is"
+        more = f" ({others} more {entries} {problem.split()[0]} too)" if others else ""
         fix = "fix the path or data.root" if problem == MISSING else "replace the file or remove its entry"
         return UserError(f"{self.source}: entry {i + 1} ({self.root / self.paths[i]}) is {problem}{more}; {fix}, "
                          "and run 'jrcl-fast check-data' to list every missing or corrupt image")

@@ -75,7 +75,8 @@ def prepare_digits_lt(cache_root: str | Path, imbalance_ratio: float = 50.0, tes
     return folder
 
 
-def load_digits_lt(cache_root: str | Path, imbalance_ratio: float, test_fraction: float, seed: int) -> LongTailedDataset:
+def load_digits_lt(cache_root: str | Path, imbalance_ratio: float, test_fraction: float,
+                   seed: int) -> LongTailedDataset:
     folder = prepare_digits_lt(cache_root, imbalance_ratio, test_fraction, seed)
     return LongTailedDataset(
         name="digits_lt",

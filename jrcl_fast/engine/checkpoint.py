@@ -78,4 +78,5 @@ def read_model_states(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a foreign or damaged file: say which, not a pickle traceback
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is not a jrcl-fast checkpoint") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
+                        "it is not a jrcl-fast checkpoint") from None

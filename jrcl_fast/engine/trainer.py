@@ -25,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.config import Config, config_to_dict
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.class_groups import normal_class_mask
+from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
-from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
 from jrcl_fast.engine.backends import build_engine
+from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
 from jrcl_fast.losses.checks import NonFiniteError

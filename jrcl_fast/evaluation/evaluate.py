@@ -9,14 +9,14 @@ import torch
 from rich.console import Console
 
 from jrcl_fast.config import Config
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.class_groups import shot_groups
+from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_eval_loader
 from jrcl_fast.data.sampling import eval_indices
-from jrcl_fast.runtime import Ranks, gather_shards
 from jrcl_fast.evaluation.metrics import classification_metrics, predict
 from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json
 from jrcl_fast.models import JRCLNet
+from jrcl_fast.runtime import Ranks, gather_shards
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "per_class_accuracy.png"

@@ -9,8 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jrcl_fast.data.class_groups import SHOT_GROUPS
 from jrcl_fast.atomic import atomic_write_bytes
+from jrcl_fast.data.class_groups import SHOT_GROUPS
 
 PER_CLASS_ROWS_SHOWN = 40  # iNaturalist has 8,142 classes: the full list goes to the JSON
 

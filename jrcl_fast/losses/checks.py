@@ -45,11 +45,11 @@ def check_labels(name: str, labels: Tensor, length: int, num_classes: int | None
         raise ValueError(f"{name} must be a vector of length {length}, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if length and reads_values(labels) and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
-        upper = f"{num_classes}" if num_classes is not None else "inf"
-        raise ValueError(
-            f"{name} must lie in [0, {upper}), got values from {int(labels.min())} to {int(labels.max())}"
-        )
+    if length and reads_values(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            upper = f"{num_classes}" if num_classes is not None else "inf"
+            raise ValueError(f"{name} must lie in [0, {upper}), got values from {low} to {high}")
 
 
 def check_normal_mask(normal_mask: Tensor, num_classes: int) -> None:

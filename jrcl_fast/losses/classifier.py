@@ -51,7 +51,8 @@ def ce_bdc_loss(
     check_labels("labels", labels, logits.shape[0], logits.shape[1])
     if logit_adjustment is not None and logit_adjustment.shape != (logits.shape[1],):
         raise ValueError(
-            f"logit_adjustment must be a vector of length C = {logits.shape[1]}, got shape {tuple(logit_adjustment.shape)}"
+            f"logit_adjustment must be a vector of length C = {logits.shape[1]}, "
+            f"got shape {tuple(logit_adjustment.shape)}"
         )
     args = (logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc)
     if use_kernels(backend, logits, binary_logits):
