@@ -16,7 +16,6 @@ from helpers import REPO, tiny_config
 
 from jrcl_fast.config import load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
-from jrcl_fast.data.dali_loader import view_steps
 from jrcl_fast.data.torch_loader import train_transform
 from jrcl_fast.models import JRCLNet
 
@@ -32,6 +31,9 @@ def run_benchmark(script: str, *args: str) -> str:
 
 
 def test_bench_data_rows_and_steps_are_the_loaders_own(tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")  # bench_data sets DALI against torchvision
+    from jrcl_fast.data.dali_loader import view_steps
+
     out, size = tmp_path / "data.json", 32
     run_benchmark("bench_data.py", "--folder", str(tmp_path / "images"), "--images", "16", "--batch-size", "8",
                   "--image-size", str(size), "--repeats", "1", "--workers", "1", "--steps", "--json", str(out))

@@ -124,9 +124,13 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove the '{key}' section; the {key} comes from the YAML optim section")
-    if ds.get("fp16", {}).get("enabled") and device.type != "cuda":
-        raise UserError(f"{path}: fp16 needs a GPU (DeepSpeed's CPU backend supports bf16 and fp32); "
-                        "set fp16.enabled to false and bf16.enabled to true or false")
+    if ds.get("fp16", {}).get("enabled"):
+        # Measured on an NVIDIA H100 (torch 2.11, DeepSpeed 0.19.8): with fp16 and dynamic
+        # loss scaling the digits-lt loss stayed flat for 30 epochs while bf16 reached 82.5%;
+        # a run that silently learns nothing is refused until the cause is found.
+        raise UserError(f"{path}: fp16 is not supported yet (on a GPU it did not learn; see docs/PRECISION.md"
+                        + ("" if device.type == "cuda" else ", and DeepSpeed's CPU backend has no fp16")
+                        + "); set fp16.enabled to false and bf16.enabled to true (or false for fp32)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise UserError(f"{path}: zero_optimization.stage {stage} is not supported; use 0, 1 or 2 (stage 3 "
