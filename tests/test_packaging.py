@@ -17,10 +17,12 @@ OFFLINE = ["--no-index", "--no-deps", "--no-build-isolation", "--quiet"]
 
 @pytest.fixture
 def bare_venv(tmp_path):
-    """A fresh environment that sees this one's packages (pip, setuptools, torch) but
-    not its install of jrcl_fast."""
+    """A fresh environment with Python's bundled pip and setuptools (ensurepip, offline;
+    pip 23 here, old enough to take setuptools' legacy `develop` path when a project
+    declares no build system, which is what broke on the GPU machine) that also sees
+    this environment's packages (torch, ...) but not its install of jrcl_fast."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     (next(venv.glob("lib/python*/site-packages")) / "parent.pth").write_text(site.getsitepackages()[0] + "\n")
     return venv / "bin" / "python"
 
