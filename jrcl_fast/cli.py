@@ -48,11 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 def _check_loss_backend(cfg: Config) -> None:
     """loss.backend=triton without a GPU fails deep in Triton ("0 active drivers") unless
     the kernels run under the interpreter (Triton reads TRITON_INTERPRET as on/true/1)."""
-    import torch
+    from jrcl_fast.runtime import runs_on_cpu
 
     interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
-    on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
-    if cfg.loss.backend == "triton" and on_cpu and not interpreted:
+    if cfg.loss.backend == "triton" and runs_on_cpu(cfg.train.device) and not interpreted:
         raise UserError("loss.backend=triton needs a CUDA GPU and this run has none; use --set "
                         "loss.backend=torch (or auto, which takes the kernels only on a GPU), or set "
                         "TRITON_INTERPRET=1 to run the kernels under the Triton interpreter (slow)")

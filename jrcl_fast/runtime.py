@@ -48,20 +48,32 @@ def launched_ranks(local_rank_arg: int | None = None) -> Ranks:
     return Ranks(int(os.environ.get("RANK", "0")), world, local)
 
 
+def runs_on_cpu(requested: str) -> bool:
+    """Whether `train.device` = `requested` means CPU ranks on this machine."""
+    return requested == "cpu" or (requested == "auto" and (
+        os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()))
+
+
 def select_device(requested: str, ranks: Ranks) -> torch.device:
     """This rank's device for `train.device` = `requested`. A GPU becomes the current
     CUDA device too, which is where DALI decodes. Choosing the CPU on a machine with
-    GPUs also points DeepSpeed's accelerator at the CPU, so both agree."""
+    GPUs also points DeepSpeed's accelerator (and with it DALI, dali_on_gpu) at the CPU,
+    so all agree."""
     accelerator = os.environ.get("DS_ACCELERATOR")
-    wants_cpu = requested == "cpu" or (requested == "auto" and (accelerator == "cpu" or not torch.cuda.is_available()))
-    if wants_cpu:
-        if torch.cuda.is_available() and accelerator is None:
+    if runs_on_cpu(requested):
+        if accelerator not in (None, "cpu"):
+            raise UserError(f"train.device={requested} runs on the CPU but DS_ACCELERATOR={accelerator}; "
+                            "unset DS_ACCELERATOR or set it to cpu")
+        if torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
         return torch.device("cpu")
     if accelerator not in (None, "cuda"):
         raise UserError(f"train.device={requested} asks for a GPU but DS_ACCELERATOR={accelerator}; "
                         "unset DS_ACCELERATOR or set train.device=cpu")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"train.device={requested} asks for a GPU but torch sees no CUDA GPU on this machine; "
+                        "set train.device=auto or cpu")
     if ranks.local_rank >= count:
         raise UserError(f"rank {ranks.rank} has local rank {ranks.local_rank} but this node has {count} GPU(s); "
                         f"launch at most {count} rank(s) per node (deepspeed --num_gpus {max(count, 1)}), or set "

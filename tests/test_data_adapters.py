@@ -309,3 +309,12 @@ def test_check_data_covers_every_cxr_split(tmp_path: Path, spec) -> None:
     n = len(spec.class_names)
     assert report.splits == ["train", "val", "test", "balanced-test"] and report.checked == 4 * n - 3
     assert [(b.split, b.entry, b.path) for b in report.bad] == [("balanced-test", n, str(only_in_balanced_test))]
+
+
+def test_list_files_take_places_style_paths_relative_and_other_absolute_paths_as_they_are(tmp_path):
+    from jrcl_fast.data.filelist import read_file_list
+
+    listed = tmp_path / "list.txt"
+    listed.write_text("/a/abbey/0001.jpg 0\n/data/elsewhere/x.jpg 1\nb/bar/2.jpg 2\n")
+    split = read_file_list(listed, tmp_path)
+    assert split.paths == ["a/abbey/0001.jpg", "/data/elsewhere/x.jpg", "b/bar/2.jpg"]

@@ -158,6 +158,26 @@ def test_cpu_ranks_on_a_gpu_machine_stay_on_the_cpu_and_tell_deepspeed(gpu_prese
     assert select_device("auto", Ranks(1, 2, 1)) == torch.device("cpu")
 
 
+def test_cpu_ranks_with_deepspeed_pointed_at_cuda_are_refused(gpu_present, monkeypatch):
+    from jrcl_fast.errors import UserError
+    from jrcl_fast.runtime import Ranks, select_device
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with pytest.raises(UserError, match="runs on the CPU but DS_ACCELERATOR=cuda"):
+        select_device("cpu", Ranks())
+
+
+def test_dali_decodes_where_the_ranks_run(gpu_present, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from jrcl_fast.data.dali_loader import dali_on_gpu
+    from jrcl_fast.runtime import Ranks, select_device
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert dali_on_gpu()
+    select_device("cpu", Ranks())
+    assert not dali_on_gpu()  # CPU ranks on a GPU machine decode on the CPU too
+
+
 def test_the_local_rank_picks_its_gpu(gpu_present, monkeypatch):
     from jrcl_fast.errors import UserError
     from jrcl_fast.runtime import Ranks, select_device
@@ -177,7 +197,7 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    with pytest.raises(UserError, match="has 0 GPU"):
+    with pytest.raises(UserError, match="torch sees no CUDA GPU"):
         select_device("cuda", Ranks())
     assert select_device("auto", Ranks()) == torch.device("cpu")
 

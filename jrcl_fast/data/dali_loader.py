@@ -182,8 +182,9 @@ def eval_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, gpu: bo
 
 
 def dali_on_gpu() -> bool:
-    """DALI decodes on the GPU ("mixed") whenever torch sees one; else everything runs on the CPU."""
-    return torch.cuda.is_available()
+    """DALI decodes on the GPU ("mixed") when the ranks run on GPUs; CPU ranks
+    (train.device=cpu, which sets DS_ACCELERATOR=cpu on a GPU machine) decode on the CPU."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
 
 
 # DALI names the failing operator; only the decoders' failures are the data's fault.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.errors import UserError
+
+PLACES_STYLE = re.compile(r"^/[a-z]/")
 
 
 def read_file_list(list_file: str | Path, image_root: str | Path) -> Split:
@@ -21,7 +24,10 @@ def read_file_list(list_file: str | Path, image_root: str | Path) -> Split:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise UserError(f"{list_file} line {number}: expected 'relative/path label', got {line!r}")
-        paths.append(parts[0].lstrip("/"))  # Places365 lists write /a/abbey/...: still relative to the root
+        # Places365 lists write /a/abbey/... (a one-letter folder first), relative to the
+        # root; any other absolute path is taken as it is.
+        path = parts[0]
+        paths.append(path[1:] if PLACES_STYLE.match(path) else path)
         labels.append(int(parts[1]))
     return Split(Path(image_root), paths, np.asarray(labels, dtype=np.int64), str(list_file))
 
