@@ -95,7 +95,27 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+# DeepSpeed's shared-memory all-reduce for CPU ranks (ShareMemCommBuilder).
+SHM_ALL_REDUCE_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from compiling and mapping its shared-memory all-reduce.
+
+    Only DeepSpeed's inference path uses it (training reduces through gloo), yet every CPU
+    job compiled it (minutes on first use) and left two 69 MB /dev/shm segments per rank
+    that nothing unlinks: /dev/shm fills over many jobs, and a filled /dev/shm is a known
+    cause of crashing ranks (sglang#38638). A CI run crashed one rank with heap corruption
+    while it was loaded.
+    """
+    import deepspeed.ops
+
+    # DeepSpeed probes this table once and keeps it, so that edits to it persist.
+    deepspeed.ops.__compatible_ops__[SHM_ALL_REDUCE_OP] = False
 
 
 def free_port() -> int:

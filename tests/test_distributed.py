@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import REPO, TINY_OVERRIDES, run_cli, tiny_config
 
+from jrcl_fast.runtime import free_port
+
 WORLD = 2
-# DeepSpeed compiles its CPU comm extension once; keep it in the build area CI reuses.
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
 def read_jsonl(path):
@@ -90,8 +91,6 @@ def worker(rank, port, out_dir):
 
 def test_global_batch_gradients_equal_one_process_and_naive_gather_does_not(tmp_path):
     from jrcl_fast.losses.contrastive import one_to_all_supcon
-    from jrcl_fast.runtime import free_port
-
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -187,22 +186,19 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
 # ---------------------------------------------------------------- real runs (CLI, launcher)
 
 def run_env():
-    return {**os.environ, "COLUMNS": "160", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": EXTENSIONS,
-            "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "COLUMNS": "160", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def launcher_cmd(config, *extra, ranks=WORLD):
-    from jrcl_fast.runtime import free_port
-
+def launcher_cmd(config, *extra, ranks=WORLD, port=None):
     # The launcher's module, not its console script: an environment installed with
     # `pip --target` (as on the GPU machines) has no bin/deepspeed beside python.
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "jrcl_fast",
-            "train", "--config", str(config), *extra]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(port or free_port()), "--module", "jrcl_fast", "train", "--config", str(config), *extra]
 
 
-def launch(config, *extra, timeout=600):
-    return subprocess.run(launcher_cmd(config, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=run_env())
+def launch(config, *extra, timeout=600, port=None):
+    return subprocess.run(launcher_cmd(config, *extra, port=port), capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=run_env())
 
 
 def dist_config(tmp_path, name, ds=None, **sections):
@@ -231,8 +227,13 @@ def equivalence_config(tmp_path, name, digits_root, **train):
 def two_rank_run(tmp_path_factory, digits_root):
     tmp = tmp_path_factory.mktemp("two_rank")
     config = equivalence_config(tmp, "straight", digits_root)
-    done = launch(config)
+    port = free_port()
+    done = launch(config, port=port)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # DeepSpeed's shared-memory all-reduce stays off: not compiled, no /dev/shm segment
+    # (named after the job's port) left behind.
+    assert "shm_comm" not in done.stdout + done.stderr
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return config, done
 
 
@@ -334,8 +335,6 @@ def test_fp16_is_refused_on_a_gpu_too(tmp_path, digits_root):
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path, digits_root):
-    from jrcl_fast.runtime import free_port
-
     config = dist_config(tmp_path, "dead", digits_root=digits_root,
                          train={"epochs": 50, "collective_timeout_s": 30})
     env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD)}

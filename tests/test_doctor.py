@@ -4,19 +4,15 @@ and a wrong kernel or a crashing check turns into a failure with exit code 1."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from helpers import REPO, run_cli
-
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+from helpers import run_cli
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report; on a GPU run `jrcl-fast doctor` itself")
-def test_doctor_on_a_cpu_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", EXTENSIONS)
+def test_doctor_on_a_cpu_machine(tmp_path):
     done = run_cli("doctor", "--out", str(tmp_path / "doctor.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "doctor.json").read_text())

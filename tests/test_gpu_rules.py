@@ -17,9 +17,6 @@ import torch
 from helpers import REPO, TINY_OVERRIDES, tiny_config
 from torch import nn
 
-EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-
-
 # ---------------------------------------------------------------- precision
 
 
@@ -50,7 +47,7 @@ def one_rank_deepspeed():
     from jrcl_fast.runtime import Ranks, init_process_group
 
     saved = dict(os.environ)
-    os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=EXTENSIONS)
+    os.environ.update(DS_ACCELERATOR="cpu")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
     init_process_group(Ranks(), torch.device("cpu"), 60)

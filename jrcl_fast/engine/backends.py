@@ -4,9 +4,7 @@ The loop calls `engine(images)`, `engine.backward(loss)`, `engine.step()`,
 `engine.get_lr()`, `engine.save_checkpoint(...)` and `engine.load_checkpoint(...)` only,
 so one loop serves both. DeepSpeed runs whenever the job is launched with several
 ranks or the rank's device is a GPU (train.engine: auto; train.device picks it). A
-plain one-process CPU run uses LocalEngine instead: DeepSpeed's communication backend compiles a C++ extension on its
-start on the CPU (1 to 3 minutes on 2 cores, measured), which would more than double the
-Quick start.
+plain one-process CPU run uses LocalEngine instead: it has nothing to communicate.
 LocalEngine follows DeepSpeed's semantics (loss divided by the accumulation steps, an
 optimizer and scheduler step at each accumulation boundary, the same clipping and the
 same checkpoint layout) in fp32.
