@@ -81,16 +81,17 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.checkpoint import REVISION_KEY, read_model_states, run_dir_of
     from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.engine.checkpoint import read_model_states, run_dir_of
     from jrcl_fast.evaluation.evaluate import evaluate, publish
-    from jrcl_fast.models import JRCLNet
+    from jrcl_fast.models import JRCLNet, check_architecture
     from jrcl_fast.runtime import Ranks, select_device
 
     saved = read_model_states(args.checkpoint)
     if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
         raise UserError(f"checkpoint {args.checkpoint} holds no weights and config; it is not a jrcl-fast checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
+    check_architecture(saved.get(REVISION_KEY), cfg.model, f"checkpoint {args.checkpoint}")
     dataset = load_dataset(cfg.data)
     device = select_device(cfg.train.device, Ranks())
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)

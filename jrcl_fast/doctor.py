@@ -256,13 +256,14 @@ def nccl_all_gather(folder: Path) -> tuple[bool, str]:
     return gathered == [float(r) for r in range(world)], f"{world} GPUs gathered {gathered}"
 
 
-def run_checks(device: torch.device) -> list[Check]:
+def run_checks(device: torch.device, installed: dict[str, str | None]) -> list[Check]:
+    """Every check on `device`; `installed` is versions(), which says what can run."""
     gpu = device.type == "cuda"
     checks = kernel_checks(device)
     name = "DeepSpeed step, default config (bf16, BatchNorm), " + ("GPU" if gpu else "CPU")
     checks.append(timed(name, lambda: deepspeed_step(device)))
     with tempfile.TemporaryDirectory() as tmp:
-        if versions()["dali"] is None:
+        if installed["dali"] is None:
             checks.append(skipped("DALI decode", "DALI not installed: skipped"))
         else:
             checks.append(timed("DALI " + ("mixed (GPU)" if gpu else "CPU") + " decode",
@@ -301,9 +302,9 @@ def doctor(out: Path | None, console: Console) -> bool:
         # Without a GPU the kernels run under the Triton interpreter, which must be
         # chosen before they are imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    start = time.perf_counter()
-    checks = run_checks(device)
-    info = {"versions": versions(), "gpus": gpus(), "argv": sys.argv, "seconds": time.perf_counter() - start,
+    start, installed = time.perf_counter(), versions()
+    checks = run_checks(device, installed)
+    info = {"versions": installed, "gpus": gpus(), "argv": sys.argv, "seconds": time.perf_counter() - start,
             "checks": [asdict(c) for c in checks], "ok": all(c.status != "fail" for c in checks)}
     report(info, checks, console)
     if out is not None:

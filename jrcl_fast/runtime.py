@@ -167,13 +167,14 @@ def gather_rows(x: Tensor) -> Tensor:
     return out
 
 
-def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:
-    """Mean over ranks of scalar tensors, in one all-reduce; plain floats on one process."""
+def mean_over_ranks(values: Tensor) -> Tensor:
+    """Mean over ranks of `values` (fp32), in one all-reduce; `values` itself on one process."""
+    values = values.detach().float()
     if not is_distributed():
-        return {name: float(v) for name, v in values.items()}
-    stacked = torch.stack([v.detach().float() for v in values.values()])
-    dist.all_reduce(stacked)
-    return dict(zip(values, (stacked / dist.get_world_size()).tolist()))
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 def gather_shards(shard: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from jrcl_fast.atomic import atomic_write_bytes
-from jrcl_fast.engine.checkpoint import save_model_states
+from jrcl_fast.checkpoint import save_model_states
 from jrcl_fast.evaluation.evaluate import PLOT_NAME, RESULTS_NAME, publish
 from jrcl_fast.evaluation.metrics import classification_metrics
 

@@ -177,3 +177,22 @@ def test_resume_with_overwrite_is_refused(tmp_path, digits_root):
     assert_user_error(run_cli("train", "--config", str(config), "--resume", "--overwrite"),
                       "--resume and --overwrite contradict each other", "pass one of them")
     assert (checkpoints / "latest").read_text() == "epoch_0001"  # nothing deleted
+
+
+def test_eval_refuses_a_group_norm_checkpoint_of_the_older_network(tmp_path, digits_root):
+    """Revision 1 group-norm weights have the same names as today's but mean another network:
+    without the check they would load and evaluate to a silently wrong result."""
+    import yaml
+
+    from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
+    from jrcl_fast.config import config_to_dict, parse_config
+    from jrcl_fast.models import JRCLNet
+
+    raw = yaml.safe_load(tiny_config(tmp_path, digits_root, model={"norm": "group"}).read_text())
+    cfg = parse_config(raw, "tiny")
+    tag = tmp_path / "old" / "checkpoints" / "epoch_0001"
+    save_model_states(tag / MODEL_STATES, {"module": JRCLNet(cfg.model, 10).state_dict(),
+                                           "config": config_to_dict(cfg), "epochs_done": 1})
+    (tag.parent / "latest").write_text("epoch_0001")
+    done = run_cli("eval", "--checkpoint", str(tag.parent))
+    assert_user_error(done, "was trained with network revision 1", "model.norm=group", "train it again")

@@ -275,6 +275,10 @@ def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) ->
     assert report.lines()[0] == "places_lt (train, test): 12 images, 6 decoded, 2 missing, 4 corrupt"
     with pytest.raises(UserError, match=re.escape(f"list.txt: entry 6 ({tmp_path / 'gone.png'}) is missing; fix")):
         split.check_files_exist()
+    # a rank checks its own share of the entries: entry 6 belongs to rank 1 of 2
+    split.check_files_exist(np.arange(0, 6, 2))
+    with pytest.raises(UserError, match="entry 6 "):
+        split.check_files_exist(np.arange(1, 6, 2))
 
 
 def test_check_data_command(tmp_path: Path, capsys) -> None:

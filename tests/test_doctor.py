@@ -52,7 +52,7 @@ def test_a_crashing_check_is_a_failure_and_exit_code_1(monkeypatch, capsys, tmp_
     def broken():
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(doctor, "run_checks", lambda device: [doctor.timed("DeepSpeed step", broken),
+    monkeypatch.setattr(doctor, "run_checks", lambda device, installed: [doctor.timed("DeepSpeed step", broken),
                                                               doctor.skipped("NCCL all-gather", "needs 2 GPUs")])
     assert main(["doctor", "--out", str(tmp_path / "d.json")]) == 1
     captured = capsys.readouterr()

@@ -25,3 +25,15 @@ def test_small_input_stem_keeps_spatial_resolution():
         small_map = torch.nn.Sequential(small.conv1, small.bn1, small.relu, small.maxpool)(x)
         standard_map = torch.nn.Sequential(standard.conv1, standard.bn1, standard.relu, standard.maxpool)(x)
     assert small_map.shape[-1] == 32 and standard_map.shape[-1] == 8
+
+
+def test_weights_of_an_older_network_revision_are_refused_where_the_network_changed():
+    from jrcl_fast.errors import UserError
+    from jrcl_fast.models import ARCHITECTURE_REVISION, check_architecture
+
+    check_architecture(None, ModelConfig(norm="batch"), "ckpt")  # batch norm: unchanged since revision 1
+    check_architecture(ARCHITECTURE_REVISION, ModelConfig(norm="group"), "ckpt")
+    with pytest.raises(UserError, match="^ckpt was trained with network revision 1, and since then model.norm=group"):
+        check_architecture(None, ModelConfig(norm="group"), "ckpt")
+    with pytest.raises(UserError, match="newer jrcl-fast"):
+        check_architecture(ARCHITECTURE_REVISION + 1, ModelConfig(), "ckpt")

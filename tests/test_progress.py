@@ -1,11 +1,18 @@
-"""Progress when stdout is not a terminal: plain lines at an interval and at each epoch's end."""
+"""Progress when stdout is not a terminal: plain lines at an interval and at each epoch's
+end; the step losses, read on the host once per interval rather than every step."""
 
 import io
+import json
 import re
 
+import pytest
+import torch
+from helpers import tiny_config
 from rich.console import Console
 
+from jrcl_fast.engine import trainer
 from jrcl_fast.engine.trainer import PlainProgress, _progress
+from jrcl_fast.errors import UserError
 
 LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) (\d+) img/s loss (\d+\.\d{4}) ETA (\d+):(\d\d):(\d\d)$")
 
@@ -47,3 +54,33 @@ def test_a_terminal_keeps_the_live_bar():
 
     assert isinstance(_progress(Console(file=io.StringIO(), force_terminal=True), 5, 2), Progress)
     assert isinstance(_progress(Console(file=io.StringIO(), force_terminal=False), 5, 2), PlainProgress)
+
+
+def test_step_losses_are_read_once_per_interval_and_every_step_is_logged(tmp_path, digits_root, monkeypatch):
+    from jrcl_fast.config import load_config
+    from jrcl_fast.data.datasets import load_dataset
+
+    reads = []
+    read_losses = trainer.read_losses
+    monkeypatch.setattr(trainer, "read_losses", lambda pending, *args: reads.append(len(pending))
+                        or read_losses(pending, *args))
+    monkeypatch.setattr(trainer, "LOSS_READ_INTERVAL", 4)
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={"epochs": 1, "batch_size": 16, "threads": 1}))
+    dataset = load_dataset(cfg.data)
+    trainer.train(cfg, dataset, False, False, Console(quiet=True))
+
+    steps = len(dataset.train) // 16
+    assert reads == [4] * (steps // 4) + [steps % 4] * (steps % 4 > 0)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in logged] == list(range(1, steps + 1))
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["loss_total"] == pytest.approx(sum(r["loss_total"] for r in logged) / steps)
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step():
+    pending = [{"ce": torch.tensor(1.0), "total": torch.tensor(2.0)},
+               {"ce": torch.tensor(1.0), "total": torch.tensor(float("inf"))},
+               {"ce": torch.tensor(float("nan")), "total": torch.tensor(float("nan"))}]
+    assert trainer.read_losses(pending[:1], 0, 0) == [{"ce": 1.0, "total": 2.0}]
+    with pytest.raises(UserError, match=r"^training diverged in epoch 3, step 12 \(non-finite loss\)"):
+        trainer.read_losses(pending, 2, 10)

@@ -33,9 +33,12 @@ class Split:
         return UserError(f"{self.source}: entry {i + 1} ({self.root / self.paths[i]}) is {problem}{more}; {fix}, "
                          "and run 'jrcl-fast check-data' to list every missing or corrupt image")
 
-    def check_files_exist(self) -> None:
-        """Fail before training, not at hour 9, when an image file is missing."""
-        missing = [i for i, rel in enumerate(self.paths) if not (self.root / rel).is_file()]
+    def check_files_exist(self, entries: np.ndarray | None = None) -> None:
+        """Fail before training, not at hour 9, when an image file of `entries` (default:
+        all) is missing. Ranks each check their own share: on a shared file system a
+        data set of 10^5 images checked by every rank of every node is 10^5 stats each."""
+        indices = range(len(self.paths)) if entries is None else entries.tolist()
+        missing = [i for i in indices if not (self.root / self.paths[i]).is_file()]
         if missing:
             raise self.bad_entry(missing[0], MISSING, len(missing) - 1)
 

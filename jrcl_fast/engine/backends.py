@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
 from jrcl_fast.config import Config
-from jrcl_fast.engine.checkpoint import MODEL_STATES, save_model_states
 from jrcl_fast.errors import UserError
 from jrcl_fast.runtime import Ranks, init_process_group
 

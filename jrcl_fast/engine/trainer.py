@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -24,21 +25,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jrcl_fast.atomic import atomic_write_bytes
+from jrcl_fast.checkpoint import (
+    CHECKPOINT_DIR,
+    REVISION_KEY,
+    commit_latest,
+    epoch_tag,
+    fsync_tree,
+    latest_tag,
+    read_model_states,
+)
 from jrcl_fast.config import Config, config_to_dict
 from jrcl_fast.data.class_groups import normal_class_mask
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
+from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.engine.backends import build_engine
-from jrcl_fast.engine.checkpoint import CHECKPOINT_DIR, commit_latest, epoch_tag, fsync_tree, latest_tag
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.errors import UserError
 from jrcl_fast.losses.checks import NonFiniteError
 from jrcl_fast.losses.objective import JRCLObjective
-from jrcl_fast.models import JRCLNet
+from jrcl_fast.models import ARCHITECTURE_REVISION, JRCLNet, check_architecture
 from jrcl_fast.runtime import Ranks, collective_failures, is_distributed, mean_over_ranks, select_device
 
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
+# Steps between reads of the losses on the host: each read waits for the device to finish
+# the queued steps, so reading every step would stall a GPU's pipeline at every step.
+LOSS_READ_INTERVAL = 25
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -59,10 +72,23 @@ def _trim_jsonl(path: Path, epochs_done: int) -> None:
     atomic_write_bytes(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def _append_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write("".join(json.dumps(record) + "\n" for record in records))
         f.flush()
+
+
+def read_losses(pending: list[dict[str, torch.Tensor]], epoch: int, first_step: int) -> list[dict[str, float]]:
+    """The global batch's loss terms of the `pending` steps on the host: one all-reduce
+    and one device wait for all of them. Every rank sees the same values, so a
+    non-finite one stops every rank at once (UserError naming the first such step)."""
+    names = list(pending[0])
+    stacked = torch.stack([torch.stack([terms[name].float() for name in names]) for terms in pending])
+    rows = mean_over_ranks(stacked).tolist()
+    for i, row in enumerate(rows):
+        if not all(math.isfinite(value) for value in row):
+            raise diverged(epoch, first_step + i, "non-finite loss")
+    return [dict(zip(names, row)) for row in rows]
 
 
 PLAIN_PROGRESS_INTERVAL_S = 30.0  # between plain progress lines, besides one at each epoch's end
@@ -143,7 +169,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
     _check_output_dir(out_dir, resume, overwrite, cfg.train.epochs)
     for split in dataset.splits().values():  # every split the run and check-data read, not at hour 9
-        split.check_files_exist()
+        split.check_files_exist(eval_indices(len(split), ranks.rank, ranks.world_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -166,10 +192,12 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
 
     epochs_done = 0
     if resume:
-        _, saved = engine.load_checkpoint(str(ckpt_dir), latest_tag(ckpt_dir))
+        saved = read_model_states(ckpt_dir)  # checked before the engine loads the weights into this network
         if saved["config"] != config_to_dict(cfg):
             raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
                             "resume with the same config and --set overrides")
+        check_architecture(saved.get(REVISION_KEY), cfg.model, f"--resume: {ckpt_dir}")
+        engine.load_checkpoint(str(ckpt_dir), latest_tag(ckpt_dir))
         epochs_done = saved["epochs_done"]
         console.print(f"Resuming {out_dir} after epoch {epochs_done}")
         if ranks.is_main:
@@ -191,39 +219,48 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
             engine.module.train()
             seed_epoch(cfg.train.seed, epoch)
             sums: dict[str, float] = {}
-            images_seen, start = 0, time.perf_counter()
+            pending: list[dict[str, torch.Tensor]] = []  # loss terms not yet read on the host
+            images_seen, start, shown_loss = 0, time.perf_counter(), float("nan")
             for step, (images, labels) in enumerate(itertools.islice(loader.epoch(epoch), micro_steps)):
                 batch = labels.shape[0]
                 try:
-                    terms = train_step(engine, objective, images, labels, device)
+                    pending.append(train_step(engine, objective, images, labels, device))
                 except NonFiniteError as err:
                     raise diverged(epoch, step, str(err)) from None
-                terms = mean_over_ranks(terms)  # the global batch's loss on every rank
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value
+                if len(pending) == LOSS_READ_INTERVAL or step + 1 == micro_steps:
+                    first = step + 1 - len(pending)
+                    rows = read_losses(pending, epoch, first)
+                    pending = []
+                    for row in rows:
+                        for name, value in row.items():
+                            sums[name] = sums.get(name, 0.0) + value
+                    shown_loss = rows[-1]["total"]
+                    if ranks.is_main:
+                        _append_jsonl(steps_path, [
+                            {"epoch": epoch + 1, "step": epoch * micro_steps + first + i + 1,
+                             **{f"loss_{name}": value for name, value in row.items()}} for i, row in enumerate(rows)])
                 images_seen += batch * ranks.world_size
                 ips = images_seen / (time.perf_counter() - start)
-                progress.update(task, advance=1, epoch=epoch + 1, ips=ips, loss=terms["total"])
-                if ranks.is_main:
-                    _append_jsonl(steps_path, {"epoch": epoch + 1, "step": epoch * micro_steps + step + 1,
-                                               **{f"loss_{name}": value for name, value in terms.items()}})
+                progress.update(task, advance=1, epoch=epoch + 1, ips=ips, loss=shown_loss)
             epochs_done = epoch + 1
             record = {"epoch": epochs_done, "lr": engine.get_lr()[0],
                       "images_per_s": images_seen / (time.perf_counter() - start),
                       **{f"loss_{name}": total / micro_steps for name, total in sums.items()}}
             # Metrics first: a kill between the two leaves lines that --resume trims.
             if ranks.is_main:
-                _append_jsonl(metrics_path, record)
+                _append_jsonl(metrics_path, [record])
             save(engine, ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(cfg),
-                                                 "class_names": dataset.class_names}, ranks)
+                                                 "class_names": dataset.class_names,
+                                                 REVISION_KEY: ARCHITECTURE_REVISION}, ranks)
     return fp32_copy(engine.module, cfg, dataset.num_classes, device), device
 
 
 def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: torch.Tensor,
                device: torch.device) -> dict[str, torch.Tensor]:
     """One micro step on a batch of `images` (B x views x 3 x H x W): every view in one
-    backbone pass, the objective in fp32, backward, step. Returns the detached terms;
-    raises NonFiniteError when the outputs or the loss are not finite."""
+    backbone pass, the objective in fp32, backward, step. Returns the detached terms, on
+    the device (the loop reads them every LOSS_READ_INTERVAL steps); raises
+    NonFiniteError when the objective's value checks find non-finite outputs."""
     # bf16/fp16 engines hold the weights in half precision: feed them in that dtype.
     images = images.to(device, next(engine.module.parameters()).dtype, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
@@ -235,8 +272,6 @@ def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: t
                                 labels, views, engine.module.normalized_prototypes().float())
     except NonFiniteError as err:
         raise NonFiniteError(f"non-finite model outputs: {err}") from None
-    if not torch.isfinite(loss):
-        raise NonFiniteError("non-finite loss")
     engine.backward(loss)
     engine.step()
     return terms

@@ -27,10 +27,10 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
     """Metrics on the test split. Under several ranks each evaluates its shard
     (sampling.eval_indices) and the predictions are gathered in sample order, so every
     test image counts exactly once; every rank returns the same results."""
-    dataset.test.check_files_exist()
+    positions = [eval_indices(len(dataset.test), r, ranks.world_size) for r in range(ranks.world_size)]
+    dataset.test.check_files_exist(positions[ranks.rank])  # the images this rank reads
     loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank,
                                ranks.world_size)
-    positions = [eval_indices(len(dataset.test), r, ranks.world_size) for r in range(ranks.world_size)]
     # Gathered in sample order, the predictions line up with the split's own labels.
     preds = gather_shards(predict(model, loader, device), positions)
     return classification_metrics(preds, dataset.test.labels, dataset.train_counts, shot_groups(dataset, cfg.data),

@@ -1,3 +1,3 @@
-from jrcl_fast.models.jrcl_net import JRCLNet, JRCLOutput, build_backbone
+from jrcl_fast.models.jrcl_net import ARCHITECTURE_REVISION, JRCLNet, JRCLOutput, build_backbone, check_architecture
 
-__all__ = ["JRCLNet", "JRCLOutput", "build_backbone"]
+__all__ = ["ARCHITECTURE_REVISION", "JRCLNet", "JRCLOutput", "build_backbone", "check_architecture"]

@@ -12,6 +12,16 @@ import torchvision
 from torch import Tensor, nn
 
 from jrcl_fast.config import ModelConfig
+from jrcl_fast.errors import UserError
+
+# Revisions of the network a config builds. Every checkpoint records the revision it was
+# trained with (none before revision 2); each change names the configs it affects, so that
+# older checkpoints of unaffected configs still load and affected ones are refused.
+ARCHITECTURE_CHANGES: dict[int, tuple[str, Callable[[ModelConfig], bool]]] = {
+    2: ("model.norm=group gained weight-standardised convolutions, half-scale features and a "
+        "LayerNorm projection head", lambda cfg: cfg.norm == "group"),
+}
+ARCHITECTURE_REVISION = max(ARCHITECTURE_CHANGES)
 
 
 class JRCLOutput(NamedTuple):
@@ -118,3 +128,17 @@ class JRCLNet(nn.Module):
     def forward(self, images: Tensor) -> JRCLOutput:
         h = self.backbone(images)
         return JRCLOutput(self.classifier(h), self.binary_head(h), F.normalize(self.projection(h), dim=1))
+
+
+def check_architecture(saved_revision: int | None, cfg: ModelConfig, source: str) -> None:
+    """Refuse weights whose network this version builds differently for `cfg` (a
+    checkpoint without a revision predates revision 2)."""
+    revision = saved_revision or 1
+    if revision > ARCHITECTURE_REVISION:
+        raise UserError(f"{source} was written by a newer jrcl-fast (network revision {revision}, this one builds "
+                        f"{ARCHITECTURE_REVISION}); upgrade jrcl-fast to load it")
+    for later in range(revision + 1, ARCHITECTURE_REVISION + 1):
+        change, affects = ARCHITECTURE_CHANGES[later]
+        if affects(cfg):
+            raise UserError(f"{source} was trained with network revision {revision}, and since then {change}; "
+                            "train it again, or evaluate it with the jrcl-fast version that trained it")

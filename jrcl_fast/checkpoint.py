@@ -23,6 +23,7 @@ from jrcl_fast.errors import UserError
 CHECKPOINT_DIR = "checkpoints"  # in train.output_dir
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights file
+REVISION_KEY = "architecture_revision"  # of the network the weights belong to (models.jrcl_net)
 
 
 def epoch_tag(epochs_done: int) -> str:
