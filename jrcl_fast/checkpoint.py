@@ -5,7 +5,8 @@ a `latest` file naming the newest complete one. Both engines write a tag folder
 (DeepSpeed: `mp_rank_00_model_states.pt` with the weights and the client state, plus
 ZeRO optimizer shards); `latest` is replaced atomically only after every rank has
 written and fsynced its files, so a kill at any moment leaves `latest` naming a whole
-checkpoint. Older tag folders, and any half-written one, are deleted after that.
+checkpoint. Older tag folders, and any half-written one, are deleted after that, except
+the epoch selected on validation (train.select_on), which latest's client state names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CHECKPOINT_DIR = "checkpoints"  # in train.output_dir
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights file
 REVISION_KEY = "architecture_revision"  # of the network the weights belong to (models.jrcl_net)
+SELECTION_KEY = "selection"  # engine.selection.Selection's state: which epoch is selected
 
 
 def epoch_tag(epochs_done: int) -> str:
@@ -41,11 +43,11 @@ def fsync_tree(folder: Path) -> None:
                 os.close(fd)
 
 
-def commit_latest(save_dir: Path, tag: str) -> None:
-    """Point `latest` at `tag` atomically, then delete every other tag folder."""
+def commit_latest(save_dir: Path, tag: str, keep: str | None = None) -> None:
+    """Point `latest` at `tag` atomically, then delete every other tag folder but `keep`."""
     atomic_write_bytes(save_dir / LATEST, lambda f: f.write(tag.encode()))
     for other in save_dir.iterdir():
-        if other.is_dir() and other.name != tag:
+        if other.is_dir() and other.name not in (tag, keep):
             shutil.rmtree(other, ignore_errors=True)
 
 
@@ -81,3 +83,13 @@ def read_model_states(path: Path) -> dict[str, Any]:
     except Exception as err:  # a foreign or damaged file: say which, not a pickle traceback
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
                         "it is not a jrcl-fast checkpoint") from None
+
+
+def read_selected_model_states(path: Path) -> dict[str, Any]:
+    """Like read_model_states, but a run's checkpoints/ folder gives the weights of the
+    epoch its run selected (train.select_on), with the latest epoch's account of the choice."""
+    saved = read_model_states(path)
+    selection = saved.get(SELECTION_KEY) if isinstance(saved, dict) else None
+    if path.is_dir() and latest_tag(path) and selection and selection["best_epoch"] != saved["epochs_done"]:
+        return {**read_model_states(path / epoch_tag(selection["best_epoch"])), SELECTION_KEY: selection}
+    return saved

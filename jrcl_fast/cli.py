@@ -58,11 +58,13 @@ def _check_loss_backend(cfg: Config) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
+    import torch
     import torch.distributed as dist
 
     from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine.trainer import train
-    from jrcl_fast.evaluation.evaluate import evaluate, publish
+    from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
+    from jrcl_fast.models import JRCLNet
     from jrcl_fast.runtime import launched_ranks
 
     ranks = launched_ranks(args.local_rank)
@@ -71,23 +73,27 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     cfg = load_config(args.config, args.overrides)
     _check_loss_backend(cfg)
     dataset = load_dataset(cfg.data)
-    model, device = train(cfg, dataset, args.resume, args.overwrite, console, ranks)
-    results = evaluate(model, dataset, cfg, device, ranks)
+
+    def validate(model: JRCLNet, device: torch.device) -> float:
+        return evaluate(model, dataset, cfg, device, ranks, "val")["balanced_accuracy"]
+
+    model, device, selection = train(cfg, dataset, args.resume, args.overwrite, console, ranks, validate)
+    results = {**evaluate_for_report(model, dataset, cfg, device, ranks), "selection": selection}
     if ranks.is_main:
-        publish(results, Path(cfg.train.output_dir), f"{dataset.name}: test split", console)
+        publish(results, Path(cfg.train.output_dir), dataset.name, console)
     if dist.is_initialized():
         dist.barrier()  # no rank tears down its links while another still uses them
         dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
-    from jrcl_fast.checkpoint import REVISION_KEY, read_model_states, run_dir_of
+    from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, read_selected_model_states, run_dir_of
     from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.evaluation.evaluate import evaluate, publish
+    from jrcl_fast.evaluation.evaluate import evaluate_for_report, publish
     from jrcl_fast.models import JRCLNet, check_architecture
     from jrcl_fast.runtime import Ranks, select_device
 
-    saved = read_model_states(args.checkpoint)
+    saved = read_selected_model_states(args.checkpoint)
     if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
         raise UserError(f"checkpoint {args.checkpoint} holds no weights and config; it is not a jrcl-fast checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
@@ -96,8 +102,10 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     device = select_device(cfg.train.device, Ranks())
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
     model.load_state_dict(saved["module"])  # half-precision runs saved half weights: loaded as fp32
-    results = evaluate(model, dataset, cfg, device)
-    publish(results, args.output_dir or run_dir_of(args.checkpoint), f"{dataset.name}: test split", console)
+    results = evaluate_for_report(model, dataset, cfg, device)
+    if SELECTION_KEY in saved:
+        results["selection"] = saved[SELECTION_KEY]
+    publish(results, args.output_dir or run_dir_of(args.checkpoint), dataset.name, console)
 
 
 def _check_data(args: argparse.Namespace, console: Console) -> None:

@@ -104,6 +104,12 @@ class TrainConfig:
     deepspeed_config: str | None = None
     # A collective that waits longer than this (a rank died or hangs) fails the job.
     collective_timeout_s: float = 600.0
+    # Which epoch's weights the run keeps and tests: the last, or the best balanced accuracy
+    # on the data set's validation split (evaluated after every epoch; never the test split).
+    select_on: str = "last"  # last | val_balanced_accuracy
+    # With select_on=val_balanced_accuracy: stop after this many epochs without a better
+    # validation score; 0 trains every epoch.
+    early_stop_patience: int = 0
 
 
 @dataclass
@@ -129,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("batch", "sync_batch", "group"),
     "train.engine": ("auto", "local", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.select_on": ("last", "val_balanced_accuracy"),
     "loss.divergence": DIVERGENCES,
     "loss.backend": LOSS_BACKENDS,
     "optim.name": ("sgd", "adamw"),
@@ -138,7 +145,8 @@ POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_si
             "data.imbalance_ratio", "train.gradient_accumulation_steps", "train.collective_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
                 "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",
-                "train.threads", "optim.momentum", "data.many_shot_min", "data.few_shot_max"}
+                "train.threads", "train.early_stop_patience", "optim.momentum", "data.many_shot_min",
+                "data.few_shot_max"}
 
 
 def _type_name(tp: Any) -> str:
@@ -266,6 +274,9 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{source}: key 'data.imbalance_ratio' is the head/tail count ratio and must be at least 1")
     if config.optim.min_lr > config.optim.lr:
         raise UserError(f"{source}: key 'optim.min_lr' must not exceed 'optim.lr'")
+    if config.train.early_stop_patience and config.train.select_on == "last":
+        raise UserError(f"{source}: key 'train.early_stop_patience' stops on the validation score; set "
+                        "train.select_on=val_balanced_accuracy too, or the patience to 0")
     return config
 
 

@@ -3,7 +3,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
+from test_data_adapters import CXR_DIR, NIH_CXR_LT, gradient
 
 from jrcl_fast.config import Config, DataConfig, ModelConfig, parse_config
 from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
@@ -129,3 +131,25 @@ def test_inat_results_name_classes_by_category_id(tmp_path):
     results = evaluate(JRCLNet(cfg.model, dataset.num_classes), dataset, cfg, torch.device("cpu"))
     assert [(r["id"], r["name"]) for r in results["per_class"]] == [(2, "species 2"), (7, "species 7"),
                                                                    (40, "species 40")]
+
+
+
+@pytest.mark.skipif(not CXR_DIR.is_dir(), reason=f"published CXR-LT CSVs not found at {CXR_DIR}")
+def test_cxr_results_report_the_balanced_test_split_with_the_published_groups(tmp_path):
+    from jrcl_fast.evaluation.evaluate import evaluate_for_report
+
+    for split in ("train", "balanced-val", "test", "balanced-test"):  # every split: the 300 balanced-val rows
+        NIH_CXR_LT.csv_path(tmp_path, split).symlink_to(NIH_CXR_LT.csv_path(CXR_DIR, "balanced-val"))
+    cfg = Config(data=DataConfig(name="nih_cxr_lt", root=str(tmp_path), image_size=16),
+                 model=ModelConfig(backbone="resnet18", small_input_stem=True, projection_dim=8,
+                                   projection_hidden_dim=8))
+    dataset = load_dataset(cfg.data)
+    for rel in dataset.val.paths:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(16, 16, 1), mode="L").save(tmp_path / rel)
+    results = evaluate_for_report(JRCLNet(cfg.model, dataset.num_classes), dataset, cfg, torch.device("cpu"))
+    (name,) = results["other_splits"]
+    balanced = results["other_splits"][name]
+    assert name == "balanced-test" and balanced["num_test_images"] == 300 == results["num_test_images"]
+    assert [len(balanced["shot_classes"][g]) for g in ("many", "medium", "few")] == [7, 10, 3]
+    assert all(balanced["shot_accuracy"][g] is not None for g in ("many", "medium", "few"))

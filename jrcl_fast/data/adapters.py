@@ -118,9 +118,9 @@ def read_cxr_split(root: Path, spec: CxrSpec, split: str) -> Split:
 
 def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
     """Train on train, test on the imbalanced test split (the benchmark's balanced
-    accuracy). balanced-val is the validation split and balanced-test a further test
-    split: check-data decodes both and a run checks their files exist, but training
-    reports the last epoch, selects nothing on balanced-val and evaluates on test."""
+    accuracy). balanced-val is the validation split (train.select_on and
+    train.early_stop_patience use it, as the benchmark does); balanced-test is a further
+    test split, reported under `other_splits` (the benchmark's head/medium/tail accuracy)."""
     require_files(root, [spec.csv_name(split) for split in CXR_SPLITS], f"the four {spec.name} split CSVs")
     groups = None
     if spec.shot_sizes is not None:

@@ -28,19 +28,21 @@ from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.checkpoint import (
     CHECKPOINT_DIR,
     REVISION_KEY,
+    SELECTION_KEY,
     commit_latest,
     epoch_tag,
     fsync_tree,
     latest_tag,
     read_model_states,
 )
-from jrcl_fast.config import Config, config_to_dict
+from jrcl_fast.config import Config, config_to_dict, parse_config
 from jrcl_fast.data.class_groups import normal_class_mask
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
+from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
 from jrcl_fast.losses.checks import NonFiniteError
 from jrcl_fast.losses.objective import JRCLObjective
@@ -49,6 +51,8 @@ from jrcl_fast.runtime import Ranks, collective_failures, is_distributed, mean_o
 
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
+# Scores a model on the validation split (balanced accuracy); every rank calls it.
+Validate = Callable[[JRCLNet, torch.device], float]
 # Steps between reads of the losses on the host: each read waits for the device to finish
 # the queued steps, so reading every step would stall a GPU's pipeline at every step.
 LOSS_READ_INTERVAL = 25
@@ -162,9 +166,12 @@ def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool, epochs: int)
 
 @collective_failures()
 def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
-          ranks: Ranks = Ranks()) -> tuple[JRCLNet, torch.device]:
-    """Train `cfg` on `dataset` as rank `ranks.rank`; returns the trained model in fp32
-    (checkpoints in train.output_dir/checkpoints) and the device it lives on."""
+          ranks: Ranks = Ranks(), validate: Validate | None = None) -> tuple[JRCLNet, torch.device, dict]:
+    """Train `cfg` on `dataset` as rank `ranks.rank`. Returns the selected weights
+    (train.select_on) in an fp32 model, the device it lives on, and how they were selected
+    (Selection.summary). `validate(model, device)` scores a model on the validation split;
+    the caller supplies it (evaluation sits above the engine). Checkpoints go to
+    train.output_dir/checkpoints."""
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
     _check_output_dir(out_dir, resume, overwrite, cfg.train.epochs)
@@ -190,13 +197,22 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
     objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
 
-    epochs_done = 0
+    epochs_done, selection = 0, Selection(cfg.train.select_on, cfg.train.early_stop_patience)
+    if selection.validates and (dataset.val is None or validate is None):
+        raise UserError(f"train.select_on={cfg.train.select_on} chooses on the validation split, and "
+                        f"{dataset.name} has none; use train.select_on=last")
     if resume:
         saved = read_model_states(ckpt_dir)  # checked before the engine loads the weights into this network
-        if saved["config"] != config_to_dict(cfg):
+        # Parsed again, so that keys added since the checkpoint take their defaults.
+        if config_to_dict(parse_config(saved["config"], str(ckpt_dir))) != config_to_dict(cfg):
             raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
                             "resume with the same config and --set overrides")
         check_architecture(saved.get(REVISION_KEY), cfg.model, f"--resume: {ckpt_dir}")
+        if SELECTION_KEY in saved:
+            selection = Selection.from_summary(saved[SELECTION_KEY])
+        if selection.stopped_early:
+            raise UserError(f"--resume: the run in {out_dir} is complete (stopped early after epoch "
+                            f"{selection.epochs_trained}); evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
         engine.load_checkpoint(str(ckpt_dir), latest_tag(ckpt_dir))
         epochs_done = saved["epochs_done"]
         console.print(f"Resuming {out_dir} after epoch {epochs_done}")
@@ -246,13 +262,28 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
             record = {"epoch": epochs_done, "lr": engine.get_lr()[0],
                       "images_per_s": images_seen / (time.perf_counter() - start),
                       **{f"loss_{name}": total / micro_steps for name, total in sums.items()}}
+            value = None
+            if selection.validates:
+                value = validate(fp32_copy(engine.module, cfg, dataset.num_classes, device), device)
+                record["val_balanced_accuracy"] = value
+            selection.update(epochs_done, value)
             # Metrics first: a kill between the two leaves lines that --resume trims.
             if ranks.is_main:
                 _append_jsonl(metrics_path, [record])
             save(engine, ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(cfg),
                                                  "class_names": dataset.class_names,
-                                                 REVISION_KEY: ARCHITECTURE_REVISION}, ranks)
-    return fp32_copy(engine.module, cfg, dataset.num_classes, device), device
+                                                 REVISION_KEY: ARCHITECTURE_REVISION,
+                                                 SELECTION_KEY: selection.summary()}, ranks,
+                 keep=epoch_tag(selection.best_epoch))
+            if selection.stopped_early:
+                console.print(f"Stopping early after epoch {epochs_done}: no better validation balanced accuracy "
+                              f"for {selection.patience} epochs (best {selection.best_value:.4f}, "
+                              f"epoch {selection.best_epoch})")
+                break
+    model = fp32_copy(engine.module, cfg, dataset.num_classes, device)
+    if selection.best_epoch != epochs_done:  # the selected epoch's weights, kept by save()
+        model.load_state_dict(read_model_states(ckpt_dir / epoch_tag(selection.best_epoch))["module"])
+    return model, device, selection.summary()
 
 
 def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: torch.Tensor,
@@ -277,15 +308,16 @@ def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: t
     return terms
 
 
-def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ranks) -> None:
-    """Write the epoch's tag folder on every rank, flush it, then let rank 0 move `latest`."""
+def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ranks, keep: str) -> None:
+    """Write the epoch's tag folder on every rank, flush it, then let rank 0 move `latest`
+    (keeping the tag folder `keep`: the selected epoch's)."""
     tag = epoch_tag(epochs_done)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     fsync_tree(ckpt_dir / tag)
     if is_distributed():
         torch.distributed.barrier()  # every rank's files are on disk before `latest` names them
     if ranks.is_main:
-        commit_latest(ckpt_dir, tag)
+        commit_latest(ckpt_dir, tag, keep)
 
 
 def fp32_copy(module: torch.nn.Module, cfg: Config, num_classes: int, device: torch.device) -> JRCLNet:

@@ -1,4 +1,9 @@
-"""Evaluate a model on a split and publish the results."""
+"""Evaluate a model on a split and publish the results.
+
+results.json holds the test split's metrics at the top level, the data set's further
+published evaluation splits (CXR-LT's balanced test split, which the benchmark's
+head/medium/tail accuracies come from) under `other_splits`, and, after training, how the
+weights were chosen under `selection`."""
 
 from __future__ import annotations
 
@@ -23,22 +28,35 @@ PLOT_NAME = "per_class_accuracy.png"
 
 
 def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
-             ranks: Ranks = Ranks()) -> dict[str, Any]:
-    """Metrics on the test split. Under several ranks each evaluates its shard
-    (sampling.eval_indices) and the predictions are gathered in sample order, so every
-    test image counts exactly once; every rank returns the same results."""
-    positions = [eval_indices(len(dataset.test), r, ranks.world_size) for r in range(ranks.world_size)]
-    dataset.test.check_files_exist(positions[ranks.rank])  # the images this rank reads
-    loader = build_eval_loader(dataset.test, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank,
-                               ranks.world_size)
+             ranks: Ranks = Ranks(), split: str = "test") -> dict[str, Any]:
+    """Metrics on one split (dataset.splits() names them). Under several ranks each
+    evaluates its shard (sampling.eval_indices) and the predictions are gathered in sample
+    order, so every image counts exactly once; every rank returns the same results."""
+    data = dataset.splits()[split]
+    positions = [eval_indices(len(data), r, ranks.world_size) for r in range(ranks.world_size)]
+    data.check_files_exist(positions[ranks.rank])  # the images this rank reads
+    loader = build_eval_loader(data, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank, ranks.world_size)
     # Gathered in sample order, the predictions line up with the split's own labels.
     preds = gather_shards(predict(model, loader, device), positions)
-    return classification_metrics(preds, dataset.test.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
+    return classification_metrics(preds, data.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
                                   dataset.class_names, dataset.class_ids)
 
 
+def evaluate_for_report(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
+                        ranks: Ranks = Ranks()) -> dict[str, Any]:
+    """The test split's metrics, with every further published evaluation split's under
+    `other_splits`."""
+    results = evaluate(model, dataset, cfg, device, ranks)
+    if dataset.extra_splits:
+        results["other_splits"] = {name: evaluate(model, dataset, cfg, device, ranks, name)
+                                   for name in dataset.extra_splits}
+    return results
+
+
 def publish(results: dict[str, Any], out_dir: Path, title: str, console: Console) -> None:
-    print_results(results, console, title)
+    print_results(results, console, f"{title}: test split")
+    for name, other in results.get("other_splits", {}).items():
+        print_results(other, console, f"{title}: {name} split", per_class=False)
     write_json(out_dir / RESULTS_NAME, results)
-    plot_per_class(results, out_dir / PLOT_NAME, title)
+    plot_per_class(results, out_dir / PLOT_NAME, f"{title}: test split")
     console.print(f"Results: {out_dir / RESULTS_NAME}, plot: {out_dir / PLOT_NAME}")

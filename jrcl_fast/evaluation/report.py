@@ -19,7 +19,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def print_results(results: dict[str, Any], console: Console, title: str) -> None:
+def print_results(results: dict[str, Any], console: Console, title: str, per_class: bool = True) -> None:
     summary = Table(title=f"{title} (%)")
     for column in ("top-1", "balanced acc", "macro-F1", *SHOT_GROUPS, "majority (bal.)"):
         summary.add_column(column, justify="right")
@@ -28,6 +28,8 @@ def print_results(results: dict[str, Any], console: Console, title: str) -> None
         *[_pct(results["shot_accuracy"][g]) for g in SHOT_GROUPS], _pct(results["majority_baseline_balanced_accuracy"]),
     )
     console.print(summary)
+    if not per_class:
+        return
     rows = results["per_class"]
     per_class = Table(title="Per-class accuracy (%)" + ("" if len(rows) <= PER_CLASS_ROWS_SHOWN else
                       f", first {PER_CLASS_ROWS_SHOWN} of {len(rows)} classes; all are in the JSON"))

@@ -1,0 +1,68 @@
+"""Model selection on validation (train.select_on) and early stopping: which epoch is
+kept, that its weights are the ones returned and evaluated, and that --resume respects it."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import tiny_config
+from rich.console import Console
+
+from jrcl_fast.checkpoint import SELECTION_KEY, read_model_states, read_selected_model_states
+from jrcl_fast.config import load_config
+from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.engine.selection import Selection
+from jrcl_fast.engine.trainer import train
+from jrcl_fast.errors import UserError
+
+
+def test_the_best_epoch_is_kept_and_ties_keep_the_earliest():
+    selection = Selection("val_balanced_accuracy", patience=2)
+    kept = [selection.update(epoch, value) for epoch, value in enumerate([0.5, 0.7, 0.6, 0.7], start=1)]
+    assert kept == [True, True, False, False]
+    assert (selection.best_epoch, selection.best_value, selection.stopped_early) == (2, 0.7, True)
+    summary = selection.summary()
+    assert "best validation balanced accuracy (0.7000) of 4 epochs" in summary["reason"]
+    assert Selection.from_summary(summary) == selection
+
+    last = Selection("last", patience=0)
+    for epoch in (1, 2, 3):
+        last.update(epoch, None)
+    assert (last.best_epoch, last.stopped_early) == (3, False)
+
+
+def test_early_stopping_keeps_the_selected_epochs_weights(tmp_path, digits_root):
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={"epochs": 6, "batch_size": 32, "threads": 1,
+                                                                 "select_on": "val_balanced_accuracy",
+                                                                 "early_stop_patience": 2}))
+    dataset = load_dataset(cfg.data)
+    dataset = dataclasses.replace(dataset, val=dataset.test)  # digits-lt has no validation split
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])  # best at epoch 2; epochs 3, 4 do not beat it
+    seen = []
+
+    def validate(model, device):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    model, _, selection = train(cfg, dataset, False, False, Console(quiet=True), validate=validate)
+    assert len(seen) == 4 and selection["stopped_early"] and selection["epochs_trained"] == 4
+    assert selection["best_epoch"] == 2 and selection["best_value"] == 0.3
+    for name, value in model.state_dict().items():  # the returned model is epoch 2's, not epoch 4's
+        torch.testing.assert_close(value, seen[1][name], rtol=0, atol=0)
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0002", "epoch_0004", "latest"]
+    selected = read_selected_model_states(ckpt)  # what `jrcl-fast eval` loads
+    assert selected["epochs_done"] == 2 and selected[SELECTION_KEY] == selection
+    assert read_model_states(ckpt)["epochs_done"] == 4
+    with pytest.raises(UserError, match="is complete .stopped early after epoch 4"):
+        train(cfg, dataset, True, False, Console(quiet=True), validate=validate)
+
+
+def test_selection_on_validation_needs_a_validation_split(tmp_path, digits_root):
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={"select_on": "val_balanced_accuracy"}))
+    with pytest.raises(UserError, match="train.select_on=val_balanced_accuracy chooses on the validation split, "
+                                        "and digits_lt has none; use train.select_on=last"):
+        train(cfg, load_dataset(cfg.data), False, False, Console(quiet=True), validate=lambda *_: 0.0)
+    with pytest.raises(UserError, match="'train.early_stop_patience' stops on the validation score"):
+        load_config(tiny_config(tmp_path, digits_root, train={"early_stop_patience": 3}))
