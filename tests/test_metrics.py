@@ -109,6 +109,20 @@ def test_equal_counts_point_to_normal_classes_only():
         normal_class_mask(dataset_with_counts([4, 4, 4]), DataConfig(name="places_lt", root="x"))
 
 
+def test_normal_vs_abnormal_accuracy_averages_both_sides_of_the_normal_group():
+    rng = np.random.default_rng()
+    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    normal = np.array([True, False, False, True, False])
+    got = classification_metrics(preds, labels, np.ones(5), {"many": [], "medium": [], "few": []},
+                                 list("abcde"), normal_mask=normal)
+    # brute force: recall of "normal" among normal images, of "abnormal" among the others
+    normal_recall = np.mean([normal[p] for p, t in zip(preds, labels) if normal[t]])
+    abnormal_recall = np.mean([not normal[p] for p, t in zip(preds, labels) if not normal[t]])
+    assert got["normal_vs_abnormal_accuracy"] == pytest.approx((normal_recall + abnormal_recall) / 2)
+    assert classification_metrics(preds, labels, np.ones(5), {"many": [], "medium": [], "few": []},
+                                  list("abcde"))["normal_vs_abnormal_accuracy"] is None
+
+
 def test_per_class_results_keep_the_data_sets_class_ids():
     labels = np.array([0, 1, 2, 2])
     got = classification_metrics(np.array([0, 2, 2, 2]), labels, np.array([5, 3, 1]),
@@ -153,3 +167,4 @@ def test_cxr_results_report_the_balanced_test_split_with_the_published_groups(tm
     assert name == "balanced-test" and balanced["num_test_images"] == 300 == results["num_test_images"]
     assert [len(balanced["shot_classes"][g]) for g in ("many", "medium", "few")] == [7, 10, 3]
     assert all(balanced["shot_accuracy"][g] is not None for g in ("many", "medium", "few"))
+    assert results["normal_vs_abnormal_accuracy"] is not None  # No Finding is named: reported

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from jrcl_fast.config import Config
-from jrcl_fast.data.class_groups import shot_groups
+from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_eval_loader
 from jrcl_fast.data.sampling import eval_indices
@@ -38,8 +38,12 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
     loader = build_eval_loader(data, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank, ranks.world_size)
     # Gathered in sample order, the predictions line up with the split's own labels.
     preds = gather_shards(predict(model, loader, device), positions)
+    # Normal vs abnormal where a normal class is named (CXR-LT's No Finding, mnist-lt's
+    # normal digit, data.normal_classes), not where G falls back to the many-shot classes.
+    named = dataset.normal_classes is not None or cfg.data.normal_classes is not None
     return classification_metrics(preds, data.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
-                                  dataset.class_names, dataset.class_ids)
+                                  dataset.class_names, dataset.class_ids,
+                                  normal_class_mask(dataset, cfg.data) if named else None)
 
 
 def evaluate_for_report(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,

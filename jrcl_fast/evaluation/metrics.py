@@ -22,8 +22,11 @@ def predict(model: nn.Module, loader, device: torch.device) -> np.ndarray:
 
 def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,
                            groups: dict[str, list[int]], class_names: list[str],
-                           class_ids: list[int] | None = None) -> dict[str, Any]:
-    """Top-1, balanced accuracy, macro-F1, shot-group and per-class accuracy.
+                           class_ids: list[int] | None = None, normal_mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Top-1, balanced accuracy, macro-F1, shot-group and per-class accuracy, and with
+    `normal_mask` (BDC's normal group G) the normal-vs-abnormal accuracy: whether the
+    predicted class falls on the right side of G, averaged over the two sides (so that a
+    dominant normal class does not carry it).
 
     Per-class rows name each class as the data set does: `id` is its own class id
     (iNaturalist category id; default the index), `class` the index that
@@ -43,8 +46,14 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: 
         values = per_class[[c for c in classes if present[c]]]
         return float(values.mean()) if values.size else None
 
+    normal_vs_abnormal = None
+    if normal_mask is not None:
+        truth, guess = normal_mask[labels], normal_mask[preds]
+        normal_vs_abnormal = float(np.mean([(guess[truth == side] == side).mean()
+                                            for side in (True, False) if (truth == side).any()]))
     return {
         "num_test_images": int(labels.size),
+        "normal_vs_abnormal_accuracy": normal_vs_abnormal,
         "top1": float((preds == labels).mean()),
         "balanced_accuracy": mean_over(list(range(num_classes))),
         "macro_f1": float(f1_score(labels, preds, labels=np.flatnonzero(present), average="macro", zero_division=0)),
