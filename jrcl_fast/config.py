@@ -22,6 +22,7 @@ DATASETS = ("digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt")
 # Defined here, the lowest layer, so that the config and the losses and kernels that
 # check their own arguments read one list.
 DIVERGENCES = ("js", "sym_kl")
+BDC_STOP_GRADS = ("none", "classifier", "binary")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -70,6 +71,10 @@ class LossConfig:
     use_prototypes: bool = True
     class_average: bool = True
     divergence: str = "js"  # js | sym_kl
+    # Which head BDC's gradient does not reach (docs/METHOD.md section 2): none trains
+    # both to agree, as the paper does; classifier makes the binary head follow the
+    # classifier; binary makes the classifier follow the binary head.
+    bdc_stop_grad: str = "none"  # none | classifier | binary
     backend: str = "auto"  # auto | torch | triton
 
 
@@ -130,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.engine": ("auto", "local", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
     "loss.divergence": DIVERGENCES,
+    "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
     "optim.name": ("sgd", "adamw"),
 }
@@ -266,6 +272,9 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{source}: key 'data.imbalance_ratio' is the head/tail count ratio and must be at least 1")
     if config.optim.min_lr > config.optim.lr:
         raise UserError(f"{source}: key 'optim.min_lr' must not exceed 'optim.lr'")
+    if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
+        raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
+                        "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")
     return config
 
 
