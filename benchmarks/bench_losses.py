@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
 from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
 
 DIM = 128
@@ -144,7 +145,7 @@ def o2a_objective(per_anchor: Callable) -> Callable[..., Tensor]:
 
     def objective(features: Tensor, prototypes: Tensor, labels: Tensor, key_labels: Tensor) -> Tensor:
         keys = torch.cat([features, prototypes])
-        loss, num_pos = per_anchor(features, labels, keys, key_labels, 0, TEMPERATURE, True)
+        loss, num_pos = per_anchor(O2AArgs(features, labels, keys, key_labels, 0, TEMPERATURE, True))
         return loss.sum() / (num_pos > 0).sum().clamp(min=1)
 
     return objective
@@ -161,7 +162,7 @@ def ce_bdc_setup(case: Case, device: str) -> tuple[tuple[Tensor, ...], tuple[Ten
 
 
 def ce_bdc_objective(fn: Callable) -> Callable[..., Tensor]:
-    return lambda *inputs: fn(*inputs)[0]
+    return lambda *inputs: fn(CEBDCArgs(*inputs))[0]
 
 
 def floor(case: Case, mode: str, rates: dict[str, float] | None) -> tuple[float, float, float | None]:

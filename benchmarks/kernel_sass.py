@@ -109,7 +109,7 @@ def ce_bdc_specs(n: int, classes: int, dtype: str, stride: int) -> list[KernelSp
         "y_ptr": "*i64", "normal_ptr": "*i8",
         "adj_ptr": "*fp32", "ce_ptr": "*fp32", "bce_ptr": "*fp32", "bdc_ptr": "*fp32",
         "B": n, "C": classes, "stride_z": stride, "stride_b": 2, "stride_dz": stride, "stride_db": 2,
-        "lambda_bin": 1.0, "lambda_bdc": 1.0, "inv_batch": 1e-4,
+        "lambda_bin": 1.0, "lambda_bdc_z": 1.0, "lambda_bdc_b": 1.0, "inv_batch": 1e-4,
     }
     constexprs = {"HAS_ADJ": True, "SYM_KL": False, "COMPUTE_GRAD": True, **config}
     block = config["BLOCK_C"] * config["ROWS"]

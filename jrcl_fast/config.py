@@ -22,6 +22,7 @@ DATASETS = ("digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt")
 # Defined here, the lowest layer, so that the config and the losses and kernels that
 # check their own arguments read one list.
 DIVERGENCES = ("js", "sym_kl")
+BDC_STOP_GRADS = ("none", "classifier", "binary")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -70,6 +71,10 @@ class LossConfig:
     use_prototypes: bool = True
     class_average: bool = True
     divergence: str = "js"  # js | sym_kl
+    # Which head BDC's gradient does not reach (docs/METHOD.md section 2): none trains
+    # both to agree, as the paper does; classifier makes the binary head follow the
+    # classifier; binary makes the classifier follow the binary head.
+    bdc_stop_grad: str = "none"  # none | classifier | binary
     backend: str = "auto"  # auto | torch | triton
 
 
@@ -137,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_on": ("last", "val_balanced_accuracy"),
     "loss.divergence": DIVERGENCES,
+    "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
     "optim.name": ("sgd", "adamw"),
 }
@@ -277,6 +283,9 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     if config.train.early_stop_patience and config.train.select_on == "last":
         raise UserError(f"{source}: key 'train.early_stop_patience' stops on the validation score; set "
                         "train.select_on=val_balanced_accuracy too, or the patience to 0")
+    if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
+        raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
+                        "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")
     return config
 
 

@@ -1,6 +1,7 @@
 """Fused CE + binary CE + BDC classifier loss: Triton kernel and its autograd Function.
 
-Same contract as `jrcl_fast.losses.reference.ce_bdc_reference`. One program per few
+Same contract and arguments (`specs.CEBDCArgs`) as
+`jrcl_fast.losses.reference.ce_bdc_reference`. One program per few
 rows reads the logits once to get every log-sum-exp the loss needs (adjusted logits,
 normal group, abnormal group; the plain softmax normaliser is their log-add-exp)
 and, when a gradient is wanted, a second time to write d total / d logits, as
@@ -13,6 +14,7 @@ elements); only the tail block is masked.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import triton
@@ -20,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import LOG2E, check_kernel_dtype, fast_exp2, finish_lse, new_buffer
+from .specs import CEBDCArgs
 
 _LOG2: tl.constexpr = tl.constexpr(math.log(2.0))
 
@@ -139,10 +142,12 @@ def _grad_block(
 def _ce_bdc_kernel(
     z_ptr, b_ptr, y_ptr, normal_ptr, adj_ptr,
     ce_ptr, bce_ptr, bdc_ptr, dz_ptr, db_ptr,
-    B, C, stride_z, stride_b, stride_dz, stride_db, lambda_bin, lambda_bdc, inv_batch,
+    B, C, stride_z, stride_b, stride_dz, stride_db, lambda_bin, lambda_bdc_z, lambda_bdc_b, inv_batch,
     HAS_ADJ: tl.constexpr, SYM_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # lambda_bdc_z and lambda_bdc_b are BDC's weight in the gradient of the logits and of
+    # the binary head: lambda_bdc, or 0 where BDC's gradient to that head is stopped.
     # ROWS rows per program share the loads of the per-class flags and adjustment.
     # Rows past the batch read the last row again (no masks on the loads) and store nothing.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -217,7 +222,7 @@ def _ce_bdc_kernel(
         # with q_1 = 1 - q_0 substituted, so nothing cancels when the head saturates.
         q0 = tl.exp(log_q0)
         q1 = tl.exp(log_q1)
-        db0 = lambda_bin * tl.where(abnormal, q0, -q1) + lambda_bdc * (g_q0 * q1 - g_q1 * q0)
+        db0 = lambda_bin * tl.where(abnormal, q0, -q1) + lambda_bdc_b * (g_q0 * q1 - g_q1 * q0)
         db_rows = db_ptr + rows * stride_db
         tl.store(db_rows, (inv_batch * db0).to(db_ptr.dtype.element_ty), mask=row_ok)
         tl.store(db_rows + 1, (-inv_batch * db0).to(db_ptr.dtype.element_ty), mask=row_ok)
@@ -230,7 +235,7 @@ def _ce_bdc_kernel(
         # its softmax is pi_group softmax_group(z)_c, so both terms share one exp.
         pi_n = tl.exp(log_pi_n)
         pi_a = tl.exp(log_pi_a)
-        h = lambda_bdc * (g_pi_n * pi_a - g_pi_a * pi_n)
+        h = lambda_bdc_z * (g_pi_n * pi_a - g_pi_a * pi_n)
         coef_n, coef_a = h, -h
         if not HAS_ADJ:
             coef_n += pi_n
@@ -277,13 +282,12 @@ class _CEBDCFunction(torch.autograd.Function):
         ctx,
         logits: Tensor,
         binary_logits: Tensor,
-        labels: Tensor,
-        normal_mask: Tensor,
-        logit_adjustment: Tensor | None,
-        lambda_bin: float,
-        lambda_bdc: float,
-        sym_kl: bool,
+        args: CEBDCArgs,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`logits` and `binary_logits` are args' own, laid out for the kernel: passed
+        apart so that autograd sees them as the inputs."""
+        labels, normal_mask, logit_adjustment = args.labels, args.normal_mask, args.logit_adjustment
+        lambda_bin, lambda_bdc = float(args.lambda_bin), float(args.lambda_bdc)
         batch, num_classes = logits.shape
         device = logits.device
         compute_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -305,8 +309,9 @@ class _CEBDCFunction(torch.autograd.Function):
                 logits, binary_logits, labels, normal_mask.to(torch.int8), adjustment,
                 *per_row, grad_logits, grad_binary,
                 batch, num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0),
-                grad_binary.stride(0), float(lambda_bin), float(lambda_bdc), 1.0 / batch,
-                HAS_ADJ=has_adj, SYM_KL=sym_kl, COMPUTE_GRAD=compute_grad, **config,
+                grad_binary.stride(0), lambda_bin, lambda_bdc if args.bdc_grad_to_logits else 0.0,
+                lambda_bdc if args.bdc_grad_to_binary else 0.0, 1.0 / batch,
+                HAS_ADJ=has_adj, SYM_KL=bool(args.sym_kl), COMPUTE_GRAD=compute_grad, **config,
             )
         # These means over no rows (B = 0 launches nothing) are NaN, as the reference's are.
         ce, binary_ce, bdc = (x.mean() for x in per_row)
@@ -329,34 +334,16 @@ class _CEBDCFunction(torch.autograd.Function):
         return (
             grad_logits.mul_(grad_total) if ctx.needs_input_grad[0] else None,
             grad_binary.mul_(grad_total) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None,
+            None,
         )
 
 
-def fused_ce_bdc(
-    logits: Tensor,
-    binary_logits: Tensor,
-    labels: Tensor,
-    normal_mask: Tensor,
-    logit_adjustment: Tensor | None = None,
-    lambda_bin: float = 1.0,
-    lambda_bdc: float = 1.0,
-    sym_kl: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Batch means (total, ce, binary_ce, bdc), float32; only `total` has gradients
-    (to logits and binary_logits; the logit adjustment is treated as a constant).
-    The divergence is Jensen-Shannon, or symmetric KL with `sym_kl`; the divergence
-    names users write are validated in jrcl_fast.losses, which this leaf never imports."""
-    check_kernel_dtype("logits", logits)
-    check_kernel_dtype("binary_logits", binary_logits)
+def fused_ce_bdc(args: CEBDCArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch means (total, ce, binary_ce, bdc), float32, as `ce_bdc_reference` on the
+    same `args` (shapes validated by the caller); only `total` has gradients (to the
+    logits and the binary logits; the logit adjustment is treated as a constant)."""
+    check_kernel_dtype("logits", args.logits)
+    check_kernel_dtype("binary_logits", args.binary_logits)
     # Unit column stride is all the kernel needs: an aligned, padded row stride is kept.
-    return _CEBDCFunction.apply(
-        logits if logits.stride(1) == 1 else logits.contiguous(),
-        binary_logits.contiguous(),
-        labels.contiguous(),
-        normal_mask,
-        logit_adjustment,
-        lambda_bin,
-        lambda_bdc,
-        bool(sym_kl),
-    )
+    logits = args.logits if args.logits.stride(1) == 1 else args.logits.contiguous()
+    return _CEBDCFunction.apply(logits, args.binary_logits.contiguous(), replace(args, labels=args.labels.contiguous()))

@@ -1,6 +1,7 @@
 """Fused One-to-All contrastive loss: Triton forward/backward and its autograd Function.
 
-Same contract as `jrcl_fast.losses.reference.o2a_per_anchor_reference`. The loss of
+Same contract and arguments (`specs.O2AArgs`) as
+`jrcl_fast.losses.reference.o2a_per_anchor_reference`. The loss of
 anchor i is log_den_i - pos_mean_i. The n x M similarity matrix is never stored:
 
 - log_den_i, the class-weighted log-sum-exp over every key but the anchor itself, is
@@ -28,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRETED, LOG2E, check_kernel_dtype, fast_exp2, new_buffer
+from .specs import O2AArgs
 
 # Float32 dots: tf32x3 (error-compensated TF32 on the tensor cores, float32-level error)
 # by default; "ieee" runs them on the FMA units. Half-precision inputs ignore this.
@@ -231,33 +233,22 @@ class _LogDenominator(torch.autograd.Function):
         return grad_anchors, grad_keys, *([None] * 8)
 
 
-def fused_o2a_per_anchor(
-    anchors: Tensor,
-    anchor_labels: Tensor,
-    keys: Tensor,
-    key_labels: Tensor,
-    anchor_offset: int,
-    temperature: float,
-    class_average: bool = True,
-    dot_precision: str = "tf32x3",
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor O2A loss (n, float32) and number of positives (n, int64).
+def fused_o2a_per_anchor(args: O2AArgs, dot_precision: str = "tf32x3") -> tuple[Tensor, Tensor]:
+    """Per-anchor O2A loss (n, float32) and number of positives (n, int64), as
+    `o2a_per_anchor_reference` on the same `args` (shapes validated by the caller).
 
-    anchors (n x D) are rows `anchor_offset ..` of keys (M x D), with the same labels;
-    gradients flow to both (autograd adds them up when keys was built from the anchors).
-    `dot_precision` applies to float32 inputs: "tf32x3" or "ieee" (see DOT_PRECISIONS).
+    Gradients flow to the anchors and the keys (autograd adds them up when the keys
+    were built from the anchors). `dot_precision` applies to float32 inputs: "tf32x3"
+    or "ieee" (see DOT_PRECISIONS).
     """
+    anchors, keys, anchor_offset, temperature = args.anchors, args.keys, args.anchor_offset, args.temperature
     for name, x in (("anchors", anchors), ("keys", keys)):
         check_kernel_dtype(name, x)
-    n, m = anchors.shape[0], keys.shape[0]
     if keys.dtype != anchors.dtype:
         raise TypeError(f"anchors and keys must share a dtype, got {anchors.dtype} and {keys.dtype}")
-    if keys.shape[1] != anchors.shape[1]:
-        raise ValueError(f"anchors and keys must have the same width, got {anchors.shape[1]} and {keys.shape[1]}")
-    if not 0 <= anchor_offset <= m - n:
-        raise ValueError(f"anchors must be rows {anchor_offset}..{anchor_offset + n - 1} of {m} keys")
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(map(repr, DOT_PRECISIONS))}, got {dot_precision!r}")
+    n, m = anchors.shape[0], keys.shape[0]
     if INTERPRETED and anchors.dtype == torch.bfloat16:
         # The interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584):
         # run it in float32, which holds bfloat16 products exactly; autograd casts the grads back.
@@ -266,9 +257,9 @@ def fused_o2a_per_anchor(
 
     # O(M) per-key quantities: class ids, class sizes and the log2 class weights
     # -log2 |A_c| (anchor of another class) and -log2(|A_c| - 1) (of the key's class).
-    key_slots, sizes = key_classes(key_labels.contiguous())
+    key_slots, sizes = key_classes(args.key_labels.contiguous())
     key_sizes = sizes[key_slots].float()
-    if class_average:
+    if args.class_average:
         bias_other = -torch.log2(key_sizes)
         bias_same = -torch.log2((key_sizes - 1).clamp(min=1))
     else:
@@ -277,7 +268,7 @@ def fused_o2a_per_anchor(
     anchor_slots = key_slots[anchor_offset : anchor_offset + n].contiguous()
     log_den = _LogDenominator.apply(
         anchors, keys, anchor_slots, key_slots, bias_other, bias_same,
-        int(anchor_offset), float(temperature), bool(class_average), dot_precision,
+        int(anchor_offset), float(temperature), bool(args.class_average), dot_precision,
     )
 
     # Positives: the keys of the anchor's class but itself, from per-class key sums.

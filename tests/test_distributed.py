@@ -42,6 +42,7 @@ def problem(seed=0, per_rank=6, views=2, dim=8, classes=4):
 
 def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_average, backend):
     """The common bug: gather without gradient, own rows put back, no world-size factor."""
+    from jrcl_fast.kernels.specs import O2AArgs
     from jrcl_fast.losses.contrastive import mean_over_anchors_with_positives, o2a_per_anchor
     from jrcl_fast.runtime import gather_rows
 
@@ -49,7 +50,8 @@ def naive_one_to_all_supcon(features, labels, prototypes, temperature, class_ave
     keys = gather_rows(features.detach())
     keys = torch.cat([keys[: rank * n], features, keys[(rank + 1) * n:], prototypes])
     key_labels = torch.cat([gather_rows(labels), torch.arange(prototypes.shape[0])])
-    loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, rank * n, temperature, class_average, backend)
+    loss, num_pos = o2a_per_anchor(O2AArgs(features, labels, keys, key_labels, rank * n, temperature, class_average),
+                                   backend)
     count = (num_pos > 0).sum()
     dist.all_reduce(count)
     return mean_over_anchors_with_positives(loss, num_pos, count)

@@ -16,6 +16,7 @@ from kernel_testing import assert_close_to_largest, compile_for_sm90, poisoned_r
 from torch import Tensor
 
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
+from jrcl_fast.kernels.specs import CEBDCArgs
 from jrcl_fast.losses import ce_bdc_loss
 from jrcl_fast.losses.reference import ce_bdc_reference
 
@@ -58,17 +59,11 @@ def random_problem(batch: int, num_classes: int, scale: float, device: str, dtyp
     return logits, binary_logits, labels, normal_mask
 
 
-def kernel_with_divergence(logits, binary_logits, labels, normal_mask, adjustment, lambda_bin, lambda_bdc, divergence):
-    """fused_ce_bdc under the reference's signature (the kernel takes a flag, not a name)."""
-    return fused_ce_bdc(logits, binary_logits, labels, normal_mask, adjustment, lambda_bin, lambda_bdc,
-                        sym_kl=divergence == "sym_kl")
-
-
 def run_with_grads(fn, logits: Tensor, binary_logits: Tensor, labels: Tensor, normal_mask: Tensor,
                    adjustment: Tensor | None, divergence: str, upstream: float):
     z = logits.detach().clone().requires_grad_()
     b = binary_logits.detach().clone().requires_grad_()
-    out = fn(z, b, labels, normal_mask, adjustment, LAMBDA_BIN, LAMBDA_BDC, divergence)
+    out = fn(CEBDCArgs(z, b, labels, normal_mask, adjustment, LAMBDA_BIN, LAMBDA_BDC, sym_kl=divergence == "sym_kl"))
     (upstream * out[0]).backward()
     return [x.detach() for x in out], z.grad, b.grad
 
@@ -87,7 +82,7 @@ def test_matches_reference_and_brute_force(
     logits, binary_logits, labels, normal_mask = random_problem(batch, num_classes, scale, device)
     adjustment = torch.randn(num_classes, device=device) if adjusted else None
     upstream = torch.empty(()).uniform_(0.5, 2.0).item()
-    values, grad_z, grad_b = run_with_grads(kernel_with_divergence, logits, binary_logits, labels, normal_mask, adjustment, divergence, upstream)
+    values, grad_z, grad_b = run_with_grads(fused_ce_bdc, logits, binary_logits, labels, normal_mask, adjustment, divergence, upstream)
     for x in (*values, grad_z, grad_b):
         assert torch.isfinite(x).all()
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in values)
@@ -112,9 +107,9 @@ def test_matches_reference_and_brute_force(
 
 def test_without_gradients_only_values(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(17, 20, 3.0, device)
-    values = fused_ce_bdc(logits, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC)
+    values = fused_ce_bdc(CEBDCArgs(logits, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC))
     assert not any(v.requires_grad for v in values)
-    for got, want in zip(values, ce_bdc_reference(logits, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC)):
+    for got, want in zip(values, ce_bdc_reference(CEBDCArgs(logits, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -125,7 +120,7 @@ def test_padded_logits_view_keeps_its_stride(device: str) -> None:
     padded = torch.randn(21, 24, device=device)
     padded[:, :20] = logits
     adjustment = torch.randn(20, device=device)
-    got = run_with_grads(kernel_with_divergence, padded[:, :20], binary_logits, labels, normal_mask, adjustment, "js", 1.5)
+    got = run_with_grads(fused_ce_bdc, padded[:, :20], binary_logits, labels, normal_mask, adjustment, "js", 1.5)
     want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.5)
     for g, w in zip((*got[0], got[1], got[2]), (*want[0], want[1], want[2])):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -136,10 +131,10 @@ def test_rows_expanded_from_one(device: str) -> None:
     their gradient still gets a row of its own per sample."""
     logits, binary_logits, labels, normal_mask = random_problem(6, 20, 3.0, device)
     row = logits[:1].clone().requires_grad_()
-    total = fused_ce_bdc(row.expand(6, 20), binary_logits, labels, normal_mask)[0]
+    total = fused_ce_bdc(CEBDCArgs(row.expand(6, 20), binary_logits, labels, normal_mask))[0]
     total.backward()
     ref_row = logits[:1].clone().requires_grad_()
-    ce_bdc_reference(ref_row.expand(6, 20), binary_logits, labels, normal_mask)[0].backward()
+    ce_bdc_reference(CEBDCArgs(ref_row.expand(6, 20), binary_logits, labels, normal_mask))[0].backward()
     torch.testing.assert_close(row.grad, ref_row.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -149,7 +144,7 @@ def test_label_out_of_range_makes_the_loss_nan(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(9, 20, 3.0, device)
     for bad in (20, -1):
         labels[4] = bad
-        total, ce, _, _ = fused_ce_bdc(logits, binary_logits, labels, normal_mask)
+        total, ce, _, _ = fused_ce_bdc(CEBDCArgs(logits, binary_logits, labels, normal_mask))
         assert torch.isnan(total) and torch.isnan(ce)
 
 
@@ -158,14 +153,14 @@ def test_terms_are_logging_only_and_a_second_backward_is_refused(device: str) ->
     so a second backward through a retained graph raises instead of scaling it twice."""
     logits, binary_logits, labels, normal_mask = random_problem(17, 20, 3.0, device)
     z = logits.clone().requires_grad_()
-    total, *terms = fused_ce_bdc(z, binary_logits, labels, normal_mask, lambda_bin=LAMBDA_BIN, lambda_bdc=LAMBDA_BDC)
+    total, *terms = fused_ce_bdc(CEBDCArgs(z, binary_logits, labels, normal_mask, lambda_bin=LAMBDA_BIN, lambda_bdc=LAMBDA_BDC))
     assert total.requires_grad and not any(t.requires_grad for t in terms)
     (3.0 * total).backward(retain_graph=True)
     first = z.grad.clone()
     with pytest.raises(RuntimeError, match="backward ran twice"):
         (3.0 * total).backward()
     ref = logits.clone().requires_grad_()
-    (3.0 * ce_bdc_reference(ref, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC)[0]).backward()
+    (3.0 * ce_bdc_reference(CEBDCArgs(ref, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC))[0]).backward()
     torch.testing.assert_close(first, ref.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -182,6 +177,27 @@ def test_public_dispatch_matches_torch(divergence: str, device: str) -> None:
         results[backend] = (*out, z.grad, b.grad)
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop", ["classifier", "binary"])
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_bdc_stop_grad_matches_torch(stop: str, adjusted: bool, device: str) -> None:
+    """loss.bdc_stop_grad through the public function: the kernel's gradients match the
+    reference's, and the stopped head's gradient differs from the unstopped one."""
+    logits, binary_logits, labels, normal_mask = random_problem(29, 40, 3.0, device)
+    adjustment = torch.randn(40, device=device) if adjusted else None
+    results = {}
+    for backend, option in (("triton", stop), ("torch", stop), ("torch", "none")):
+        z, b = logits.clone().requires_grad_(), binary_logits.clone().requires_grad_()
+        out = ce_bdc_loss(z, b, labels, normal_mask, adjustment, LAMBDA_BIN, LAMBDA_BDC, backend=backend,
+                          bdc_stop_grad=option)
+        out.total.backward()
+        results[backend, option] = (*out, z.grad, b.grad)
+    for got, want in zip(results["triton", stop], results["torch", stop]):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    stopped = 4 if stop == "classifier" else 5  # the logits' or the binary head's gradient
+    assert not torch.allclose(results["torch", stop][stopped], results["torch", "none"][stopped])
+    assert torch.equal(results["torch", stop][9 - stopped], results["torch", "none"][9 - stopped])
 
 
 def test_empty_batch_as_the_reference(device: str) -> None:
@@ -204,7 +220,7 @@ def test_empty_batch_as_the_reference(device: str) -> None:
 def test_rejects_float64(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(4, 20, 1.0, device, torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        fused_ce_bdc(logits, binary_logits, labels, normal_mask)
+        fused_ce_bdc(CEBDCArgs(logits, binary_logits, labels, normal_mask))
 
 
 def test_unknown_divergence_is_refused_before_the_kernel(device: str) -> None:
@@ -220,7 +236,7 @@ def test_half_precision_inputs(dtype: torch.dtype, tol: float, scale: float, dev
     """Float32 losses, gradients in the input dtype, saturated logits included."""
     logits, binary_logits, labels, normal_mask = random_problem(33, 365, scale, device, dtype)
     adjustment = torch.randn(365, device=device)
-    got = run_with_grads(kernel_with_divergence, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.0)
+    got = run_with_grads(fused_ce_bdc, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.0)
     want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.0)
     assert_close_to_largest((*got[0], got[1], got[2]), (*want[0], want[1], want[2]), tol)
 
@@ -244,6 +260,6 @@ def test_compiled_gpu(dtype: torch.dtype, tol: float, divergence: str, num_class
     """Compiled kernel at training-like sizes, half precision included."""
     logits, binary_logits, labels, normal_mask = random_problem(4096, num_classes, scale, "cuda", dtype)
     adjustment = torch.randn(num_classes, device="cuda")
-    got = run_with_grads(kernel_with_divergence, logits, binary_logits, labels, normal_mask, adjustment, divergence, 1.0)
+    got = run_with_grads(fused_ce_bdc, logits, binary_logits, labels, normal_mask, adjustment, divergence, 1.0)
     want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, divergence, 1.0)
     assert_close_to_largest((*got[0], got[1], got[2]), (*want[0], want[1], want[2]), tol)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from jrcl_fast.kernels import o2a
 from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
+from jrcl_fast.kernels.specs import O2AArgs
 from jrcl_fast.losses import one_to_all_supcon
 from jrcl_fast.losses.reference import o2a_per_anchor_reference
 
@@ -69,7 +70,7 @@ def run_with_grads(fn, anchors: Tensor, keys: Tensor, labels: Tensor, offset: in
     a = anchors.detach().clone().requires_grad_()
     k = keys.detach().clone().requires_grad_()
     n = a.shape[0]
-    loss, num_pos = fn(a, labels[offset : offset + n], k, labels, offset, TAU, class_average)
+    loss, num_pos = fn(O2AArgs(a, labels[offset : offset + n], k, labels, offset, TAU, class_average))
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), num_pos, a.grad, k.grad
 
@@ -115,7 +116,7 @@ def test_matches_reference_and_brute_force(
 def test_anchor_without_any_other_key_is_zero(device: str) -> None:
     a = torch.randn(1, 32, device=device, requires_grad=True)
     label = torch.zeros(1, dtype=torch.long, device=device)
-    loss, num_pos = fused_o2a_per_anchor(a, label, a, label, 0, TAU)
+    loss, num_pos = fused_o2a_per_anchor(O2AArgs(a, label, a, label, 0, TAU))
     loss.sum().backward()
     assert loss.item() == 0.0 and num_pos.item() == 0
     assert torch.equal(a.grad, torch.zeros_like(a))
@@ -126,11 +127,11 @@ def test_gradient_to_one_input_only(needs: str, device: str) -> None:
     keys, labels = random_problem(40, 90, 25, 32, 20, device)
     a = keys[25:65].clone().requires_grad_(needs == "anchors")
     k = keys.clone().requires_grad_(needs == "keys")
-    loss, _ = fused_o2a_per_anchor(a, labels[25:65], k, labels, 25, TAU)
+    loss, _ = fused_o2a_per_anchor(O2AArgs(a, labels[25:65], k, labels, 25, TAU))
     loss.sum().backward()
     ref_a = keys[25:65].clone().requires_grad_(needs == "anchors")
     ref_k = keys.clone().requires_grad_(needs == "keys")
-    o2a_per_anchor_reference(ref_a, labels[25:65], ref_k, labels, 25, TAU)[0].sum().backward()
+    o2a_per_anchor_reference(O2AArgs(ref_a, labels[25:65], ref_k, labels, 25, TAU))[0].sum().backward()
     got, want = (a.grad, ref_a.grad) if needs == "anchors" else (k.grad, ref_k.grad)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert (k.grad if needs == "anchors" else a.grad) is None
@@ -158,9 +159,9 @@ def test_rejects_float64_and_mixed_dtypes(device: str) -> None:
     x = torch.randn(4, 32, device=device, dtype=torch.float64)
     labels = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.raises(TypeError, match="float64"):
-        fused_o2a_per_anchor(x, labels, x, labels, 0, TAU)
+        fused_o2a_per_anchor(O2AArgs(x, labels, x, labels, 0, TAU))
     with pytest.raises(TypeError, match="share a dtype"):
-        fused_o2a_per_anchor(x.half(), labels, x.float(), labels, 0, TAU)
+        fused_o2a_per_anchor(O2AArgs(x.half(), labels, x.float(), labels, 0, TAU))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
@@ -290,7 +291,7 @@ def test_rejects_unknown_dot_precision(device: str) -> None:
     x = torch.randn(4, 32, device=device)
     labels = torch.zeros(4, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="^dot_precision must be one of 'tf32x3', 'ieee', got 'tf32'$"):
-        fused_o2a_per_anchor(x, labels, x, labels, 0, TAU, dot_precision="tf32")
+        fused_o2a_per_anchor(O2AArgs(x, labels, x, labels, 0, TAU), dot_precision="tf32")
 
 
 @requires_gpu
@@ -303,7 +304,7 @@ def test_float32_dot_precision_against_float64(dot_precision: str, tol: float) -
     keys, labels = random_problem(n, n + num_classes, 0, 128, num_classes, "cuda")
     labels[n:] = torch.arange(num_classes, device="cuda")
     upstream = torch.rand(n, device="cuda")
-    got = run_with_grads(lambda *args: fused_o2a_per_anchor(*args, dot_precision=dot_precision),
+    got = run_with_grads(lambda args: fused_o2a_per_anchor(args, dot_precision=dot_precision),
                          keys[:n], keys, labels, 0, True, upstream)
     want = run_with_grads(o2a_per_anchor_reference, keys[:n].double(), keys.double(), labels, 0, True, upstream.double())
     errors = [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3]))]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from jrcl_fast.kernels.specs import O2AArgs
 from jrcl_fast.losses import bdc_loss, ce_bdc_loss, checks, o2a_per_anchor, one_to_all_supcon
 from jrcl_fast.losses.checks import check_labels, check_normal_mask, check_o2a_args
 from jrcl_fast.losses.contrastive import global_one_to_all_supcon
@@ -108,7 +109,7 @@ def test_o2a_with_prototypes_counts_every_anchor():
     z, protos = unit_rows(6, 4), unit_rows(6, 4)
     y = torch.arange(6)
     keys, key_labels = torch.cat([z, protos]), torch.cat([y, torch.arange(6)])
-    loss, num_pos = o2a_per_anchor(z, y, keys, key_labels, 0, 0.2, True, "torch")
+    loss, num_pos = o2a_per_anchor(O2AArgs(z, y, keys, key_labels, 0, 0.2, True), "torch")
     assert num_pos.tolist() == [1] * 6  # each anchor's only positive is its prototype
     torch.testing.assert_close(one_to_all_supcon(z, y, protos, 0.2, backend="torch"), loss.mean())
 
@@ -133,8 +134,8 @@ def test_class_averaging_removes_head_dominance():
         big = torch.cat([tail, head.repeat(5, 1)])
         ys, yb = torch.tensor([1, 1, 0, 0]), torch.tensor([1, 1] + [0] * 10)
         # Compare the tail anchors only: both batches give them the same positives.
-        la, _ = o2a_per_anchor(small, ys, small, ys, 0, 0.5, class_average, "torch")
-        lb, _ = o2a_per_anchor(big, yb, big, yb, 0, 0.5, class_average, "torch")
+        la, _ = o2a_per_anchor(O2AArgs(small, ys, small, ys, 0, 0.5, class_average), "torch")
+        lb, _ = o2a_per_anchor(O2AArgs(big, yb, big, yb, 0, 0.5, class_average), "torch")
         assert torch.allclose(la[:2], lb[:2]) != should_change
 
 
@@ -203,6 +204,13 @@ def test_ce_bdc_total_is_weighted_sum():
     torch.testing.assert_close(out.total, ce + 0.3 * bce + 2.5 * out.bdc)
 
 
+@pytest.fixture
+def value_checks(monkeypatch):
+    """JRCL_CHECK_VALUES=1, the debug switch that turns on the checks that read values
+    (finite, label range, normal mask, anchors among the keys)."""
+    monkeypatch.setattr(checks, "CHECK_VALUES", True)
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -215,7 +223,7 @@ def test_ce_bdc_total_is_weighted_sum():
         (lambda: ce_bdc_loss(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 2, 3]), torch.tensor([True, False, False])), r"labels must lie in \[0, 3\)"),
     ],
 )
-def test_bad_input_names_the_argument(call, message):
+def test_bad_input_names_the_argument(call, message, value_checks):
     with pytest.raises(ValueError, match=message):
         call()
 
@@ -251,7 +259,7 @@ BATCH_BAD_INPUTS = [
 
 @pytest.mark.parametrize("args,message", BATCH_BAD_INPUTS)
 @pytest.mark.parametrize("local", [True, False])
-def test_o2a_bad_input_names_the_argument(local, args, message, one_rank_group):
+def test_o2a_bad_input_names_the_argument(local, args, message, one_rank_group, value_checks):
     loss = one_to_all_supcon if local else global_one_to_all_supcon
     with pytest.raises(ValueError, match=message):
         loss(*args)
@@ -293,25 +301,26 @@ def split_bad_inputs():
 
 
 @pytest.mark.parametrize("args,message", split_bad_inputs())
-def test_o2a_split_form_bad_input_names_the_argument(args, message):
+def test_o2a_split_form_bad_input_names_the_argument(args, message, value_checks):
     with pytest.raises(ValueError, match=message):
-        o2a_per_anchor(*args)
+        o2a_per_anchor(O2AArgs(*args))
 
 
 def test_o2a_split_form_accepts_the_good_input():
-    loss, num_pos = o2a_per_anchor(*split_good_input())
+    loss, num_pos = o2a_per_anchor(O2AArgs(*split_good_input()))
     assert loss.shape == (3,) and num_pos.tolist() == [1, 1, 1]
 
 
 def test_auto_backend_dispatch():
-    from jrcl_fast.losses.dispatch import use_kernels
+    from jrcl_fast.losses.dispatch import Impl, select_impl
 
     cpu = torch.zeros(2, 2)
-    assert not use_kernels("auto", cpu) and use_kernels("triton", cpu) and not use_kernels("torch", cpu)
+    assert select_impl("auto", cpu) is Impl.TORCH and select_impl("triton", cpu) is Impl.TRITON
+    assert select_impl("torch", cpu) is Impl.TORCH and select_impl(Impl.TRITON, cpu) is Impl.TRITON
     with pytest.raises(ValueError, match="backend must be one of"):
-        use_kernels("cuda", cpu)
+        select_impl("cuda", cpu)
     if torch.cuda.is_available():
-        assert use_kernels("auto", cpu.cuda()) and not use_kernels("auto", cpu.double().cuda())
+        assert select_impl("auto", cpu.cuda()) is Impl.TRITON and select_impl("auto", cpu.double().cuda()) is Impl.TORCH
 
 
 def test_checks_read_no_values_of_device_tensors():
@@ -333,6 +342,86 @@ def test_checks_read_no_values_of_device_tensors():
 def test_value_checks_switch_reads_device_tensors(monkeypatch):
     """JRCL_CHECK_VALUES=1 (the debug switch) turns the value checks on for device tensors:
     on meta tensors, which hold no values, the read itself then fails."""
-    monkeypatch.setattr(checks, "CHECK_DEVICE_VALUES", True)
+    monkeypatch.setattr(checks, "CHECK_VALUES", True)
     with pytest.raises(RuntimeError, match="meta"):
         check_labels("labels", torch.zeros(6, dtype=torch.long, device="meta"), 6, 3)
+
+
+def classifier_problem(b=7, c=6):
+    """float64 heads that disagree, labels and a normal group of two classes."""
+    logits = (2 * torch.randn(b, c, dtype=torch.float64)).requires_grad_()
+    binary = (2 * torch.randn(b, 2, dtype=torch.float64)).requires_grad_()
+    normal = torch.zeros(c, dtype=torch.bool)
+    normal[:2] = True
+    return logits, binary, torch.randint(0, c, (b,)), normal
+
+
+@pytest.mark.parametrize("stop", ["none", "classifier", "binary"])
+def test_bdc_stop_grad_keeps_bdc_from_one_head(stop):
+    """The gradient equals that of the weighted sum with BDC's input from the stopped
+    head held constant (brute force, float64); CE and binary CE still train both."""
+    logits, binary, labels, normal = classifier_problem()
+    out = ce_bdc_loss(logits, binary, labels, normal, None, 0.6, 1.7, "sym_kl", "torch", stop)
+    ce = sum(-torch.log_softmax(logits[i], 0)[labels[i]] for i in range(len(labels))) / len(labels)
+    y_bin = [0 if normal[y] else 1 for y in labels]
+    bce = sum(-torch.log_softmax(binary[i], 0)[y_bin[i]] for i in range(len(labels))) / len(labels)
+    bdc = brute_bdc(logits.detach() if stop == "classifier" else logits,
+                    binary.detach() if stop == "binary" else binary, normal, "sym_kl")
+    want = ce + 0.6 * bce + 1.7 * bdc
+    torch.testing.assert_close(out.total, want)
+    for got, expected in zip(grads(out.total, logits, binary), grads(want, logits, binary)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_bdc_stop_grad_choice_is_checked():
+    logits, binary, labels, normal = classifier_problem()
+    with pytest.raises(ValueError, match="^bdc_stop_grad must be one of 'none', 'classifier', 'binary', got 'both'"):
+        ce_bdc_loss(logits, binary, labels, normal, bdc_stop_grad="both")
+
+
+def count_value_reads(monkeypatch) -> list[str]:
+    """Every way Python reads a tensor's value (each one, on a GPU, makes the host wait
+    for the device), recorded by name from now on."""
+    reads: list[str] = []
+
+    def counted(name, read):
+        def wrapper(*args, **kwargs):
+            reads.append(name)
+            return read(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "equal", counted("torch.equal", torch.equal))
+    return reads
+
+
+def test_default_path_reads_no_tensor_values(monkeypatch):
+    """Without JRCL_CHECK_VALUES the public losses read no tensor value on the host, in
+    the forward or the backward: the argument checks look at shapes, dtypes and
+    choices only. (The GPU test_training_losses_never_wait_for_the_gpu checks the
+    kernel path with CUDA's sync debug mode.)"""
+    monkeypatch.setattr(checks, "CHECK_VALUES", False)
+    logits, binary, labels, normal = classifier_problem()
+    z, protos = unit_rows(7, 5), unit_rows(6, 5)
+    keys, key_labels = torch.cat([z, protos]).detach(), torch.cat([labels, torch.arange(6)])
+    reads = count_value_reads(monkeypatch)
+    total = ce_bdc_loss(logits, binary, labels, normal, torch.randn(6, dtype=torch.float64), backend="torch").total
+    total = total + bdc_loss(logits, binary, normal) + one_to_all_supcon(z, labels, protos, 0.1, backend="torch")
+    total = total + o2a_per_anchor(O2AArgs(z, labels, keys, key_labels, 0, 0.1), "torch")[0].sum()
+    total.backward()
+    assert reads == []
+    # The counter sees reads: with the debug switch on, the same calls read values.
+    monkeypatch.setattr(checks, "CHECK_VALUES", True)
+    one_to_all_supcon(z, labels, protos, 0.1, backend="torch")
+    assert reads
+
+
+def test_o2a_arguments_are_checked_once(monkeypatch):
+    """The batch form checks its arguments once, not again as a split form inside."""
+    from jrcl_fast.losses import contrastive
+
+    calls = []
+    monkeypatch.setattr(contrastive, "check_o2a_args", lambda *args, **kwargs: calls.append(args))
+    one_to_all_supcon(unit_rows(4, 3), torch.tensor([0, 1, 0, 1]), unit_rows(2, 3), 0.1, backend="torch")
+    assert len(calls) == 1

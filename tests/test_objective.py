@@ -1,13 +1,18 @@
 """The JRCL objective composes the public losses as docs/METHOD.md section 3 says."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jrcl_fast.config import LossConfig
+from jrcl_fast.config import LossConfig, load_config
+from jrcl_fast.errors import UserError
 from jrcl_fast.losses import bdc_loss, objective, one_to_all_supcon
 from jrcl_fast.losses.objective import JRCLObjective
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def inputs(batch=6, views=2, classes=5, dim=8):
@@ -59,3 +64,34 @@ def test_zero_weights_skip_their_terms():
                                  torch.device("cpu"))(logits, binary, features, labels, 2, protos)
     assert set(terms) == {"ce", "total"}
     torch.testing.assert_close(total, F.cross_entropy(logits[: labels.shape[0]], labels))
+
+
+@pytest.mark.parametrize("stop", ["none", "classifier"])
+def test_binary_head_without_binary_ce_and_bdc_stop_grad(stop):
+    """loss.lambda_bin = 0 is allowed and leaves BDC alone to train the binary head;
+    loss.bdc_stop_grad reaches BDC. Against the terms built here from torch and
+    bdc_loss on detached inputs."""
+    cfg = load_config(CONFIGS / "digits_lt.yaml", ["loss.lambda_bin=0", "loss.lambda_bdc=1.3", "loss.lambda_con=0",
+                                                   f"loss.bdc_stop_grad={stop}", "loss.backend=torch"]).loss
+    normal = np.array([True, True, False, False, False])
+    logits, binary, features, protos, labels = inputs()
+    total, terms = JRCLObjective(cfg, np.array([9, 7, 5, 3, 1]), normal, torch.device("cpu"))(
+        logits, binary, features, labels, 2, protos)
+    b = labels.shape[0]
+    z = logits[:b].detach() if stop == "classifier" else logits[:b]
+    want = F.cross_entropy(logits[:b], labels) + 1.3 * bdc_loss(z, binary[:b], torch.tensor(normal))
+    torch.testing.assert_close(total, want)
+    assert "binary_ce" in terms  # logged, though it does not train
+    g_total = torch.autograd.grad(total, (logits, binary), allow_unused=True, materialize_grads=True)
+    g_want = torch.autograd.grad(want, (logits, binary), allow_unused=True, materialize_grads=True)
+    for g, w in zip(g_total, g_want):
+        torch.testing.assert_close(g, w)
+    assert g_total[1].abs().max() > 0  # BDC trains the binary head
+
+
+def test_bdc_stop_grad_choice_is_validated_in_the_config():
+    with pytest.raises(UserError, match=r"key 'loss\.bdc_stop_grad' must be one of"):
+        load_config(CONFIGS / "digits_lt.yaml", ["loss.bdc_stop_grad=both"])
+    # The binary head would get no gradient at all.
+    with pytest.raises(UserError, match=r"'loss\.bdc_stop_grad' binary with 'loss\.lambda_bin' 0 leaves the binary"):
+        load_config(CONFIGS / "digits_lt.yaml", ["loss.bdc_stop_grad=binary", "loss.lambda_bin=0"])

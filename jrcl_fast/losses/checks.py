@@ -1,4 +1,5 @@
-"""Argument checks shared by the public loss functions.
+"""Argument checks of the public loss functions, run once per call at that boundary
+(the references and kernels behind it trust their arguments).
 
 A wrong shape or a label out of range would otherwise surface as an index error deep
 inside a kernel, or worse as a silently wrong loss, so each is one ValueError that
@@ -12,18 +13,14 @@ import os
 import torch
 from torch import Tensor
 
-# Reading a value of a CUDA tensor makes the host wait for the device, every step. So
-# the value checks (finite, label range, normal mask, anchors among the keys) read CPU
-# tensors only, where they cost no such wait, unless JRCL_CHECK_VALUES=1 turns them on
-# for device tensors too. Shape and dtype checks always run. A diverging run is still
-# caught on the GPU: the trainer checks the loss, which non-finite outputs make
-# non-finite, and the CE+BDC kernel turns a label out of range into a NaN loss.
-CHECK_DEVICE_VALUES = os.environ.get("JRCL_CHECK_VALUES", "0") == "1"
-
-
-def reads_values(x: Tensor) -> bool:
-    """Whether the value checks may read `x` (see CHECK_DEVICE_VALUES)."""
-    return x.device.type == "cpu" or CHECK_DEVICE_VALUES
+# Reading a value of a CUDA tensor makes the host wait for the device, every step, and
+# on the CPU it costs a pass over the tensor. So the value checks (finite, label range,
+# normal mask, anchors among the keys) run only when JRCL_CHECK_VALUES=1, a debug
+# switch; shape, dtype and choice checks always run. Without them a diverging run is
+# still caught: the trainer checks the loss, which non-finite outputs make non-finite,
+# labels were checked against the classes when the data set was loaded, and the CE+BDC
+# kernel turns a label out of range into a NaN loss.
+CHECK_VALUES = os.environ.get("JRCL_CHECK_VALUES", "0") == "1"
 
 
 class NonFiniteError(ValueError):
@@ -36,7 +33,7 @@ def check_matrix(name: str, x: Tensor, rows: int | None = None, cols: int | None
         raise ValueError(f"{name} must be a {want} matrix, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if reads_values(x) and not bool(torch.isfinite(x).all()):
+    if CHECK_VALUES and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 
@@ -45,7 +42,7 @@ def check_labels(name: str, labels: Tensor, length: int, num_classes: int | None
         raise ValueError(f"{name} must be a vector of length {length}, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if length and reads_values(labels):
+    if length and CHECK_VALUES:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or (num_classes is not None and high >= num_classes):
             upper = f"{num_classes}" if num_classes is not None else "inf"
@@ -58,7 +55,7 @@ def check_normal_mask(normal_mask: Tensor, num_classes: int) -> None:
             f"normal_mask must be a boolean vector of length C = {num_classes}, "
             f"got {normal_mask.dtype} of shape {tuple(normal_mask.shape)}"
         )
-    if reads_values(normal_mask) and (bool(normal_mask.all()) or not bool(normal_mask.any())):
+    if CHECK_VALUES and (bool(normal_mask.all()) or not bool(normal_mask.any())):
         raise ValueError("normal_mask must mark at least one normal and one abnormal class, got all "
                          f"{'True' if bool(normal_mask.all()) else 'False'}")
 
@@ -73,7 +70,7 @@ def check_o2a_args(
     anchor_offset: int = 0,
     names: tuple[str, str] = ("features", "labels"),
 ) -> None:
-    """The checks of every O2A entry point, run before anything is concatenated or
+    """The checks of the O2A entry points, run once, before anything is concatenated or
     gathered. `names` are what the caller calls the anchors and their labels. With
     `prototypes` (C x D) the labels must lie in [0, C); the split form passes its key
     set instead, of which the anchors must be rows `anchor_offset ..`."""
@@ -93,7 +90,7 @@ def check_o2a_args(
         # The self-exclusion trusts that anchor i is key anchor_offset + i.
         rows = slice(anchor_offset, anchor_offset + n)
         in_range = 0 <= anchor_offset <= keys.shape[0] - n
-        if not in_range or (reads_values(keys) and not (torch.equal(keys[rows], anchors)
+        if not in_range or (CHECK_VALUES and not (torch.equal(keys[rows], anchors)
                                                          and torch.equal(key_labels[rows], anchor_labels))):
             raise ValueError(f"{anchor_name} must be rows {anchor_offset}..{anchor_offset + n - 1} of keys, with the "
                              f"same labels; pass their position in the {keys.shape[0]} keys as anchor_offset")

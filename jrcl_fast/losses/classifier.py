@@ -1,4 +1,8 @@
-"""Classifier losses: BDC alone, and CE + binary CE + BDC fused (docs/METHOD.md section 2)."""
+"""Classifier losses: BDC alone, and CE + binary CE + BDC fused (docs/METHOD.md section 2).
+
+The public functions check their arguments once and turn the names a user writes
+(divergence, stop-gradient side) into the codes of one `CEBDCArgs`, which the
+implementation `backend` selects takes (see dispatch.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from jrcl_fast.config import DIVERGENCES
+from jrcl_fast.config import BDC_STOP_GRADS, DIVERGENCES
+from jrcl_fast.kernels.specs import CEBDCArgs
 from jrcl_fast.losses.checks import check_choice, check_labels, check_matrix, check_normal_mask
-from jrcl_fast.losses.dispatch import use_kernels
-from jrcl_fast.losses.reference import bdc_per_row_reference, ce_bdc_reference
+from jrcl_fast.losses.dispatch import Impl, implementation, select_impl
+from jrcl_fast.losses.reference import bdc_per_row_reference
 
 
 class ClassifierLoss(NamedTuple):
@@ -32,7 +37,7 @@ def bdc_loss(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, diverge
     """Mean over the batch of the divergence between the classifier's normal/abnormal
     mass and the binary head's distribution. Column 0 of `binary_logits` is normal."""
     _check_heads(logits, binary_logits, normal_mask, divergence)
-    return bdc_per_row_reference(logits, binary_logits, normal_mask, divergence).mean()
+    return bdc_per_row_reference(logits, binary_logits, normal_mask, divergence == "sym_kl").mean()
 
 
 def ce_bdc_loss(
@@ -44,9 +49,13 @@ def ce_bdc_loss(
     lambda_bin: float = 1.0,
     lambda_bdc: float = 1.0,
     divergence: str = "js",
-    backend: str = "auto",
+    backend: str | Impl = "auto",
+    bdc_stop_grad: str = "none",
 ) -> ClassifierLoss:
-    """CE (optionally logit-adjusted) + lambda_bin * binary CE + lambda_bdc * BDC."""
+    """CE (optionally logit-adjusted) + lambda_bin * binary CE + lambda_bdc * BDC.
+
+    `bdc_stop_grad` names the head BDC's gradient does not reach ("classifier" or
+    "binary"; "none" trains both), as loss.bdc_stop_grad in the config."""
     _check_heads(logits, binary_logits, normal_mask, divergence)
     check_labels("labels", labels, logits.shape[0], logits.shape[1])
     if logit_adjustment is not None and logit_adjustment.shape != (logits.shape[1],):
@@ -54,9 +63,8 @@ def ce_bdc_loss(
             f"logit_adjustment must be a vector of length C = {logits.shape[1]}, "
             f"got shape {tuple(logit_adjustment.shape)}"
         )
-    args = (logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc)
-    if use_kernels(backend, logits, binary_logits):
-        from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
-
-        return ClassifierLoss(*fused_ce_bdc(*args, sym_kl=divergence == "sym_kl"))
-    return ClassifierLoss(*ce_bdc_reference(*args, divergence))
+    check_choice("bdc_stop_grad", bdc_stop_grad, BDC_STOP_GRADS)
+    args = CEBDCArgs(logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc,
+                     sym_kl=divergence == "sym_kl", bdc_grad_to_logits=bdc_stop_grad != "classifier",
+                     bdc_grad_to_binary=bdc_stop_grad != "binary")
+    return ClassifierLoss(*implementation("ce_bdc", select_impl(backend, logits, binary_logits))(args))

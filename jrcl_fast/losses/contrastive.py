@@ -1,6 +1,9 @@
 """One-to-All supervised contrastive loss (O2A), docs/METHOD.md section 1: the batch form,
 the split form (anchors against an explicit key set) and the global form, in which each
-rank contrasts its anchors with the features of every rank."""
+rank contrasts its anchors with the features of every rank.
+
+Each public function checks its arguments once, under the caller's names, then hands
+one `O2AArgs` to the implementation `backend` selects (see dispatch.py)."""
 
 from __future__ import annotations
 
@@ -9,36 +12,23 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jrcl_fast.compat import all_gather_single_autograd
+from jrcl_fast.kernels.specs import O2AArgs
 from jrcl_fast.losses.checks import check_o2a_args
-from jrcl_fast.losses.dispatch import use_kernels
-from jrcl_fast.losses.reference import o2a_per_anchor_reference
+from jrcl_fast.losses.dispatch import Impl, implementation, select_impl
 from jrcl_fast.runtime import gather_rows
 
 
-def o2a_per_anchor(
-    anchors: Tensor,
-    anchor_labels: Tensor,
-    keys: Tensor,
-    key_labels: Tensor,
-    anchor_offset: int,
-    temperature: float,
-    class_average: bool = True,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Per-anchor O2A loss and positive count against an explicit key set.
+def _per_anchor(args: O2AArgs, backend: str | Impl) -> tuple[Tensor, Tensor]:
+    """The selected implementation on checked arguments."""
+    return implementation("o2a", select_impl(backend, args.anchors, args.keys))(args)
 
-    The anchors are rows `anchor_offset ..` of the keys. This split form lets a rank
-    contrast its local anchors with keys gathered from all ranks.
-    """
-    check_o2a_args(anchors, anchor_labels, temperature, keys=keys, key_labels=key_labels,
-                   anchor_offset=anchor_offset, names=("anchors", "anchor_labels"))
-    if use_kernels(backend, anchors, keys):
-        from jrcl_fast.kernels.o2a import fused_o2a_per_anchor
 
-        fn = fused_o2a_per_anchor
-    else:
-        fn = o2a_per_anchor_reference
-    return fn(anchors, anchor_labels, keys, key_labels, anchor_offset, temperature, class_average)
+def o2a_per_anchor(args: O2AArgs, backend: str | Impl = "auto") -> tuple[Tensor, Tensor]:
+    """Per-anchor O2A loss (n) and number of positives (n) of the split form: anchors
+    against an explicit key set, of which they are rows `args.anchor_offset ..`."""
+    check_o2a_args(args.anchors, args.anchor_labels, args.temperature, keys=args.keys, key_labels=args.key_labels,
+                   anchor_offset=args.anchor_offset, names=("anchors", "anchor_labels"))
+    return _per_anchor(args, backend)
 
 
 def mean_over_anchors_with_positives(loss: Tensor, num_pos: Tensor, denominator: Tensor | None = None) -> Tensor:
@@ -63,24 +53,23 @@ def one_to_all_supcon(
     prototypes: Tensor | None = None,
     temperature: float = 0.1,
     class_average: bool = True,
-    backend: str = "auto",
+    backend: str | Impl = "auto",
 ) -> Tensor:
     """O2A loss of N features (rows used as given) against [features; prototypes].
 
     With `prototypes=None` it is class-averaged SupCon over the batch; with
     `class_average=False` as well, it is plain SupCon.
     """
-    # Under the caller's names and before the concatenation, which would fail on a
-    # prototype of the wrong width; o2a_per_anchor then checks the assembled key set.
+    # Before the concatenation, which would fail on a prototype of the wrong width.
     check_o2a_args(features, labels, temperature, prototypes)
     keys, key_labels = append_prototypes(features, labels, prototypes)
-    loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, 0, temperature, class_average, backend)
+    loss, num_pos = _per_anchor(O2AArgs(features, labels, keys, key_labels, 0, temperature, class_average), backend)
     return mean_over_anchors_with_positives(loss, num_pos)
 
 
 def global_one_to_all_supcon(features: Tensor, labels: Tensor, prototypes: Tensor | None = None,
                              temperature: float = 0.1, class_average: bool = True,
-                             backend: str = "auto") -> Tensor:
+                             backend: str | Impl = "auto") -> Tensor:
     """O2A loss of this rank's anchors against [features of all ranks; prototypes].
 
     Drop-in for `one_to_all_supcon` under data parallelism. The gather is
@@ -95,8 +84,8 @@ def global_one_to_all_supcon(features: Tensor, labels: Tensor, prototypes: Tenso
     world, n = dist.get_world_size(), features.shape[0]
     keys, key_labels = append_prototypes(all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD),
                                          gather_rows(labels), prototypes)
-    loss, num_pos = o2a_per_anchor(features, labels, keys, key_labels, dist.get_rank() * n, temperature,
-                                   class_average, backend)
+    loss, num_pos = _per_anchor(O2AArgs(features, labels, keys, key_labels, dist.get_rank() * n, temperature,
+                                        class_average), backend)
     count = (num_pos > 0).sum()
     dist.all_reduce(count)  # an integer count: no gradient flows through it
     return mean_over_anchors_with_positives(loss, num_pos, count) * world

@@ -46,7 +46,7 @@ class JRCLObjective:
             # One fused pass gives CE, binary CE and BDC; the binary CE, free there, is
             # logged even when lambda_bin = 0.
             classifier = ce_bdc_loss(logits0, binary0, labels, self.normal_mask, self.adjustment,
-                                     cfg.lambda_bin, cfg.lambda_bdc, cfg.divergence, cfg.backend)
+                                     cfg.lambda_bin, cfg.lambda_bdc, cfg.divergence, cfg.backend, cfg.bdc_stop_grad)
             total = classifier.total
             terms.update(ce=classifier.ce, binary_ce=classifier.binary_ce, bdc=classifier.bdc)
         else:  # BDC is neither computed nor logged
