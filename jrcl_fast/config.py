@@ -58,6 +58,14 @@ class ModelConfig:
     # 1 rank x N*b; sync_batch: statistics over all ranks (GPU); group: per-sample, so
     # the result does not depend on how the batch is split across ranks.
     norm: str = "batch"  # batch | sync_batch | group
+    # linear: logits W h + b. cosine: logits s cos(h, w_c), whose scale cannot grow with a
+    # class's training count as a linear classifier's weight norms do (docs/METHOD.md).
+    classifier: str = "linear"  # linear | cosine
+    cosine_scale: float = 16.0  # s of the cosine classifier
+    # free: prototypes are parameters of their own. classifier: derived from the
+    # classifier's weights through a head like the projection's (as BCL does), so the
+    # contrastive loss pulls on the classifier too.
+    prototypes: str = "free"  # free | classifier
 
 
 @dataclass
@@ -138,6 +146,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sampler": ("instance", "class_balanced", "sqrt"),
     "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
     "model.norm": ("batch", "sync_batch", "group"),
+    "model.classifier": ("linear", "cosine"),
+    "model.prototypes": ("free", "classifier"),
     "train.engine": ("auto", "local", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_on": ("last", "val_balanced_accuracy"),
@@ -147,7 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adamw"),
 }
 POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_size", "eval.batch_size",
-            "model.projection_dim", "model.projection_hidden_dim", "loss.temperature", "optim.lr",
+            "model.projection_dim", "model.projection_hidden_dim", "model.cosine_scale", "loss.temperature", "optim.lr",
             "data.imbalance_ratio", "train.gradient_accumulation_steps", "train.collective_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
                 "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",

@@ -37,3 +37,28 @@ def test_weights_of_an_older_network_revision_are_refused_where_the_network_chan
         check_architecture(None, ModelConfig(norm="group"), "ckpt")
     with pytest.raises(UserError, match="newer jrcl-fast"):
         check_architecture(ARCHITECTURE_REVISION + 1, ModelConfig(), "ckpt")
+
+
+def test_cosine_classifier_matches_brute_force_and_is_bounded_by_its_scale():
+    cfg = ModelConfig(backbone="resnet18", small_input_stem=True, classifier="cosine", cosine_scale=7.5)
+    model = JRCLNet(cfg, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 3, 16, 16)).logits.abs().max() <= 7.5 + 1e-5
+    h = torch.randn(4, 512, dtype=torch.float64)
+    w = model.classifier.weight.detach().double()
+    want = torch.tensor([[7.5 * float(a @ b / (a.norm() * b.norm())) for b in w] for a in h], dtype=torch.float64)
+    torch.testing.assert_close(model.classifier.double()(h), want)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_prototypes_derived_from_the_classifier_train_the_classifier(norm):
+    cfg = ModelConfig(backbone="resnet18", small_input_stem=True, projection_dim=12, projection_hidden_dim=16,
+                      norm=norm, prototypes="classifier")
+    model = JRCLNet(cfg, num_classes=6)
+    assert not hasattr(model, "prototypes")  # no free parameters of their own
+    protos = model.normalized_prototypes()
+    assert protos.shape == (6, 12)
+    torch.testing.assert_close(protos.norm(dim=1), torch.ones(6))
+    protos[:, 0].sum().backward()  # a loss on the prototypes alone reaches the classifier's weights
+    assert model.classifier.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.prototype_head.parameters())

@@ -61,6 +61,17 @@ def test_weight_zero_switches_terms_off(tmp_path, digits_root):
     assert {k for k in metrics if k.startswith("loss_")} == {"loss_ce", "loss_total"}
 
 
+def test_cosine_classifier_with_derived_prototypes_trains(tmp_path, digits_root):
+    config = tiny_config(tmp_path, digits_root, model={"classifier": "cosine", "prototypes": "classifier"},
+                         train={"epochs": 4, "batch_size": 32, "threads": 2})
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    losses = [m["loss_total"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert losses[-1] < 0.8 * losses[0], losses
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["balanced_accuracy"] > 2 * results["majority_baseline_balanced_accuracy"]
+
+
 def test_killed_run_resumes_to_identical_results(tmp_path, digits_root):
     epochs = 4
     straight = tmp_path / "straight"
