@@ -21,8 +21,16 @@ from nvidia.dali.pipeline import DataNode  # noqa: E402
 from test_data_adapters import gradient  # noqa: E402
 
 from jrcl_fast.config import DataConfig  # noqa: E402
+from jrcl_fast.data import dali_loader  # noqa: E402
 from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
-from jrcl_fast.data.dali_loader import DaliBatches, DaliTrainLoader, codec_log_dropped, dali_eval_loader, read_files  # noqa: E402
+from jrcl_fast.data.dali_loader import (  # noqa: E402
+    DaliBatches,
+    DaliTrainLoader,
+    PathFeed,
+    codec_log_dropped,
+    dali_eval_loader,
+    read_files,
+)
 from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.loader_contract import LoaderSpec, TrainSpec  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
@@ -162,6 +170,21 @@ def test_dali_reads_the_image_files_itself(tmp_path: Path, monkeypatch: pytest.M
     assert set(opened) == images
 
 
+def test_a_pass_decodes_no_batch_it_throws_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed ends each pass exactly: a file reader fed the epoch's list would run on
+    into prefetched batches that a per-epoch pipeline throws away."""
+    split = make_split(tmp_path, 12)
+    decoded = []
+    plain = dali_loader.decode
+
+    def counted(encoded, aug, gpu):
+        return fn.python_function(plain(encoded, aug, gpu), function=lambda x: decoded.append(1) or x)
+
+    monkeypatch.setattr(dali_loader, "decode", counted)
+    _, labels = collect(DaliTrainLoader(train_spec(split, 16, NATURAL, 1, batch_size=2)).epoch(0))
+    assert len(decoded) == len(labels) == 12
+
+
 def bad_image_message(split: Split, entry: int, problem: str) -> str:
     """The one message both loaders give for a bad image, written out independently."""
     fix = "fix the path or data.root" if problem == "missing" else "replace the file or remove its entry"
@@ -211,8 +234,8 @@ def test_only_the_codec_log_is_dropped_from_stderr(capfd: pytest.CaptureFixture)
 
 
 @pipeline_def(enable_conditionals=False)
-def crop_too_large(paths: list[str], labels: list[int]) -> tuple[DataNode, DataNode]:
-    encoded, labels = read_files(paths, labels, gpu=False)
+def crop_too_large(feed: PathFeed) -> tuple[DataNode, DataNode]:
+    encoded, labels = read_files(feed, gpu=False)
     return fn.crop(fn.decoders.image(encoded, device="cpu"), crop=[10_000, 10_000]), labels
 
 

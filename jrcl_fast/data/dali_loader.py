@@ -1,11 +1,16 @@
 """DALI data path: the same batches as torch_loader.py, read, decoded and augmented by DALI.
 
 Sample order, sampling and sharding come from sampling.py alone (through the specs of
-loader_contract.py): each pass builds a pipeline whose file reader (fn.readers.file) is
-given this rank's files in that order, unshuffled and unsharded, so the torchvision and
-DALI paths walk the same samples, epoch for epoch and rank for rank. DALI reads the
-files in its own threads (no image byte passes through Python), decodes them ("mixed"
-on a GPU, "cpu" without) and augments them with parameters from augment.py.
+loader_contract.py): a Python feed hands this rank's file *paths* and labels, in that
+order, to fn.external_source, so the torchvision and DALI paths walk the same samples,
+epoch for epoch and rank for rank. DALI reads the files itself (fn.io.file.read, in its
+own threads: no image byte passes through Python), decodes them ("mixed" on a GPU,
+"cpu" without) and augments them with parameters from augment.py.
+
+Why not fn.readers.file fed the epoch's file list: a reader does not stop at the end of
+its list, so a pipeline built per epoch decodes and augments prefetch_queue_depth
+batches that are thrown away (a third more work on an epoch of 6 batches); the feed
+ends the pass exactly.
 
 Batches keep loader_contract.py's contract, on the GPU when DALI decodes there, else on
 the CPU.
@@ -25,7 +30,6 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode, Pipeline
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
@@ -36,16 +40,34 @@ from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 
 ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default
-READER = "files"  # the file reader's name, by which the iterator finds the end of a pass
 
 
-def read_files(paths: list[str], labels: list[int], gpu: bool) -> tuple[DataNode, DataNode]:
-    """Encoded files and int64 labels, in the given order: the reader neither shuffles
-    nor shards (sampling.py did both), and pads a short last batch for the iterator to trim."""
-    encoded, label = fn.readers.file(files=paths, labels=labels, random_shuffle=False, pad_last_batch=True,
-                                     name=READER)
-    label = fn.reshape(fn.cast(label, dtype=types.INT64), shape=[])  # the reader's labels are int32 of shape (1,)
-    return encoded, label.gpu() if gpu else label
+class PathFeed:
+    """fn.external_source batches of (file paths as UTF-8 bytes, labels) for the split
+    samples at `indices`, in order; the last batch may be short. It reads no file, and
+    counts the samples it has handed out, so a failure can be traced back to files."""
+
+    def __init__(self, split: Split, indices: np.ndarray, batch_size: int):
+        self.split, self.indices, self.batch_size = split, indices, batch_size
+        self.handed_out = 0
+
+    def __iter__(self) -> PathFeed:
+        self.handed_out = 0
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], np.ndarray]:
+        batch = self.indices[self.handed_out:self.handed_out + self.batch_size]
+        if batch.size == 0:
+            raise StopIteration
+        self.handed_out += batch.size
+        paths = [np.frombuffer(str(self.split.root / self.split.paths[j]).encode(), np.uint8) for j in batch]
+        return paths, self.split.labels[batch]
+
+
+def read_files(feed: PathFeed, gpu: bool) -> tuple[DataNode, DataNode]:
+    """The feed's files, read by DALI (encoded bytes), and their labels."""
+    paths, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    return fn.io.file.read(paths), labels.gpu() if gpu else labels
 
 
 def decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
@@ -109,10 +131,10 @@ def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNod
 
 
 @pipeline_def(enable_conditionals=False)
-def train_pipeline(paths: list[str], labels: list[int], image_size: int, aug: Augmentation, num_views: int,
+def train_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, num_views: int,
                    gpu: bool) -> tuple[DataNode, DataNode]:
     """Decode once, then num_views independent random views stacked as V x 3 x H x W."""
-    encoded, labels = read_files(paths, labels, gpu)
+    encoded, labels = read_files(feed, gpu)
     images = decode(encoded, aug, gpu)
     return fn.stack(*[_train_view(images, image_size, aug) for _ in range(num_views)]), labels
 
@@ -128,15 +150,14 @@ def _float(x: DataNode) -> DataNode:
 
 
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(paths: list[str], labels: list[int], image_size: int, aug: Augmentation,
-                  gpu: bool) -> tuple[DataNode, DataNode]:
+def eval_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, gpu: bool) -> tuple[DataNode, DataNode]:
     """Resize the shorter side to image_size / eval_crop_fraction, centre crop.
 
     Sizes and crop offsets follow torchvision's integer rules exactly (long side
     truncated, offset rounded half to even) so both paths crop the same pixels;
     DALI's own resize_shorter and crop_pos 0.5 round differently by a pixel.
     """
-    encoded, labels = read_files(paths, labels, gpu)
+    encoded, labels = read_files(feed, gpu)
     shape = fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)
     height, width = shape[0], shape[1]
     short, size, resize = dmath.min(height, width), image_size, eval_resize(image_size, aug)
@@ -155,12 +176,10 @@ def dali_on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
 
 
-# DALI names the failing operator; only the reader's and the decoders' failures are the data's fault.
-DATA_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.(readers\.file|decoders\.image|peek_image_shape)`")
-
-# How many batches past the last delivered one DALI may have read when it fails: the
-# pipeline's prefetch queue (2 by default), the reader's own (1) and the one being run.
-READ_AHEAD_BATCHES = 4
+# DALI names the failing operator; only the file read's and the decoders' failures are the data's fault.
+DATA_FAILURE = re.compile(
+    r"Error in \w+ operator `nvidia\.dali\.fn\.(io\.file\.read|decoders\.image|peek_image_shape)`"
+)
 
 
 # nvImageCodec writes each undecodable file to fd 2 itself, in colour ("[ERROR] [jpeg_parser]
@@ -196,7 +215,6 @@ def codec_log_dropped() -> Iterator[None]:
         os.close(saved)
 
 
-BuildPipeline = Callable[[list[str], list[int]], Pipeline]  # (paths, labels) in reading order -> pipeline
 
 
 class DaliBatches:
@@ -205,38 +223,33 @@ class DaliBatches:
     a DataLoader. The last batch may be short. A failure to read or decode a file
     becomes a UserError naming it."""
 
-    def __init__(self, split: Split, indices: np.ndarray, batch_size: int, build: BuildPipeline):
+    def __init__(self, split: Split, indices: np.ndarray, batch_size: int, build: Callable[[PathFeed], Pipeline]):
         self.split, self.indices, self.batch_size, self.build = split, indices, batch_size, build
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        if len(self.indices) == 0:  # a reader cannot start on no files
+        if len(self.indices) == 0:  # DALI cannot start on an empty feed
             return
-        # Paths and labels, never the files' bytes: the reader reads them in DALI's threads.
-        pipeline = self.build([str(self.split.root / self.split.paths[j]) for j in self.indices],
-                              self.split.labels[self.indices].tolist())
-        delivered = 0
+        feed, delivered = PathFeed(self.split, self.indices, self.batch_size), 0
         with codec_log_dropped():
             try:
-                # Building the iterator already runs the first batches.
-                for batch in DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER,
-                                                 last_batch_policy=LastBatchPolicy.PARTIAL):
+                # Building the iterator already runs the first batch.
+                for batch in DALIGenericIterator([self.build(feed)], ["images", "labels"], size=-1):
                     delivered += 1
                     yield batch[0]["images"], batch[0]["labels"]
             except RuntimeError as err:
                 if not DATA_FAILURE.search(str(err)):
                     raise
-                raise self.data_failure(delivered, str(err)) from None
+                raise self.data_failure(delivered, feed.handed_out, str(err)) from None
 
-    def data_failure(self, batches_delivered: int, dali_error: str) -> UserError:
+    def data_failure(self, batches_delivered: int, handed_out: int, dali_error: str) -> UserError:
         """The error for a file DALI could not read or decode after `batches_delivered`
-        good batches: the reader reads in order, so the culprit is the first bad file
-        among those it may have read since; check them with PIL and name it as the
-        torchvision path would, else name the range of entries."""
-        start = batches_delivered * self.batch_size
-        suspects = self.indices[start:start + READ_AHEAD_BATCHES * self.batch_size]
+        good batches: the culprit is among the files handed out since (DALI reads ahead),
+        so check those with PIL and name the first bad one as the torchvision path would;
+        else name the range of entries."""
+        suspects = self.indices[batches_delivered * self.batch_size:handed_out]
         for j in suspects:
             if (problem := image_problem(self.split.root / self.split.paths[j])) is not None:
                 return self.split.bad_entry(int(j), problem)
@@ -263,12 +276,12 @@ class DaliTrainLoader(TrainLoader):
         self.spec, self.gpu = spec, dali_on_gpu()
 
     def epoch(self, epoch: int) -> DaliBatches:
-        # A fresh pipeline per epoch: its file order and random seed are the epoch's, and
+        # A fresh pipeline per epoch: its feed and random seed are the epoch's, and
         # an epoch the trainer leaves early leaves nothing behind for the next.
         spec = self.spec
 
-        def build(paths: list[str], labels: list[int]) -> Pipeline:
-            return train_pipeline(paths, labels, spec.image_size, spec.augmentation, spec.num_views, self.gpu,
+        def build(feed: PathFeed) -> Pipeline:
+            return train_pipeline(feed, spec.image_size, spec.augmentation, spec.num_views, self.gpu,
                                   batch_size=spec.batch_size, num_threads=max(1, spec.workers),
                                   device_id=_device_id(self.gpu), seed=_pipeline_seed(spec.seed, epoch, spec.rank))
 
@@ -279,8 +292,8 @@ def dali_eval_loader(spec: LoaderSpec) -> DaliBatches:
     """Every sample of the split exactly once across ranks (eval_indices); the last batch may be short."""
     gpu = dali_on_gpu()
 
-    def build(paths: list[str], labels: list[int]) -> Pipeline:
-        return eval_pipeline(paths, labels, spec.image_size, spec.augmentation, gpu, batch_size=spec.batch_size,
+    def build(feed: PathFeed) -> Pipeline:
+        return eval_pipeline(feed, spec.image_size, spec.augmentation, gpu, batch_size=spec.batch_size,
                              num_threads=max(1, spec.workers), device_id=_device_id(gpu), seed=0)
 
     return DaliBatches(spec.split, eval_indices(len(spec.split), spec.rank, spec.world_size), spec.batch_size, build)
