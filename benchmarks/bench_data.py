@@ -40,6 +40,7 @@ from jrcl_fast.data.augment import AUGMENTATIONS, Augmentation
 from jrcl_fast.data.dali_loader import DaliTrainLoader, dali_on_gpu, decode, view_steps
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import load_rgb
+from jrcl_fast.data.loader_contract import TrainLoader, TrainSpec
 from jrcl_fast.data.torch_loader import TorchTrainLoader, train_transform
 
 
@@ -87,7 +88,7 @@ def generate(folder: Path, profile: Profile, count: int) -> Split:
     return Split(folder, paths, np.arange(count) % 100, f"generated {profile.name}")
 
 
-def images_per_second(loader: TorchTrainLoader | DaliTrainLoader) -> float:
+def images_per_second(loader: TrainLoader) -> float:
     start, seen = time.perf_counter(), 0
     for images, _ in loader.epoch(0):
         seen += images.shape[0]
@@ -197,9 +198,9 @@ def main() -> None:
         for path in split.paths:  # warm the page cache for both loaders alike
             (split.root / path).read_bytes()
         aug = AUGMENTATIONS[profile.augmentation]
-        common = (split, args.image_size, aug, args.views, args.batch_size, "instance", 0)
-        loaders = (TorchTrainLoader(*common, num_workers=args.workers),
-                   DaliTrainLoader(*common, num_threads=args.workers))
+        spec = TrainSpec(split=split, image_size=args.image_size, augmentation=aug, num_views=args.views,
+                         batch_size=args.batch_size, sampler="instance", seed=0, workers=args.workers)
+        loaders = (TorchTrainLoader(spec), DaliTrainLoader(spec))
         rounds = [[images_per_second(loader) for loader in loaders] for _ in range(args.repeats)]
         torch_rate, dali_rate = np.max(rounds, axis=0).tolist()
         rows.append({"profile": profile.name, "augmentation": profile.augmentation, "images": len(split),

@@ -3,6 +3,8 @@ same batch contract, sharding without overlap. Runs CPU-only DALI when there is 
 
 from __future__ import annotations
 
+import builtins
+import io
 import os
 from functools import partial
 from pathlib import Path
@@ -14,14 +16,23 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali import fn, pipeline_def  # noqa: E402
 from nvidia.dali.pipeline import DataNode  # noqa: E402
 from test_data_adapters import gradient  # noqa: E402
 
 from jrcl_fast.config import DataConfig  # noqa: E402
+from jrcl_fast.data import dali_loader  # noqa: E402
 from jrcl_fast.data.augment import AUGMENTATIONS  # noqa: E402
-from jrcl_fast.data.dali_loader import DaliBatches, DaliTrainLoader, EncodedFeed, codec_log_dropped, dali_eval_loader  # noqa: E402
+from jrcl_fast.data.dali_loader import (  # noqa: E402
+    DaliBatches,
+    DaliTrainLoader,
+    PathFeed,
+    codec_log_dropped,
+    dali_eval_loader,
+    read_files,
+)
 from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
+from jrcl_fast.data.loader_contract import LoaderSpec, TrainSpec  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
 from jrcl_fast.data.sampling import epoch_indices  # noqa: E402
 from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader  # noqa: E402
@@ -45,6 +56,12 @@ def make_split(root: Path, n: int, ext: str = "png", mode: str = "RGB", labels: 
     return Split(root, paths, np.arange(n) if labels is None else labels, "fixture.txt")
 
 
+def train_spec(split: Split, image_size: int, aug, num_views: int, batch_size: int, sampler: str = "instance",
+               seed: int = 0, rank: int = 0, world_size: int = 1) -> TrainSpec:
+    return TrainSpec(split=split, image_size=image_size, augmentation=aug, num_views=num_views, batch_size=batch_size,
+                     sampler=sampler, seed=seed, rank=rank, world_size=world_size)
+
+
 def collect(batches) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*[(x.cpu().clone(), y.cpu().clone()) for x, y in batches])
     return torch.cat(images), torch.cat(labels)
@@ -62,8 +79,9 @@ def collect(batches) -> tuple[torch.Tensor, torch.Tensor]:
 def test_eval_matches_torchvision(tmp_path: Path, ext: str, mode: str, aug, max_levels: int,
                                   mean_levels: float) -> None:
     split = make_split(tmp_path, 9, ext, mode)
-    dali_images, dali_labels = collect(dali_eval_loader(split, 32, aug, batch_size=4))
-    torch_images, torch_labels = collect(torch_eval_loader(split, 32, aug, batch_size=4))
+    spec = LoaderSpec(split=split, image_size=32, augmentation=aug, batch_size=4)
+    dali_images, dali_labels = collect(dali_eval_loader(spec))
+    torch_images, torch_labels = collect(torch_eval_loader(spec))
     assert dali_images.shape == torch_images.shape == (9, 3, 32, 32) and dali_images.dtype == torch.float32
     assert torch.equal(dali_labels, torch_labels)
     # In 8-bit grey levels: normalised differences times std times 255.
@@ -75,7 +93,8 @@ def test_eval_sees_every_sample_once_across_ranks_and_passes(tmp_path: Path) -> 
     split = make_split(tmp_path, 23)
     seen = []
     for rank in range(2):
-        loader = dali_eval_loader(split, 16, NATURAL, batch_size=5, rank=rank, world_size=2)
+        loader = dali_eval_loader(LoaderSpec(split=split, image_size=16, augmentation=NATURAL, batch_size=5, rank=rank,
+                                             world_size=2))
         for _ in range(2):  # a second pass over the same loader, as each eval epoch makes
             _, labels = collect(loader)
             assert len(loader) == 3 and len(labels) == (12, 11)[rank]
@@ -88,8 +107,8 @@ def test_train_walks_the_samples_of_sampling_py_like_torch(tmp_path: Path, sampl
     labels = np.array([0] * 12 + [1] * 5 + [2] * 2)
     split = make_split(tmp_path, len(labels), labels=labels)
     for rank in range(2):
-        dali = DaliTrainLoader(split, 16, NATURAL, 2, batch_size=3, sampler=sampler, seed=5, rank=rank, world_size=2)
-        ref = TorchTrainLoader(split, 16, NATURAL, 2, batch_size=3, sampler=sampler, seed=5, rank=rank, world_size=2)
+        spec = train_spec(split, 16, NATURAL, 2, batch_size=3, sampler=sampler, seed=5, rank=rank, world_size=2)
+        dali, ref = DaliTrainLoader(spec), TorchTrainLoader(spec)
         assert len(dali) == len(ref) == 3
         images, dali_labels = collect(dali.epoch(4))
         expected = labels[epoch_indices(labels, sampler, 5, 4, 3, rank, 2)]
@@ -101,19 +120,18 @@ def test_train_shards_cover_the_epoch_without_overlap(tmp_path: Path) -> None:
     split = make_split(tmp_path, 17)  # 17 = 2 global batches of 2 x 4, and one left over
     shards = []
     for rank in range(2):
-        loader = DaliTrainLoader(split, 16, NATURAL, 1, batch_size=4, sampler="instance", seed=0, rank=rank,
-                                 world_size=2)
+        loader = DaliTrainLoader(train_spec(split, 16, NATURAL, 1, batch_size=4, rank=rank, world_size=2))
         batches = list(loader.epoch(0))
         assert len(batches) == len(loader) == 2 and all(len(y) == 4 for _, y in batches)  # drop-last
         shards.append({int(v) for _, y in batches for v in y})
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 16
-    whole = DaliTrainLoader(split, 16, NATURAL, 1, batch_size=8, sampler="instance", seed=0)
+    whole = DaliTrainLoader(train_spec(split, 16, NATURAL, 1, batch_size=8))
     assert shards[0] | shards[1] == set(collect(whole.epoch(0))[1].tolist())
 
 
 def test_train_views_are_independent_and_epochs_differ(tmp_path: Path) -> None:
     split = make_split(tmp_path, 8, "png", "L")
-    loader = DaliTrainLoader(split, 24, XRAY, 3, batch_size=4, sampler="instance", seed=1)
+    loader = DaliTrainLoader(train_spec(split, 24, XRAY, 3, batch_size=4, seed=1))
     images, _ = collect(loader.epoch(0))
     assert images.shape == (8, 3, 3, 24, 24) and torch.isfinite(images).all()
     assert torch.equal(images[:, :, 0], images[:, :, 1])  # grayscale replicated to 3 channels
@@ -125,6 +143,48 @@ def test_train_views_are_independent_and_epochs_differ(tmp_path: Path) -> None:
     assert all(not torch.equal(a, b) for a, b in zip(by_sample, next_by_sample))
 
 
+def test_dali_reads_the_image_files_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No image byte passes through Python on the DALI path: its file reader reads them.
+    Every way Python opens or reads a file is watched; the torchvision path shows the watch sees."""
+    split = make_split(tmp_path, 6, "jpg")
+    images = {str(tmp_path / path) for path in split.paths}
+    opened = []
+
+    def watched(read):
+        def call(file, *args, **kwargs):
+            if str(file) in images:
+                opened.append(str(file))
+            return read(file, *args, **kwargs)
+        return call
+
+    for owner, name in ((builtins, "open"), (io, "open"), (os, "open"), (np, "fromfile"), (Path, "open"),
+                        (Path, "read_bytes")):
+        monkeypatch.setattr(owner, name, watched(getattr(owner, name)))
+    spec = train_spec(split, 16, NATURAL, 2, batch_size=2)
+    train_images, _ = collect(DaliTrainLoader(spec).epoch(0))
+    eval_images, _ = collect(dali_eval_loader(LoaderSpec(split=split, image_size=16, augmentation=NATURAL,
+                                                         batch_size=4)))
+    assert train_images.shape == (6, 2, 3, 16, 16) and eval_images.shape == (6, 3, 16, 16)
+    assert opened == []
+    collect(TorchTrainLoader(spec).epoch(0))
+    assert set(opened) == images
+
+
+def test_a_pass_decodes_no_batch_it_throws_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed ends each pass exactly: a file reader fed the epoch's list would run on
+    into prefetched batches that a per-epoch pipeline throws away."""
+    split = make_split(tmp_path, 12)
+    decoded = []
+    plain = dali_loader.decode
+
+    def counted(encoded, aug, gpu):
+        return fn.python_function(plain(encoded, aug, gpu), function=lambda x: decoded.append(1) or x)
+
+    monkeypatch.setattr(dali_loader, "decode", counted)
+    _, labels = collect(DaliTrainLoader(train_spec(split, 16, NATURAL, 1, batch_size=2)).epoch(0))
+    assert len(decoded) == len(labels) == 12
+
+
 def bad_image_message(split: Split, entry: int, problem: str) -> str:
     """The one message both loaders give for a bad image, written out independently."""
     fix = "fix the path or data.root" if problem == "missing" else "replace the file or remove its entry"
@@ -133,10 +193,10 @@ def bad_image_message(split: Split, entry: int, problem: str) -> str:
 
 
 def loaders_of(split: Split) -> dict[str, object]:
-    return {"dali eval": dali_eval_loader(split, 16, NATURAL, batch_size=2),
-            "dali train": DaliTrainLoader(split, 16, NATURAL, 2, batch_size=2, sampler="instance", seed=0).epoch(0),
-            "torch eval": torch_eval_loader(split, 16, NATURAL, batch_size=2),
-            "torch train": TorchTrainLoader(split, 16, NATURAL, 2, batch_size=2, sampler="instance", seed=0).epoch(0)}
+    eval_spec, spec = LoaderSpec(split=split, image_size=16, augmentation=NATURAL, batch_size=2), \
+        train_spec(split, 16, NATURAL, 2, batch_size=2)
+    return {"dali eval": dali_eval_loader(eval_spec), "dali train": DaliTrainLoader(spec).epoch(0),
+            "torch eval": torch_eval_loader(eval_spec), "torch train": TorchTrainLoader(spec).epoch(0)}
 
 
 @pytest.mark.parametrize("bad_entry", [1, 4])  # in the batch DALI runs while starting, and in a later one
@@ -174,23 +234,23 @@ def test_only_the_codec_log_is_dropped_from_stderr(capfd: pytest.CaptureFixture)
 
 
 @pipeline_def(enable_conditionals=False)
-def crop_too_large(feed: EncodedFeed) -> DataNode:
-    encoded, _ = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
-    return fn.crop(fn.decoders.image(encoded, device="cpu"), crop=[10_000, 10_000])
+def crop_too_large(feed: PathFeed) -> tuple[DataNode, DataNode]:
+    encoded, labels = read_files(feed, gpu=False)
+    return fn.crop(fn.decoders.image(encoded, device="cpu"), crop=[10_000, 10_000]), labels
 
 
 def test_a_failure_outside_decoding_is_not_blamed_on_the_data(tmp_path: Path) -> None:
     split = make_split(tmp_path, 2, "jpg")
     build = partial(crop_too_large, batch_size=2, num_threads=1, device_id=None)
     with pytest.raises(RuntimeError, match="fn.crop") as caught:
-        collect(DaliBatches(split, np.arange(2), 2, build, 1))
+        collect(DaliBatches(split, np.arange(2), 2, build))
     assert not isinstance(caught.value, UserError)
 
 
 def test_a_corrupt_image_in_a_torch_worker_keeps_its_one_line_message(tmp_path: Path) -> None:
     split = make_split(tmp_path, 4, "jpg")
     (tmp_path / split.paths[1]).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    batches = torch_eval_loader(split, 16, NATURAL, batch_size=2, num_workers=1)
+    batches = torch_eval_loader(LoaderSpec(split=split, image_size=16, augmentation=NATURAL, batch_size=2, workers=1))
     batches.loader.multiprocessing_context = "spawn"  # no fork of a process that has run DALI's threads
     with pytest.raises(UserError) as caught:
         collect(batches)

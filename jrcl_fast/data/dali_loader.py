@@ -1,13 +1,19 @@
-"""DALI data path: the same batches as torch_loader.py, decoded and augmented by DALI.
+"""DALI data path: the same batches as torch_loader.py, read, decoded and augmented by DALI.
 
-Sample order, sampling and sharding come from sampling.py alone: a Python feed reads
-the encoded bytes of this rank's indices, in order, into fn.external_source, and DALI
-decodes ("mixed" on a GPU, "cpu" without) and augments. So the torchvision and DALI
-paths walk the same samples, epoch for epoch and rank for rank. Transform parameters
-come from augment.py.
+Sample order, sampling and sharding come from sampling.py alone (through the specs of
+loader_contract.py): a Python feed hands this rank's file *paths* and labels, in that
+order, to fn.external_source, so the torchvision and DALI paths walk the same samples,
+epoch for epoch and rank for rank. DALI reads the files itself (fn.io.file.read, in its
+own threads: no image byte passes through Python), decodes them ("mixed" on a GPU,
+"cpu" without) and augments them with parameters from augment.py.
 
-Train batches are (images B x V x 3 x H x W float32, labels B int64) and eval batches
-(images B x 3 x H x W, labels B), on the GPU when DALI decodes there, else on the CPU.
+Why not fn.readers.file fed the epoch's file list: a reader does not stop at the end of
+its list, so a pipeline built per epoch decodes and augments prefetch_queue_depth
+batches that are thrown away (a third more work on an epoch of 6 batches); the feed
+ends the pass exactly.
+
+Batches keep loader_contract.py's contract, on the GPU when DALI decodes there, else on
+the CPU.
 """
 
 from __future__ import annotations
@@ -28,57 +34,40 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.check_data import image_problem
-from jrcl_fast.data.dataset import MISSING, Split
-from jrcl_fast.data.sampling import epoch_indices, eval_indices
+from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.loader_contract import Batch, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 
 ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default
 
 
-class EncodedFeed:
-    """fn.external_source batches of (encoded file bytes, labels) for split samples at
-    `indices`, in order; the last batch may be short. It remembers the batches it has
-    fed, so a decode failure can be traced back to files."""
+class PathFeed:
+    """fn.external_source batches of (file paths as UTF-8 bytes, labels) for the split
+    samples at `indices`, in order; the last batch may be short. It reads no file, and
+    counts the samples it has handed out, so a failure can be traced back to files."""
 
     def __init__(self, split: Split, indices: np.ndarray, batch_size: int):
         self.split, self.indices, self.batch_size = split, indices, batch_size
-        self._pos = 0
+        self.handed_out = 0
 
-    def __iter__(self) -> EncodedFeed:
-        self._pos = 0
+    def __iter__(self) -> PathFeed:
+        self.handed_out = 0
         return self
 
     def __next__(self) -> tuple[list[np.ndarray], np.ndarray]:
-        batch = self.indices[self._pos:self._pos + self.batch_size]
+        batch = self.indices[self.handed_out:self.handed_out + self.batch_size]
         if batch.size == 0:
             raise StopIteration
-        self._pos += batch.size
-        encoded = []
-        for j in batch:
-            path = self.split.root / self.split.paths[j]
-            if not path.is_file():
-                raise self.split.bad_entry(int(j), MISSING)
-            encoded.append(np.fromfile(path, dtype=np.uint8))
-        return encoded, self.split.labels[batch]
-
-    def decode_failure(self, batches_delivered: int, dali_error: str) -> UserError:
-        """The error for a decode failure after `batches_delivered` good batches: the
-        culprit is among the batches fed since (DALI reads ahead), so decode those with
-        PIL and name the first bad file as the torchvision path would; else name the
-        range of entries."""
-        suspects = self.indices[batches_delivered * self.batch_size:self._pos]
-        for j in suspects:
-            if (problem := image_problem(self.split.root / self.split.paths[j])) is not None:
-                return self.split.bad_entry(int(j), problem)
-        reason = dali_error.split("encountered:")[-1].strip().splitlines()[0]
-        return UserError(f"{self.split.source}: DALI could not decode one of the images at entries "
-                         f"{', '.join(str(j + 1) for j in suspects[:8])}{', ...' if len(suspects) > 8 else ''} "
-                         f"({reason}); run 'jrcl-fast check-data' to list every missing or corrupt image")
+        self.handed_out += batch.size
+        paths = [np.frombuffer(str(self.split.root / self.split.paths[j]).encode(), np.uint8) for j in batch]
+        return paths, self.split.labels[batch]
 
 
-def _read(feed: EncodedFeed, gpu: bool) -> tuple[DataNode, DataNode]:
-    encoded, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
-    return encoded, labels.gpu() if gpu else labels
+def read_files(feed: PathFeed, gpu: bool) -> tuple[DataNode, DataNode]:
+    """The feed's files, read by DALI (encoded bytes), and their labels."""
+    paths, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    return fn.io.file.read(paths), labels.gpu() if gpu else labels
 
 
 def decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
@@ -142,10 +131,10 @@ def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNod
 
 
 @pipeline_def(enable_conditionals=False)
-def train_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, num_views: int,
+def train_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, num_views: int,
                    gpu: bool) -> tuple[DataNode, DataNode]:
     """Decode once, then num_views independent random views stacked as V x 3 x H x W."""
-    encoded, labels = _read(feed, gpu)
+    encoded, labels = read_files(feed, gpu)
     images = decode(encoded, aug, gpu)
     return fn.stack(*[_train_view(images, image_size, aug) for _ in range(num_views)]), labels
 
@@ -161,14 +150,14 @@ def _float(x: DataNode) -> DataNode:
 
 
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(feed: EncodedFeed, image_size: int, aug: Augmentation, gpu: bool) -> tuple[DataNode, DataNode]:
+def eval_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, gpu: bool) -> tuple[DataNode, DataNode]:
     """Resize the shorter side to image_size / eval_crop_fraction, centre crop.
 
     Sizes and crop offsets follow torchvision's integer rules exactly (long side
     truncated, offset rounded half to even) so both paths crop the same pixels;
     DALI's own resize_shorter and crop_pos 0.5 round differently by a pixel.
     """
-    encoded, labels = _read(feed, gpu)
+    encoded, labels = read_files(feed, gpu)
     shape = fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)
     height, width = shape[0], shape[1]
     short, size, resize = dmath.min(height, width), image_size, eval_resize(image_size, aug)
@@ -187,8 +176,10 @@ def dali_on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
 
 
-# DALI names the failing operator; only the decoders' failures are the data's fault.
-DECODE_FAILURE = re.compile(r"Error in \w+ operator `nvidia\.dali\.fn\.(decoders\.image|peek_image_shape)`")
+# DALI names the failing operator; only the file read's and the decoders' failures are the data's fault.
+DATA_FAILURE = re.compile(
+    r"Error in \w+ operator `nvidia\.dali\.fn\.(io\.file\.read|decoders\.image|peek_image_shape)`"
+)
 
 
 # nvImageCodec writes each undecodable file to fd 2 itself, in colour ("[ERROR] [jpeg_parser]
@@ -224,23 +215,24 @@ def codec_log_dropped() -> Iterator[None]:
         os.close(saved)
 
 
-class DaliBatches:
-    """Passes over a pipeline as (images, labels) torch tensors; each pass builds a
-    fresh feed and pipeline, so the object can be iterated again like a DataLoader.
-    A decode failure becomes a UserError naming the bad file."""
 
-    def __init__(self, split: Split, indices: np.ndarray, batch_size: int,
-                 build: Callable[[EncodedFeed], Pipeline], num_batches: int):
-        self.split, self.indices, self.batch_size = split, indices, batch_size
-        self.build, self.num_batches = build, num_batches
+
+class DaliBatches:
+    """Passes over the split samples at `indices`, in order, as (images, labels) torch
+    tensors; each pass builds a fresh pipeline, so the object can be iterated again like
+    a DataLoader. The last batch may be short. A failure to read or decode a file
+    becomes a UserError naming it."""
+
+    def __init__(self, split: Split, indices: np.ndarray, batch_size: int, build: Callable[[PathFeed], Pipeline]):
+        self.split, self.indices, self.batch_size, self.build = split, indices, batch_size, build
 
     def __len__(self) -> int:
-        return self.num_batches
+        return -(-len(self.indices) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.num_batches == 0:  # DALI cannot start on an empty feed
+    def __iter__(self) -> Iterator[Batch]:
+        if len(self.indices) == 0:  # DALI cannot start on an empty feed
             return
-        feed, delivered = EncodedFeed(self.split, self.indices, self.batch_size), 0
+        feed, delivered = PathFeed(self.split, self.indices, self.batch_size), 0
         with codec_log_dropped():
             try:
                 # Building the iterator already runs the first batch.
@@ -248,9 +240,23 @@ class DaliBatches:
                     delivered += 1
                     yield batch[0]["images"], batch[0]["labels"]
             except RuntimeError as err:
-                if not DECODE_FAILURE.search(str(err)):
+                if not DATA_FAILURE.search(str(err)):
                     raise
-                raise feed.decode_failure(delivered, str(err)) from None
+                raise self.data_failure(delivered, feed.handed_out, str(err)) from None
+
+    def data_failure(self, batches_delivered: int, handed_out: int, dali_error: str) -> UserError:
+        """The error for a file DALI could not read or decode after `batches_delivered`
+        good batches: the culprit is among the files handed out since (DALI reads ahead),
+        so check those with PIL and name the first bad one as the torchvision path would;
+        else name the range of entries."""
+        suspects = self.indices[batches_delivered * self.batch_size:handed_out]
+        for j in suspects:
+            if (problem := image_problem(self.split.root / self.split.paths[j])) is not None:
+                return self.split.bad_entry(int(j), problem)
+        reason = dali_error.split("encountered:")[-1].strip().splitlines()[0]
+        return UserError(f"{self.split.source}: DALI could not read or decode one of the images at entries "
+                         f"{', '.join(str(j + 1) for j in suspects[:8])}{', ...' if len(suspects) > 8 else ''} "
+                         f"({reason}); run 'jrcl-fast check-data' to list every missing or corrupt image")
 
 
 def _pipeline_seed(*parts: int) -> int:
@@ -262,42 +268,32 @@ def _device_id(gpu: bool) -> int | None:
     return torch.cuda.current_device() if gpu else None
 
 
-class DaliTrainLoader:
-    """Epoch-indexed train loader with the contract of TorchTrainLoader: drop-last
-    batches from epoch_indices, so every rank runs len() steps per epoch."""
+class DaliTrainLoader(TrainLoader):
+    """Epoch-indexed train loader: drop-last batches of the spec's epoch_indices, so
+    every rank runs len() steps per epoch."""
 
-    def __init__(self, split: Split, image_size: int, aug: Augmentation, num_views: int, batch_size: int,
-                 sampler: str, seed: int, num_threads: int = 1, rank: int = 0, world_size: int = 1):
-        self.split, self.image_size, self.aug, self.num_views = split, image_size, aug, num_views
-        self.batch_size, self.sampler, self.seed = batch_size, sampler, seed
-        self.num_threads, self.rank, self.world_size = max(1, num_threads), rank, world_size
-        self.gpu = dali_on_gpu()
-
-    def __len__(self) -> int:
-        return len(self.split) // (self.batch_size * self.world_size)
+    def __init__(self, spec: TrainSpec):
+        self.spec, self.gpu = spec, dali_on_gpu()
 
     def epoch(self, epoch: int) -> DaliBatches:
-        # A fresh pipeline per epoch: its feed and random seed are the epoch's, and an
-        # epoch the trainer leaves early leaves nothing behind for the next.
-        indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
-                                self.rank, self.world_size)
+        # A fresh pipeline per epoch: its feed and random seed are the epoch's, and
+        # an epoch the trainer leaves early leaves nothing behind for the next.
+        spec = self.spec
 
-        def build(feed: EncodedFeed) -> Pipeline:
-            return train_pipeline(feed, self.image_size, self.aug, self.num_views, self.gpu,
-                                  batch_size=self.batch_size, num_threads=self.num_threads,
-                                  device_id=_device_id(self.gpu), seed=_pipeline_seed(self.seed, epoch, self.rank))
+        def build(feed: PathFeed) -> Pipeline:
+            return train_pipeline(feed, spec.image_size, spec.augmentation, spec.num_views, self.gpu,
+                                  batch_size=spec.batch_size, num_threads=max(1, spec.workers),
+                                  device_id=_device_id(self.gpu), seed=_pipeline_seed(spec.seed, epoch, spec.rank))
 
-        return DaliBatches(self.split, indices, self.batch_size, build, len(indices) // self.batch_size)
+        return DaliBatches(spec.split, spec.epoch_indices(epoch), spec.batch_size, build)
 
 
-def dali_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_size: int, num_threads: int = 1,
-                     rank: int = 0, world_size: int = 1) -> DaliBatches:
+def dali_eval_loader(spec: LoaderSpec) -> DaliBatches:
     """Every sample of the split exactly once across ranks (eval_indices); the last batch may be short."""
-    indices = eval_indices(len(split), rank, world_size)
     gpu = dali_on_gpu()
 
-    def build(feed: EncodedFeed) -> Pipeline:
-        return eval_pipeline(feed, image_size, aug, gpu, batch_size=batch_size, num_threads=max(1, num_threads),
-                             device_id=_device_id(gpu), seed=0)
+    def build(feed: PathFeed) -> Pipeline:
+        return eval_pipeline(feed, spec.image_size, spec.augmentation, gpu, batch_size=spec.batch_size,
+                             num_threads=max(1, spec.workers), device_id=_device_id(gpu), seed=0)
 
-    return DaliBatches(split, indices, batch_size, build, -(-len(indices) // batch_size))
+    return DaliBatches(spec.split, eval_indices(len(spec.split), spec.rank, spec.world_size), spec.batch_size, build)

@@ -1,7 +1,6 @@
 """torchvision DataLoader path: the reference data path, and the CPU default.
 
-Train batches are (images B x V x 3 x H x W, labels B), eval batches
-(images B x 3 x H x W, labels B); the DALI path yields the same.
+Built from the specs of loader_contract.py and keeping its contract, as the DALI path does.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from torchvision.transforms import v2 as T
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import ImageError, load_rgb
-from jrcl_fast.data.sampling import epoch_indices, eval_indices
+from jrcl_fast.data.loader_contract import Batch, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 
 
@@ -42,7 +42,7 @@ def eval_transform(image_size: int, aug: Augmentation) -> T.Compose:
     ])
 
 
-class Batches:
+class DataLoaderBatches:
     """A DataLoader whose UserErrors keep their one-line message: from a worker
     process, the DataLoader re-raises them with the worker's traceback as the text."""
 
@@ -52,7 +52,7 @@ class Batches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         try:
             yield from self.loader
         except UserError as err:
@@ -90,33 +90,29 @@ class SplitDataset(Dataset):
             return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(TrainLoader):
     """Epoch-indexed train loader: the order of epoch e depends only on (seed, e)."""
 
-    def __init__(self, split: Split, image_size: int, aug: Augmentation, num_views: int, batch_size: int,
-                 sampler: str, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1):
-        self.split, self.batch_size, self.sampler, self.seed = split, batch_size, sampler, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.transform, self.num_views, self.grayscale = train_transform(image_size, aug), num_views, aug.grayscale
+    def __init__(self, spec: TrainSpec):
+        self.spec = spec
+        self.transform = train_transform(spec.image_size, spec.augmentation)
 
-    def __len__(self) -> int:
-        return len(self.split) // (self.batch_size * self.world_size)
-
-    def epoch(self, epoch: int) -> Batches:
-        indices = epoch_indices(self.split.labels, self.sampler, self.seed, epoch, self.batch_size,
-                                self.rank, self.world_size)
+    def epoch(self, epoch: int) -> DataLoaderBatches:
+        spec = self.spec
+        indices = spec.epoch_indices(epoch)
         # Seeded by the position in the global epoch order, so that N ranks x b
         # augment exactly as 1 rank x N*b does.
-        b, w = self.batch_size, self.world_size
-        positions = np.arange(len(indices) // b)[:, None] * (w * b) + self.rank * b + np.arange(b)
-        seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0].astype(np.int64) + positions.reshape(-1)
-        dataset = SplitDataset(self.split, indices, self.transform, self.num_views, seeds, self.grayscale)
-        return Batches(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                                  num_workers=self.num_workers, persistent_workers=False))
+        b, w = spec.batch_size, spec.world_size
+        positions = np.arange(len(indices) // b)[:, None] * (w * b) + spec.rank * b + np.arange(b)
+        seeds = np.random.SeedSequence([spec.seed, epoch]).generate_state(1)[0].astype(np.int64) + positions.reshape(-1)
+        dataset = SplitDataset(spec.split, indices, self.transform, spec.num_views, seeds,
+                               spec.augmentation.grayscale)
+        return DataLoaderBatches(DataLoader(dataset, batch_size=b, shuffle=False, drop_last=True,
+                                            num_workers=spec.workers, persistent_workers=False))
 
 
-def torch_eval_loader(split: Split, image_size: int, aug: Augmentation, batch_size: int, num_workers: int = 0,
-                      rank: int = 0, world_size: int = 1) -> Batches:
-    dataset = SplitDataset(split, eval_indices(len(split), rank, world_size), eval_transform(image_size, aug),
-                           grayscale=aug.grayscale)
-    return Batches(DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers))
+def torch_eval_loader(spec: LoaderSpec) -> DataLoaderBatches:
+    dataset = SplitDataset(spec.split, eval_indices(len(spec.split), spec.rank, spec.world_size),
+                           eval_transform(spec.image_size, spec.augmentation), grayscale=spec.augmentation.grayscale)
+    return DataLoaderBatches(DataLoader(dataset, batch_size=spec.batch_size, shuffle=False, drop_last=False,
+                                        num_workers=spec.workers))
