@@ -4,8 +4,9 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jrcl_fast.data.digits_lt import load_digits_lt, long_tail_counts, prepare_digits_lt
+from jrcl_fast.data.embedded import long_tail_counts
 from jrcl_fast.data.filelist import read_file_list
+from jrcl_fast.data.sets.digits_lt import load_digits_lt, prepare_digits_lt
 
 
 def tree_digest(folder):

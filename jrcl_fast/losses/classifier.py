@@ -6,10 +6,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from jrcl_fast.config import DIVERGENCES
 from jrcl_fast.losses.checks import check_choice, check_labels, check_matrix, check_normal_mask
 from jrcl_fast.losses.dispatch import use_kernels
 from jrcl_fast.losses.reference import bdc_per_row_reference, ce_bdc_reference
+from jrcl_fast.registry import DIVERGENCES
 
 
 class ClassifierLoss(NamedTuple):
@@ -25,7 +25,7 @@ def _check_heads(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, div
     check_matrix("logits", logits)
     check_matrix("binary_logits", binary_logits, rows=logits.shape[0], cols=2)
     check_normal_mask(normal_mask, logits.shape[1])
-    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("divergence", divergence, DIVERGENCES.names())
 
 
 def bdc_loss(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, divergence: str = "js") -> Tensor:
@@ -58,5 +58,5 @@ def ce_bdc_loss(
     if use_kernels(backend, logits, binary_logits):
         from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 
-        return ClassifierLoss(*fused_ce_bdc(*args, sym_kl=divergence == "sym_kl"))
+        return ClassifierLoss(*fused_ce_bdc(*args, sym_kl=DIVERGENCES.get(divergence).kernel_sym_kl))
     return ClassifierLoss(*ce_bdc_reference(*args, divergence))

@@ -2,17 +2,22 @@
 
 They are the CPU path and the yardstick of the fused Triton kernels in
 `jrcl_fast.kernels`, which take the same arguments and must return the same values.
-Both functions here are row-wise and unreduced so that the distributed trainer can
-contrast local anchors with keys gathered from every rank.
+The loss.divergence entries of BDC register here. The per-anchor and per-row functions
+are unreduced so that the distributed trainer can contrast local anchors with keys
+gathered from every rank.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from jrcl_fast.registry import DIVERGENCES
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -72,18 +77,33 @@ def binary_distributions(logits: Tensor, binary_logits: Tensor, normal_mask: Ten
     return log_pi, F.log_softmax(upcast(binary_logits), dim=1)
 
 
-def divergence_per_row(log_pi: Tensor, log_q: Tensor, divergence: str) -> Tensor:
-    """JS(pi || q) or KL(pi || q) + KL(q || pi) per row, from log-probabilities."""
+@dataclass(frozen=True)
+class Divergence:
+    """One loss.divergence: its reference per row, and the flag the fused kernel takes."""
+
+    per_row: Callable[[Tensor, Tensor], Tensor]  # (log pi, log q), B x 2 each -> B
+    kernel_sym_kl: bool  # fused_ce_bdc(sym_kl=...): the kernels know no names
+
+
+def js_per_row(log_pi: Tensor, log_q: Tensor) -> Tensor:
+    """JS(pi || q) per row, from log-probabilities."""
     pi, q = log_pi.exp(), log_q.exp()
-    if divergence == "js":
-        log_m = torch.logaddexp(log_pi, log_q) - math.log(2.0)
-        return 0.5 * (pi * (log_pi - log_m)).sum(1) + 0.5 * (q * (log_q - log_m)).sum(1)
-    return ((pi - q) * (log_pi - log_q)).sum(1)
+    log_m = torch.logaddexp(log_pi, log_q) - math.log(2.0)
+    return 0.5 * (pi * (log_pi - log_m)).sum(1) + 0.5 * (q * (log_q - log_m)).sum(1)
+
+
+def sym_kl_per_row(log_pi: Tensor, log_q: Tensor) -> Tensor:
+    """KL(pi || q) + KL(q || pi) per row, from log-probabilities."""
+    return ((log_pi.exp() - log_q.exp()) * (log_pi - log_q)).sum(1)
+
+
+DIVERGENCES.register("js", Divergence(js_per_row, kernel_sym_kl=False))
+DIVERGENCES.register("sym_kl", Divergence(sym_kl_per_row, kernel_sym_kl=True))
 
 
 def bdc_per_row_reference(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, divergence: str = "js") -> Tensor:
     """Binary Distribution Consistency of each row (B), unreduced."""
-    return divergence_per_row(*binary_distributions(logits, binary_logits, normal_mask), divergence)
+    return DIVERGENCES.get(divergence).per_row(*binary_distributions(logits, binary_logits, normal_mask))
 
 
 def binary_targets(labels: Tensor, normal_mask: Tensor) -> Tensor:

@@ -1,7 +1,13 @@
-"""Backbone plus the four JRCL heads: classifier, projection, binary, prototypes."""
+"""Backbone plus the four JRCL heads: classifier, projection, binary, prototypes.
+
+Backbones are entries of the BACKBONES registry: a builder (small_input_stem, norm) ->
+(module without classifier, feature width). The torchvision ResNets register here;
+other modules of models/ register their own (resnet_cifar.py: ResNet-32).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -12,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from jrcl_fast.config import ModelConfig
+from jrcl_fast.registry import BACKBONES
 
 
 class JRCLOutput(NamedTuple):
@@ -69,8 +76,19 @@ def standardize_convs(module: nn.Module) -> None:
             standardize_convs(child)
 
 
-def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tuple[nn.Module, int]:
-    """A torchvision backbone without its classifier, and its feature width.
+def feature_head(norm: str) -> nn.Module:
+    """What follows a backbone's pooled features.
+
+    GroupNorm features are not centred across images: their batch mean holds most of
+    their energy, and the linear heads' curvature along it grows with its square norm.
+    At full scale SGD at lr 0.05 diverges in the heads alone (even on a frozen backbone);
+    half scale quarters that curvature, to below batch norm's.
+    """
+    return FeatureScale(0.5) if norm == "group" else nn.Identity()
+
+
+def torchvision_backbone(name: str, small_input_stem: bool, norm: str) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier, and its feature width.
 
     Weights start random: nothing is downloaded at run time. With GroupNorm the backbone
     follows a recipe that trains at batch norm's learning rate (measured in
@@ -86,12 +104,17 @@ def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tu
     if group:
         standardize_convs(net)
     width = net.fc.in_features
-    # GroupNorm features are not centred across images: their batch mean holds most of
-    # their energy, and the linear heads' curvature along it grows with its square norm.
-    # At full scale SGD at lr 0.05 diverges in the heads alone (even on a frozen backbone);
-    # half scale quarters that curvature, to below batch norm's.
-    net.fc = FeatureScale(0.5) if group else nn.Identity()
+    net.fc = feature_head(norm)
     return net, width
+
+
+for _name in ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"):
+    BACKBONES.register(_name, functools.partial(torchvision_backbone, _name))
+
+
+def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tuple[nn.Module, int]:
+    """The registered backbone `name` (model.backbone), and its feature width."""
+    return BACKBONES.get(name)(small_input_stem, norm)
 
 
 class JRCLNet(nn.Module):
