@@ -15,7 +15,7 @@ from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, OPTIMIZERS, Reg
 
 def test_each_registry_finds_the_plug_ins_of_its_home():
     assert {"digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt"} <= set(DATASETS)
-    assert {"resnet18", "resnet50", "resnet152", "resnext50_32x4d"} <= set(BACKBONES)
+    assert {"resnet18", "resnet50", "resnet152", "resnext50_32x4d", "resnet32"} <= set(BACKBONES)
     assert set(OPTIMIZERS) == {"sgd", "adamw"} and set(DIVERGENCES) == {"js", "sym_kl"}
 
 
