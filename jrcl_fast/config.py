@@ -3,6 +3,10 @@
 Every section is a dataclass; the YAML must use exactly their field names. An unknown
 key, a value of the wrong type, a missing required field or a value outside its
 allowed set is a UserError that names the file and the dotted key.
+
+The names of plug-ins (data sets, backbones, optimizers, divergences) are not listed
+here: they are checked against the registries of jrcl_fast/registry.py, which import
+their plug-ins only when a name is validated (that module's docstring says why).
 """
 
 from __future__ import annotations
@@ -17,11 +21,8 @@ from typing import Any
 import yaml
 
 from jrcl_fast.errors import UserError
+from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, OPTIMIZERS, Registry
 
-DATASETS = ("digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt")
-# Defined here, the lowest layer, so that the config and the losses and kernels that
-# check their own arguments read one list.
-DIVERGENCES = ("js", "sym_kl")
 BDC_STOP_GRADS = ("none", "classifier", "binary")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 
@@ -36,9 +37,9 @@ class DataConfig:
     loader: str = "torch"  # torch | dali
     sampler: str = "instance"  # instance | class_balanced | sqrt
     num_workers: int = 0
-    # digits_lt only: exponential long-tail profile, head/tail ratio of training counts.
+    # digits_lt and mnist_lt: exponential long-tail profile, head/tail ratio of training counts.
     imbalance_ratio: float = 50.0
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # digits_lt only; mnist_lt has fixed per-class splits
     split_seed: int = 0
     # Normal group G of the BDC loss, by class name. None: the data set's own normal
     # class (No Finding for CXR-LT) or else the many-shot classes.
@@ -50,8 +51,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet50 | resnet152 | resnext50_32x4d
-    small_input_stem: bool = False  # 3x3 stride-1 stem, no max-pool: for inputs of ~32 px
+    backbone: str = "resnet50"  # a name in the BACKBONES registry: resnet18, resnet50, ..., resnet32
+    # 3x3 stride-1 stem, no max-pool: for inputs of ~32 px (resnet32 always has it).
+    small_input_stem: bool = False
+    # Start from torchvision's ImageNet weights, read from the local torch cache (never
+    # downloaded at run time; a missing file is an error naming where to put it).
+    pretrained: bool = False
     projection_dim: int = 128
     projection_hidden_dim: int = 512
     # Normalisation layers. batch: per-rank statistics, so N ranks x b is not exactly
@@ -78,7 +83,7 @@ class LossConfig:
     temperature: float = 0.1
     use_prototypes: bool = True
     class_average: bool = True
-    divergence: str = "js"  # js | sym_kl
+    divergence: str = "js"  # a name in the DIVERGENCES registry: js | sym_kl
     # Which head BDC's gradient does not reach (docs/METHOD.md section 2): none trains
     # both to agree, as the paper does; classifier makes the binary head follow the
     # classifier; binary makes the classifier follow the binary head.
@@ -88,7 +93,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # a name in the OPTIMIZERS registry: sgd | adamw
     lr: float = 0.1
     momentum: float = 0.9  # SGD only (Nesterov when > 0); AdamW keeps its default betas
     weight_decay: float = 5e-4
@@ -140,11 +145,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
+# The allowed values of a key: a fixed tuple, or a registry asked at validation time.
+CHOICES: dict[str, tuple[str, ...] | Registry] = {
     "data.name": DATASETS,
     "data.loader": ("torch", "dali"),
     "data.sampler": ("instance", "class_balanced", "sqrt"),
-    "model.backbone": ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"),
+    "model.backbone": BACKBONES,
     "model.norm": ("batch", "sync_batch", "group"),
     "model.classifier": ("linear", "cosine"),
     "model.prototypes": ("free", "classifier"),
@@ -154,10 +160,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.divergence": DIVERGENCES,
     "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
-    "optim.name": ("sgd", "adamw"),
+    "optim.name": OPTIMIZERS,
 }
 POSITIVE = {"data.image_size", "data.num_views", "train.epochs", "train.batch_size", "eval.batch_size",
-            "model.projection_dim", "model.projection_hidden_dim", "model.cosine_scale", "loss.temperature", "optim.lr",
+            "model.projection_dim", "model.projection_hidden_dim", "model.cosine_scale", "loss.temperature",
+            "optim.lr",
             "data.imbalance_ratio", "train.gradient_accumulation_steps", "train.collective_timeout_s"}
 NON_NEGATIVE = {"data.num_workers", "loss.logit_adjust_tau", "loss.lambda_con", "loss.lambda_bdc",
                 "loss.lambda_bin", "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr",

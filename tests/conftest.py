@@ -20,7 +20,7 @@ def device() -> str:
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
     """A digits-lt cache shared by the whole session (written once)."""
-    from jrcl_fast.data.digits_lt import prepare_digits_lt
+    from jrcl_fast.data.sets.digits_lt import prepare_digits_lt
 
     root = tmp_path_factory.mktemp("digits_cache")
     prepare_digits_lt(root)

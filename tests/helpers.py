@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -40,3 +41,12 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     env = {**(os.environ if env is None else env), "COLUMNS": "160"}  # wide enough that table headers do not wrap
     return subprocess.run([sys.executable, "-m", "jrcl_fast", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
+
+
+def tree_digest(folder: Path) -> str:
+    """sha256 over the relative paths and bytes of every file under `folder`."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -11,7 +11,7 @@ from rich.console import Console
 from jrcl_fast.config import load_config
 from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.datasets import load_dataset
-from jrcl_fast.data.digits_lt import prepare_digits_lt
+from jrcl_fast.data.sets.digits_lt import prepare_digits_lt
 from jrcl_fast.engine.trainer import train
 from jrcl_fast.errors import UserError
 

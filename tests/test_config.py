@@ -2,13 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from jrcl_fast.config import DATASETS, Config, load_config
+from jrcl_fast.config import Config, load_config
 from jrcl_fast.errors import UserError
+from jrcl_fast.registry import DATASETS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", DATASETS.names())
 def test_every_shipped_config_validates(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config) and cfg.data.name == name
@@ -36,7 +37,10 @@ def test_overrides_are_typed_and_applied(tmp_path):
         ("data: {name: digits_lt, root: x}\ntrain: {epochs: 2.5}\n", r"key 'train\.epochs' must be int"),
         ("data: {name: digits_lt}\n", r"missing required key 'data\.root'"),
         ("model: {backbone: resnet18}\n", r"missing required key 'data'"),
-        ("data: {name: mnist, root: x}\n", r"key 'data\.name' must be one of"),
+        ("data: {name: mnist, root: x}\n", r"c\.yaml: key 'data\.name' must be one of .*digits_lt.*, got 'mnist'$"),
+        ("data: {name: digits_lt, root: x}\nmodel: {backbone: resnet33}\n", r"key 'model\.backbone' must be one of .*resnet32.*, got 'resnet33'$"),
+        ("data: {name: digits_lt, root: x}\noptim: {name: adam}\n", r"key 'optim\.name' must be one of sgd, adamw, got 'adam'$"),
+        ("data: {name: digits_lt, root: x}\nloss: {divergence: kl}\n", r"key 'loss\.divergence' must be one of js, sym_kl, got 'kl'$"),
         ("data: {name: digits_lt, root: x}\ntrain: {batch_size: 0}\n", r"key 'train\.batch_size' must be positive"),
         ("data: {name: digits_lt, root: x, normal_classes: [1, 2]}\n", r"key 'data\.normal_classes\[0\]' must be str"),
         ("data: [1, 2]\n", r"c\.yaml: section 'data' must be a mapping"),

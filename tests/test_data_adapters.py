@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.check_data import check_data
 from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.sets.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
 from jrcl_fast.errors import UserError
 
 CXR_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-lt").resolve()
@@ -248,7 +248,7 @@ def test_places_lt_classes_are_named_by_their_scene_folders(tmp_path: Path) -> N
 
 
 def test_places_lt_classes_whose_paths_disagree_or_say_nothing_keep_their_number() -> None:
-    from jrcl_fast.data.adapters import places_class_names
+    from jrcl_fast.data.sets.adapters import places_class_names
 
     paths = ["a/abbey/1.jpg", "b/bakery/2.jpg", "a/abbey/3.jpg", "flat_4.jpg", "c/canyon/5.jpg"]
     split = Split(Path("/data"), paths, np.array([0, 0, 1, 2, 3]), "Places_LT_train.txt")

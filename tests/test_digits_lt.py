@@ -1,19 +1,11 @@
-import hashlib
-
 import numpy as np
+from helpers import tree_digest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jrcl_fast.data.digits_lt import load_digits_lt, long_tail_counts, prepare_digits_lt
+from jrcl_fast.data.embedded import long_tail_counts
 from jrcl_fast.data.filelist import read_file_list
-
-
-def tree_digest(folder):
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+from jrcl_fast.data.sets.digits_lt import load_digits_lt, prepare_digits_lt
 
 
 def test_written_once_and_deterministic(tmp_path):

@@ -62,3 +62,33 @@ def test_prototypes_derived_from_the_classifier_train_the_classifier(norm):
     protos[:, 0].sum().backward()  # a loss on the prototypes alone reaches the classifier's weights
     assert model.classifier.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.prototype_head.parameters())
+
+
+def test_pretrained_weights_come_from_the_local_cache_or_a_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    from jrcl_fast.errors import UserError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = ModelConfig(backbone="resnet18", small_input_stem=True, pretrained=True)
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    with pytest.raises(UserError, match=f"model.pretrained: {cached} does not exist; download {url}"):
+        JRCLNet(cfg, 4)
+
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # fresh random "ImageNet" weights
+    cached.parent.mkdir(parents=True)
+    torch.save(imagenet, cached)
+    backbone = JRCLNet(cfg, 4).backbone.state_dict()
+    for name, value in backbone.items():
+        if name.startswith("conv1."):  # the small stem replaces ImageNet's 7x7 stem
+            assert value.shape != imagenet[name].shape
+        else:
+            torch.testing.assert_close(value, imagenet[name], rtol=0, atol=0)
+
+    torch.save({k: v for k, v in imagenet.items() if not k.startswith("layer4.")}, cached)
+    with pytest.raises(UserError, match="lack layer4"):  # never a silently random part
+        JRCLNet(cfg, 4)
+    for bad, message in ((dict(norm="group"), "trained with batch norm"), (dict(backbone="resnet32"), "no ImageNet")):
+        with pytest.raises(UserError, match=message):
+            JRCLNet(ModelConfig(**{"backbone": "resnet18", "pretrained": True, **bad}), 4)

@@ -11,7 +11,7 @@ import time
 import pytest
 from helpers import REPO, run_cli, tiny_config
 
-from jrcl_fast.data.digits_lt import prepare_digits_lt
+from jrcl_fast.data.sets.digits_lt import prepare_digits_lt
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jrcl_fast.registry import DATASETS
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -36,17 +38,11 @@ AUGMENTATIONS = {
     "digits": Augmentation((0.6, 1.0), False, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD, True),
 }
 
-AUGMENTATION_OF_DATASET = {
-    "digits_lt": "digits",
-    "nih_cxr_lt": "xray",
-    "mimic_cxr_lt": "xray",
-    "inat2018": "natural",
-    "places_lt": "natural",
-}
 
 
 def augmentation_for(dataset_name: str) -> Augmentation:
-    return AUGMENTATIONS[AUGMENTATION_OF_DATASET[dataset_name]]
+    """The profile the data set's registry entry names."""
+    return AUGMENTATIONS[DATASETS.get(dataset_name).augmentation]
 
 
 def eval_resize(image_size: int, aug: Augmentation) -> int:

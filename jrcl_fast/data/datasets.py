@@ -1,27 +1,42 @@
-"""From a DataConfig to a LongTailedDataset: the data layer's entry point, which picks
-the adapter of the named data set (adapters.py, digits_lt.py)."""
+"""From a DataConfig to a LongTailedDataset: the data layer's entry point.
+
+Each data set is an entry of the DATASETS registry, registered by its module in
+data/sets/: how to load it, which augmentation profile its images take and, where it
+has one, its normal class (BDC's normal group G). Adding a data set is one module
+there, plus its YAML in configs/ and its test.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.adapters import CXR_SPECS, load_cxr_lt, load_inat2018, load_places_lt
 from jrcl_fast.data.dataset import LongTailedDataset
-from jrcl_fast.data.digits_lt import load_digits_lt
 from jrcl_fast.errors import UserError
+from jrcl_fast.registry import DATASETS
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    # (data.root, the data config) -> the data set.
+    load: Callable[[Path, DataConfig], LongTailedDataset]
+    augmentation: str  # a key of data.augment.AUGMENTATIONS
+    # Class names of the default normal group G; empty: the many-shot classes.
+    normal_classes: tuple[str, ...] = ()
+    # Built from an installed package into data.root, a cache folder that need not exist yet.
+    embedded: bool = False
 
 
 def load_dataset(cfg: DataConfig) -> LongTailedDataset:
+    entry: DatasetEntry = DATASETS.get(cfg.name)
     root = Path(cfg.root).expanduser()
-    if cfg.name == "digits_lt":
-        return load_digits_lt(root, cfg.imbalance_ratio, cfg.test_fraction, cfg.split_seed)
-    if not root.is_dir():
+    if not entry.embedded and not root.is_dir():
         raise UserError(f"data.root {root} is not a folder; point it at the {cfg.name} data set")
-    if cfg.name == "places_lt":
-        return load_places_lt(root)
-    if cfg.name in CXR_SPECS:
-        return load_cxr_lt(root, CXR_SPECS[cfg.name])
-    if cfg.name == "inat2018":
-        return load_inat2018(root)
-    raise UserError(f"data.name {cfg.name}: this data set has no adapter yet")
+    dataset = entry.load(root, cfg)
+    if entry.normal_classes:
+        normal = [dataset.class_names.index(name) for name in entry.normal_classes]
+        dataset = dataclasses.replace(dataset, normal_classes=normal)
+    return dataset

@@ -1,4 +1,7 @@
-"""Optimizer and learning-rate schedule: linear warmup, then cosine decay, per step."""
+"""Optimizer and learning-rate schedule: linear warmup, then cosine decay, per step.
+
+Optimizers are entries of the OPTIMIZERS registry (optim.name): a builder from the
+parameter groups and the OptimConfig to a torch optimizer."""
 
 from __future__ import annotations
 
@@ -8,6 +11,21 @@ import torch
 from torch import nn
 
 from jrcl_fast.config import OptimConfig
+from jrcl_fast.registry import OPTIMIZERS
+
+ParamGroups = list[dict]
+
+
+def sgd(groups: ParamGroups, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def adamw(groups: ParamGroups, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr)  # its default betas; optim.momentum is SGD's
+
+
+OPTIMIZERS.register("sgd", sgd)
+OPTIMIZERS.register("adamw", adamw)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -17,9 +35,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name == "prototypes" else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return OPTIMIZERS.get(cfg.name)(groups, cfg)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

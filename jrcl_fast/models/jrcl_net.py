@@ -1,9 +1,16 @@
-"""Backbone plus the four JRCL heads: classifier, projection, binary, prototypes."""
+"""Backbone plus the four JRCL heads: classifier, projection, binary, prototypes.
+
+Backbones are entries of the BACKBONES registry: a builder (small_input_stem, norm) ->
+(module without classifier, feature width). The torchvision ResNets register here;
+other modules of models/ register their own (resnet_cifar.py: ResNet-32).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -13,6 +20,7 @@ from torch import Tensor, nn
 
 from jrcl_fast.config import ModelConfig
 from jrcl_fast.errors import UserError
+from jrcl_fast.registry import BACKBONES
 
 # Revisions of the network a config builds. Every checkpoint records the revision it was
 # trained with (none before revision 2); each change names the configs it affects, so that
@@ -79,8 +87,19 @@ def standardize_convs(module: nn.Module) -> None:
             standardize_convs(child)
 
 
-def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tuple[nn.Module, int]:
-    """A torchvision backbone without its classifier, and its feature width.
+def feature_head(norm: str) -> nn.Module:
+    """What follows a backbone's pooled features.
+
+    GroupNorm features are not centred across images: their batch mean holds most of
+    their energy, and the linear heads' curvature along it grows with its square norm.
+    At full scale SGD at lr 0.05 diverges in the heads alone (even on a frozen backbone);
+    half scale quarters that curvature, to below batch norm's.
+    """
+    return FeatureScale(0.5) if norm == "group" else nn.Identity()
+
+
+def torchvision_backbone(name: str, small_input_stem: bool, norm: str) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier, and its feature width.
 
     Weights start random: nothing is downloaded at run time. With GroupNorm the backbone
     follows a recipe that trains at batch norm's learning rate (measured in
@@ -96,11 +115,46 @@ def build_backbone(name: str, small_input_stem: bool, norm: str = "batch") -> tu
     if group:
         standardize_convs(net)
     width = net.fc.in_features
-    # GroupNorm features are not centred across images: their batch mean holds most of
-    # their energy, and the linear heads' curvature along it grows with its square norm.
-    # At full scale SGD at lr 0.05 diverges in the heads alone (even on a frozen backbone);
-    # half scale quarters that curvature, to below batch norm's.
-    net.fc = FeatureScale(0.5) if group else nn.Identity()
+    net.fc = feature_head(norm)
+    return net, width
+
+
+for _name in ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"):
+    BACKBONES.register(_name, functools.partial(torchvision_backbone, _name))
+
+
+def imagenet_weights(name: str) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights of backbone `name`, read from the local torch cache
+    only: a run never downloads (GPU nodes often have no network)."""
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except ValueError:
+        raise UserError(f"model.pretrained: backbone {name} has no ImageNet weights in torchvision; "
+                        "set model.pretrained=false or choose a torchvision ResNet") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise UserError(f"model.pretrained: {path} does not exist; download {url} on a machine with network "
+                        "and put it there (TORCH_HOME moves the folder), or set model.pretrained=false")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_backbone(name: str, small_input_stem: bool, norm: str = "batch",
+                   pretrained: bool = False) -> tuple[nn.Module, int]:
+    """The registered backbone `name` (model.backbone), and its feature width; with
+    `pretrained`, every parameter and statistic from ImageNet except the classifier's
+    (and the stem's, when small_input_stem replaces it)."""
+    net, width = BACKBONES.get(name)(small_input_stem, norm)
+    if pretrained:
+        if norm != "batch":
+            raise UserError(f"model.pretrained: the ImageNet weights were trained with batch norm, not "
+                            f"model.norm={norm}; use model.norm=batch or model.pretrained=false")
+        own = net.state_dict()
+        loaded = {k: v for k, v in imagenet_weights(name).items() if k in own and v.shape == own[k].shape}
+        unset = [k for k in own if k not in loaded and not (small_input_stem and k.startswith("conv1."))]
+        if unset:  # never a silently random part of a "pretrained" network
+            raise UserError(f"model.pretrained: the ImageNet weights of {name} lack {unset[0]} "
+                            f"({len(unset)} tensors in all); the cached file does not match torchvision's {name}")
+        net.load_state_dict(loaded, strict=False)
     return net, width
 
 
@@ -132,7 +186,7 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, norm: str) -> nn.Sequen
 class JRCLNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        self.backbone, width = build_backbone(cfg.backbone, cfg.small_input_stem, cfg.norm)
+        self.backbone, width = build_backbone(cfg.backbone, cfg.small_input_stem, cfg.norm, cfg.pretrained)
         self.classifier = (nn.Linear(width, num_classes) if cfg.classifier == "linear"
                            else CosineClassifier(width, num_classes, cfg.cosine_scale))
         self.binary_head = nn.Linear(width, 2)

@@ -3,6 +3,7 @@
 
 Each reader checks the format as it goes: a wrong file is a UserError naming the
 file, the line (or JSON entry) and what was expected, never a KeyError at step 1000.
+The registrations at the end make them data sets a config can name.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
+from jrcl_fast.data.datasets import DatasetEntry
 from jrcl_fast.data.filelist import read_file_list
 from jrcl_fast.errors import UserError
+from jrcl_fast.registry import DATASETS
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ MIMIC_CXR_LT = CxrSpec(
 )
 
 CXR_SPECS = {spec.name: spec for spec in (NIH_CXR_LT, MIMIC_CXR_LT)}
+CXR_NORMAL_CLASS = "No Finding"  # BDC's normal group G
 
 
 def read_cxr_csv(csv_path: Path, spec: CxrSpec, image_root: Path) -> Split:
@@ -133,7 +137,6 @@ def load_cxr_lt(root: Path, spec: CxrSpec) -> LongTailedDataset:
         train=read_cxr_split(root, spec, "train"),
         val=read_cxr_split(root, spec, "balanced-val"),
         test=read_cxr_split(root, spec, "test"),
-        normal_classes=[spec.class_names.index("No Finding")],
         shot_groups=groups,
         extra_splits={"balanced-test": read_cxr_split(root, spec, "balanced-test")},
     )
@@ -228,3 +231,11 @@ def load_places_lt(root: Path) -> LongTailedDataset:
         val=read_file_list(root / lists["val"], root),
         test=read_file_list(root / lists["test"], root),
     )
+
+
+DATASETS.register("nih_cxr_lt", DatasetEntry(lambda root, cfg: load_cxr_lt(root, NIH_CXR_LT), "xray",
+                                             normal_classes=(CXR_NORMAL_CLASS,)))
+DATASETS.register("mimic_cxr_lt", DatasetEntry(lambda root, cfg: load_cxr_lt(root, MIMIC_CXR_LT), "xray",
+                                               normal_classes=(CXR_NORMAL_CLASS,)))
+DATASETS.register("inat2018", DatasetEntry(lambda root, cfg: load_inat2018(root), "natural"))
+DATASETS.register("places_lt", DatasetEntry(lambda root, cfg: load_places_lt(root), "natural"))

@@ -1,0 +1,74 @@
+"""Machinery of the embedded data sets (digits-lt, mnist-lt): real images that ship
+inside an installed package, made long-tailed and written once into a cache folder.
+
+A data set is written deterministically from its seed as PNG files plus Places-LT
+style list files (train.txt, test.txt and, where there is one, val.txt), so it goes
+through the same reader as the real data sets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.filelist import read_file_list, write_file_list
+
+# The last list a write produces: its presence means the folder is complete.
+COMPLETE_MARKER = "test.txt"
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
+    """Exponential profile n_c = n_max * ratio^(-c / (C - 1)), floored, at least 1."""
+    return [max(1, int(n_max * imbalance_ratio ** (-c / (num_classes - 1)))) for c in range(num_classes)]
+
+
+def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(staging folder)` and rename the result to `folder`, unless `folder`
+    is already complete. The folder appears by an atomic rename, so a killed write
+    never leaves half a data set behind for the next run to trust."""
+    if (folder / COMPLETE_MARKER).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}_", dir=folder.parent))
+    try:
+        write(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / COMPLETE_MARKER).is_file():  # not a concurrent writer that won the race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def write_splits(folder: Path, images: np.ndarray, splits: dict[str, list[tuple[int, int]]]) -> None:
+    """Each split's (image index, label) pairs as `<split>/<label>/<index>.png` (8-bit
+    grey, from `images`, N x H x W uint8) and a list file `<split>.txt`."""
+    for split, items in splits.items():
+        (folder / split).mkdir(parents=True)
+        paths = []
+        for i, c in items:
+            rel = f"{split}/{c}/{i:04d}.png"
+            (folder / split / str(c)).mkdir(exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / rel)
+            paths.append(rel)
+        write_file_list(folder / f"{split}.txt", paths, [c for _, c in items])
+
+
+def read_written(name: str, folder: Path, class_names: list[str]) -> LongTailedDataset:
+    """The data set `write_splits` wrote into `folder`."""
+    val = folder / "val.txt"
+    return LongTailedDataset(
+        name=name,
+        class_names=class_names,
+        train=read_file_list(folder / "train.txt", folder),
+        val=read_file_list(val, folder) if val.is_file() else None,
+        test=read_file_list(folder / COMPLETE_MARKER, folder),
+    )
