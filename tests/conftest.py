@@ -25,3 +25,13 @@ def digits_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits_cache")
     prepare_digits_lt(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    """An mnist-lt cache shared by the whole session (written once)."""
+    from jrcl_fast.data.sets.mnist_lt import prepare_mnist_lt
+
+    root = tmp_path_factory.mktemp("mnist_cache")
+    prepare_mnist_lt(root, 100, seed=0)
+    return root

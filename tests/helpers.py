@@ -21,11 +21,11 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(tmp_path: Path, data_root: Path, **sections) -> Path:
-    """Write configs/digits_lt.yaml with the tiny overrides (and `sections`) to tmp_path."""
+def tiny_config(tmp_path: Path, data_root: Path, base: str = "digits_lt", **sections) -> Path:
+    """Write configs/<base>.yaml with the tiny overrides (and `sections`) to tmp_path."""
     from jrcl_fast.config import resolve_paths
 
-    raw = yaml.safe_load((REPO / "configs" / "digits_lt.yaml").read_text())
+    raw = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
     resolve_paths(raw, REPO / "configs")  # its relative paths, as read from configs/
     for section, values in {**TINY_OVERRIDES, **sections}.items():
         raw[section].update(values)

@@ -87,12 +87,31 @@ def test_scaling_counts_every_parameter_of_the_model() -> None:
     assert f"| **total P** | **{total:,}** |" in stdout
 
 
-def test_ablation_runs_every_variant(tmp_path: Path, digits_root: Path) -> None:
-    config = tiny_config(tmp_path, digits_root, train={"epochs": 1, "batch_size": 32, "threads": 2})
+def test_ablation_chooses_weights_on_validation_and_reports_every_seed(tmp_path: Path, mnist_root: Path) -> None:
+    config = tiny_config(tmp_path, mnist_root, base="mnist_lt", train={"epochs": 1, "batch_size": 128})
     out = tmp_path / "ablation"
-    run_benchmark("ablation.py", "--config", str(config), "--seeds", "0", "--out", str(out))
+    run_benchmark("ablation.py", "--config", str(config), "--seeds", "0", "1", "--out", str(out),
+                  "--json", str(tmp_path / "copy.json"), "--set", "data.image_size=8")
     result = json.loads((out / "ablation.json").read_text())
+    assert result == json.loads((tmp_path / "copy.json").read_text())
     assert list(result["summary"]) == list(result["variants"]) and len(result["variants"]) == 7
-    for stats in result["summary"].values():
-        assert 0.0 <= stats["balanced_accuracy"]["mean"] <= 1.0 and stats["balanced_accuracy"]["std"] == 0.0
+    grid_runs = sorted(p.parent.parent.name for p in out.glob("*/*/seed0/results.json"))
+    assert len(grid_runs) == sum(math.prod(len(v) for v in spec["grid"].values()) for spec in result["variants"].values())
+    for variant, spec in result["variants"].items():
+        runs = [r for r in result["runs"] if r["variant"] == variant]
+        assert [r["seed"] for r in runs] == [0, 1]
+        # the chosen point is the grid's best on validation, and both seeds use it
+        scores = {p.parent.parent.name: json.loads(p.read_text())["selection"]["best_value"]
+                  for p in out.glob(f"{variant_slug(variant)}/*/seed0/results.json")}
+        assert runs[0]["val"]["balanced_accuracy"] == max(scores.values())
+        assert runs[0]["weights"] == runs[1]["weights"] == {**spec["fixed"], **result["chosen"][variant]}
+        mean = result["summary"][variant]["balanced_accuracy"]["mean"]
+        assert mean == pytest.approx(sum(r["test"]["balanced_accuracy"] for r in runs) / 2)
     assert len((out / "ablation.md").read_text().splitlines()) == 2 + 7
+
+
+def variant_slug(name: str) -> str:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import slug
+
+    return slug(name)

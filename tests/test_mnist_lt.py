@@ -19,13 +19,6 @@ from jrcl_fast.registry import DATASETS
 
 
 @pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist_cache")
-    prepare_mnist_lt(root, 100, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def dataset(mnist_root):
     return load_dataset(DataConfig(name="mnist_lt", root=str(mnist_root), imbalance_ratio=100))
 
