@@ -9,9 +9,11 @@ its loss weights chosen on the validation split, the test split reported once.
    and a 95% t-interval over seeds.
 
 Each run is a plain `jrcl-fast train` with `--set` overrides, so the ablation measures
-what a user runs; a run folder that already holds results.json is reused, so an
-interrupted ablation resumes. Writes JSON (one entry per variant and seed) and a
-Markdown table, and prints the table.
+what a user runs. A run's folder is named by its variant, grid point, seed and a hash of
+all its overrides, and one that already holds results.json is reused: an interrupted
+ablation resumes, and a changed budget or variant starts new runs rather than mixing
+old ones in (start from an empty --out after changing the code). Writes JSON (one entry
+per variant and seed) and a Markdown table, and prints the table.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -20,6 +22,7 @@ Markdown table, and prints the table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import subprocess
@@ -88,8 +91,13 @@ def train(config: str, settings: dict[str, object], extra: list[str], seed: int,
             "test": test | results["shot_accuracy"]}
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one seed)."""
+def interval(values: list[float | None]) -> dict[str, float | None]:
+    """Mean and the half-width of its 95% t-interval (0 for one seed), over the seeds that
+    have the metric (None: a data set without a named normal class, a shot group without
+    test classes)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "ci95": None}
     mean = float(np.mean(values))
     if len(values) < 2:
         return {"mean": mean, "ci95": 0.0}
@@ -119,7 +127,9 @@ def main() -> None:
             scored = []
             for point in grid_points(variant):
                 progress.update(task, description=f"{variant.name}: grid {point or 'defaults'}")
-                folder = args.out / slug(variant.name) / (slug(json.dumps(point)) or "defaults") / f"seed{grid_seed}"
+                settings = json.dumps([variant.fixed, point, args.config, args.extra], sort_keys=True)
+                name = f"{slug(json.dumps(point)) or 'defaults'}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+                folder = args.out / slug(variant.name) / name / f"seed{grid_seed}"
                 scored.append((train(args.config, variant.fixed | point, args.extra, grid_seed, folder), point, folder))
                 progress.advance(task)
             best, weights, folder = max(scored, key=lambda s: s[0]["val"]["balanced_accuracy"])
@@ -140,7 +150,7 @@ def main() -> None:
     lines = ["| variant | weights | " + " | ".join(label for _, label in METRICS) + " |",
              "|---" * (len(METRICS) + 2) + "|"]
     for variant in VARIANTS:
-        cells = [f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" for s in
+        cells = ["-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" for s in
                  (summary[variant.name][key] for key, _ in METRICS)]
         weights = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in chosen[variant.name].items()) or "-"
         table.add_row(variant.name, weights, *cells)

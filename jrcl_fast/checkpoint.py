@@ -91,5 +91,9 @@ def read_selected_model_states(path: Path) -> dict[str, Any]:
     saved = read_model_states(path)
     selection = saved.get(SELECTION_KEY) if isinstance(saved, dict) else None
     if path.is_dir() and latest_tag(path) and selection and selection["best_epoch"] != saved["epochs_done"]:
-        return {**read_model_states(path / epoch_tag(selection["best_epoch"])), SELECTION_KEY: selection}
+        tag = path / epoch_tag(selection["best_epoch"])
+        if not tag.is_dir():
+            raise UserError(f"checkpoint {path}: the folder of the selected epoch {selection['best_epoch']} ({tag}) "
+                            "is missing; pass --checkpoint with another epoch's folder to evaluate that epoch")
+        return {**read_model_states(tag), SELECTION_KEY: selection}
     return saved

@@ -100,11 +100,11 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     check_architecture(saved.get(REVISION_KEY), cfg.model, f"checkpoint {args.checkpoint}")
     dataset = load_dataset(cfg.data)
     device = select_device(cfg.train.device, Ranks())
-    model = JRCLNet(cfg.model, dataset.num_classes).to(device)
+    model = JRCLNet.to_load(cfg.model, dataset.num_classes).to(device)
     model.load_state_dict(saved["module"])  # half-precision runs saved half weights: loaded as fp32
     results = evaluate_for_report(model, dataset, cfg, device)
-    if SELECTION_KEY in saved:
-        results["selection"] = saved[SELECTION_KEY]
+    if SELECTION_KEY in saved and saved[SELECTION_KEY]["best_epoch"] == saved["epochs_done"]:
+        results["selection"] = saved[SELECTION_KEY]  # not for another epoch's folder passed by hand
     publish(results, args.output_dir or run_dir_of(args.checkpoint), dataset.name, console)
 
 

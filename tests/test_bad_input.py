@@ -179,20 +179,33 @@ def test_resume_with_overwrite_is_refused(tmp_path, digits_root):
     assert (checkpoints / "latest").read_text() == "epoch_0001"  # nothing deleted
 
 
-def test_eval_refuses_a_group_norm_checkpoint_of_the_older_network(tmp_path, digits_root):
-    """Revision 1 group-norm weights have the same names as today's but mean another network:
-    without the check they would load and evaluate to a silently wrong result."""
+def hand_made_checkpoint(tmp_path, digits_root, **model):
+    """A run's checkpoints/ folder holding one epoch of an untrained model of the tiny
+    config with `model` overrides, and no network revision (as before revision 2)."""
     import yaml
 
     from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
     from jrcl_fast.config import config_to_dict, parse_config
     from jrcl_fast.models import JRCLNet
 
-    raw = yaml.safe_load(tiny_config(tmp_path, digits_root, model={"norm": "group"}).read_text())
-    cfg = parse_config(raw, "tiny")
+    cfg = parse_config(yaml.safe_load(tiny_config(tmp_path, digits_root, model=model).read_text()), "tiny")
     tag = tmp_path / "old" / "checkpoints" / "epoch_0001"
-    save_model_states(tag / MODEL_STATES, {"module": JRCLNet(cfg.model, 10).state_dict(),
+    save_model_states(tag / MODEL_STATES, {"module": JRCLNet.to_load(cfg.model, 10).state_dict(),
                                            "config": config_to_dict(cfg), "epochs_done": 1})
     (tag.parent / "latest").write_text("epoch_0001")
-    done = run_cli("eval", "--checkpoint", str(tag.parent))
+    return tag.parent
+
+
+def test_eval_refuses_a_group_norm_checkpoint_of_the_older_network(tmp_path, digits_root):
+    """Revision 1 group-norm weights have the same names as today's but mean another network:
+    without the check they would load and evaluate to a silently wrong result."""
+    done = run_cli("eval", "--checkpoint", str(hand_made_checkpoint(tmp_path, digits_root, norm="group")))
     assert_user_error(done, "was trained with network revision 1", "model.norm=group", "train it again")
+
+
+def test_eval_of_a_pretrained_run_needs_no_imagenet_file(tmp_path, digits_root):
+    """The checkpoint holds every weight: eval (and every fp32 copy in training) must not
+    read, or require, the ImageNet file that model.pretrained started from."""
+    ckpt = hand_made_checkpoint(tmp_path, digits_root, pretrained=True)
+    done = run_cli("eval", "--checkpoint", str(ckpt), env={**os.environ, "TORCH_HOME": str(tmp_path / "empty")})
+    assert done.returncode == 0, done.stderr

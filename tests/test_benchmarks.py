@@ -115,3 +115,13 @@ def variant_slug(name: str) -> str:
     from ablation import slug
 
     return slug(name)
+
+
+def test_ablation_interval_skips_missing_metrics_and_matches_the_t_formula() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import interval
+
+    assert interval([None, None]) == {"mean": None, "ci95": None}
+    assert interval([0.5, None]) == {"mean": 0.5, "ci95": 0.0}
+    got = interval([0.5, None, 0.7, 0.6])  # n = 3, sd 0.1: t(0.975, 2) = 4.3027
+    assert got["mean"] == pytest.approx(0.6) and got["ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3))

@@ -2,6 +2,7 @@
 kept, that its weights are the ones returned and evaluated, and that --resume respects it."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -66,3 +67,26 @@ def test_selection_on_validation_needs_a_validation_split(tmp_path, digits_root)
         train(cfg, load_dataset(cfg.data), False, False, Console(quiet=True), validate=lambda *_: 0.0)
     with pytest.raises(UserError, match="'train.early_stop_patience' stops on the validation score"):
         load_config(tiny_config(tmp_path, digits_root, train={"early_stop_patience": 3}))
+
+
+def test_eval_of_another_epochs_folder_does_not_claim_the_selection(tmp_path, digits_root):
+    """`jrcl-fast eval --checkpoint RUN/checkpoints/epoch_0004` tests epoch 4: the run's
+    selection (epoch 2) is not written into its results."""
+    from helpers import run_cli
+
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={"epochs": 4, "batch_size": 64, "threads": 1,
+                                                                 "select_on": "val_balanced_accuracy"}))
+    dataset = dataclasses.replace(load_dataset(cfg.data), val=load_dataset(cfg.data).test)
+    scores = iter([0.1, 0.3, 0.2, 0.25])
+    train(cfg, dataset, False, False, Console(quiet=True), validate=lambda *_: next(scores))
+    ckpt = tmp_path / "run" / "checkpoints"
+    for folder, claims in ((ckpt, True), (ckpt / "epoch_0004", False)):
+        out = tmp_path / folder.name
+        done = run_cli("eval", "--checkpoint", str(folder), "--output-dir", str(out))
+        assert done.returncode == 0, done.stderr
+        results = json.loads((out / "results.json").read_text())
+        assert ("selection" in results) == claims
+    (ckpt / "epoch_0002" / "mp_rank_00_model_states.pt").unlink()
+    (ckpt / "epoch_0002").rmdir()
+    done = run_cli("eval", "--checkpoint", str(ckpt))
+    assert done.returncode == 2 and "the folder of the selected epoch 2" in done.stderr

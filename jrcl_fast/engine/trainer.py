@@ -175,6 +175,24 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir, metrics_path, steps_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_NAME, out_dir / STEPS_NAME
     _check_output_dir(out_dir, resume, overwrite, cfg.train.epochs)
+    selection = Selection(cfg.train.select_on, cfg.train.early_stop_patience)
+    if selection.validates and dataset.val is None:
+        raise UserError(f"train.select_on={cfg.train.select_on} chooses on the validation split, and "
+                        f"{dataset.name} has none; use train.select_on=last")
+    if selection.validates and validate is None:
+        raise ValueError(f"train(): train.select_on={cfg.train.select_on} needs a `validate` function")
+    if resume:  # checked before anything is built, and before the engine loads the weights
+        saved = read_model_states(ckpt_dir)
+        # Parsed again, so that keys added since the checkpoint take their defaults.
+        if config_to_dict(parse_config(saved["config"], str(ckpt_dir))) != config_to_dict(cfg):
+            raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
+                            "resume with the same config and --set overrides")
+        check_architecture(saved.get(REVISION_KEY), cfg.model, f"--resume: {ckpt_dir}")
+        if SELECTION_KEY in saved:
+            selection = Selection.from_summary(saved[SELECTION_KEY])
+        if selection.stopped_early:
+            raise UserError(f"--resume: the run in {out_dir} is complete (stopped early after epoch "
+                            f"{selection.epochs_trained}); evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
     for split in dataset.splits().values():  # every split the run and check-data read, not at hour 9
         split.check_files_exist(eval_indices(len(split), ranks.rank, ranks.world_size))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,22 +215,8 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
     objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
 
-    epochs_done, selection = 0, Selection(cfg.train.select_on, cfg.train.early_stop_patience)
-    if selection.validates and (dataset.val is None or validate is None):
-        raise UserError(f"train.select_on={cfg.train.select_on} chooses on the validation split, and "
-                        f"{dataset.name} has none; use train.select_on=last")
+    epochs_done = 0
     if resume:
-        saved = read_model_states(ckpt_dir)  # checked before the engine loads the weights into this network
-        # Parsed again, so that keys added since the checkpoint take their defaults.
-        if config_to_dict(parse_config(saved["config"], str(ckpt_dir))) != config_to_dict(cfg):
-            raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
-                            "resume with the same config and --set overrides")
-        check_architecture(saved.get(REVISION_KEY), cfg.model, f"--resume: {ckpt_dir}")
-        if SELECTION_KEY in saved:
-            selection = Selection.from_summary(saved[SELECTION_KEY])
-        if selection.stopped_early:
-            raise UserError(f"--resume: the run in {out_dir} is complete (stopped early after epoch "
-                            f"{selection.epochs_trained}); evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
         engine.load_checkpoint(str(ckpt_dir), latest_tag(ckpt_dir))
         epochs_done = saved["epochs_done"]
         console.print(f"Resuming {out_dir} after epoch {epochs_done}")
@@ -322,6 +326,6 @@ def save(engine, ckpt_dir: Path, epochs_done: int, client_state: dict, ranks: Ra
 
 def fp32_copy(module: torch.nn.Module, cfg: Config, num_classes: int, device: torch.device) -> JRCLNet:
     """The trained weights in a plain fp32 JRCLNet, as `jrcl-fast eval` loads them."""
-    model = JRCLNet(cfg.model, num_classes).to(device)
+    model = JRCLNet.to_load(cfg.model, num_classes).to(device)
     model.load_state_dict(module.state_dict())
     return model

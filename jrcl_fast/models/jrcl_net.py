@@ -7,6 +7,7 @@ other modules of models/ register their own (resnet_cifar.py: ResNet-32).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -196,6 +197,12 @@ class JRCLNet(nn.Module):
             self.prototypes = nn.Parameter(torch.randn(num_classes, cfg.projection_dim))
         else:  # one row per class of the classifier's weights, mapped like the features
             self.prototype_head = mlp_head(width, cfg.projection_hidden_dim, cfg.projection_dim, cfg.norm)
+
+    @classmethod
+    def to_load(cls, cfg: ModelConfig, num_classes: int) -> JRCLNet:
+        """The network of `cfg`, to load trained weights into: it never reads the ImageNet
+        file of model.pretrained, which the weights replace anyway."""
+        return cls(dataclasses.replace(cfg, pretrained=False), num_classes)
 
     def normalized_prototypes(self) -> Tensor:
         if self.prototypes_from == "free":
