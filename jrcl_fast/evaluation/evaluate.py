@@ -31,10 +31,11 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
              ranks: Ranks = Ranks(), split: str = "test") -> dict[str, Any]:
     """Metrics on one split (dataset.splits() names them). Under several ranks each
     evaluates its shard (sampling.eval_indices) and the predictions are gathered in sample
-    order, so every image counts exactly once; every rank returns the same results."""
+    order, so every image counts exactly once; every rank returns the same results. The
+    files are not checked here: the trainer checks every split before step 1, and
+    evaluate_for_report before it reports (validation runs every epoch)."""
     data = dataset.splits()[split]
     positions = [eval_indices(len(data), r, ranks.world_size) for r in range(ranks.world_size)]
-    data.check_files_exist(positions[ranks.rank])  # the images this rank reads
     loader = build_eval_loader(data, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank, ranks.world_size)
     # Gathered in sample order, the predictions line up with the split's own labels.
     preds = gather_shards(predict(model, loader, device), positions)
@@ -49,7 +50,11 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
 def evaluate_for_report(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
                         ranks: Ranks = Ranks()) -> dict[str, Any]:
     """The test split's metrics, with every further published evaluation split's under
-    `other_splits`."""
+    `other_splits`. Every split's files (this rank's share) are checked first, so a
+    missing image is named before any evaluation, not after the test split's."""
+    for name in ("test", *dataset.extra_splits):
+        data = dataset.splits()[name]
+        data.check_files_exist(eval_indices(len(data), ranks.rank, ranks.world_size))
     results = evaluate(model, dataset, cfg, device, ranks)
     if dataset.extra_splits:
         results["other_splits"] = {name: evaluate(model, dataset, cfg, device, ranks, name)
