@@ -95,7 +95,8 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    skip_shared_memory_all_reduce()
+    if device.type != "cuda":  # only DeepSpeed's CPU accelerator builds it; no op-table probe on GPUs
+        skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
