@@ -131,16 +131,28 @@ def _doctor(args: argparse.Namespace, console: Console) -> None:
 COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data, "doctor": _doctor}
 
 
+def _print_error(err: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     try:
         COMMANDS[args.command](args, console)
     except UserError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _print_error(err)
         return 2
-    except (RankFailure, CheckFailure) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    except RankFailure as err:
+        _print_error(err)
+        # gloo has no abort (pytorch/gloo#388): destroying links to a dead peer at interpreter
+        # exit can itself abort the process (SIGABRT) after the message. The job is over and
+        # the message is out, so leave without running those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except CheckFailure as err:
+        _print_error(err)
         return 1
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
