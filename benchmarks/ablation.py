@@ -12,8 +12,9 @@ Each run is a plain `jrcl-fast train` with `--set` overrides, so the ablation me
 what a user runs. A run's folder is named by its variant, grid point, seed and a hash of
 all its overrides, and one that already holds results.json is reused: an interrupted
 ablation resumes, and a changed budget or variant starts new runs rather than mixing
-old ones in (start from an empty --out after changing the code). Writes JSON (one entry
-per variant and seed) and a Markdown table, and prints the table.
+old ones in (start from an empty --out after changing the code). `--jobs N` runs N at a
+time, each with cpu_count // N torch threads: the grid points all at once, then the seeds.
+Writes JSON (one entry per variant and seed) and a Markdown table, and prints the table.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -25,9 +26,11 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,35 +114,58 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/mnist_lt_ablation"))
     parser.add_argument("--json", type=Path, help="also write the JSON here (default: OUT/ablation.json)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time; each gets cpu_count // jobs torch threads")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. to size the budget")
     args = parser.parse_args()
 
     console, start = Console(), time.perf_counter()
+    extra = args.extra
+    if args.jobs > 1:  # split the cores between the concurrent runs (a --set of yours wins)
+        extra = [f"train.threads={max(1, (os.cpu_count() or 1) // args.jobs)}", *extra]
     grid_seed, other_seeds = args.seeds[0], args.seeds[1:]
-    total = sum(len(grid_points(v)) for v in VARIANTS) + len(VARIANTS) * len(other_seeds)
-    chosen: dict[str, dict] = {}
-    runs: list[dict] = []
+    grid = [(variant, point) for variant in VARIANTS for point in grid_points(variant)]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ablation", total=total)
-        for variant in VARIANTS:
-            scored = []
-            for point in grid_points(variant):
-                progress.update(task, description=f"{variant.name}: grid {point or 'defaults'}")
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("ablation: grid", total=len(grid) + len(VARIANTS) * len(other_seeds))
+
+            def run(settings: dict[str, object], seed: int, folder: Path) -> dict:
+                result = train(args.config, settings, extra, seed, folder)
+                progress.advance(task)
+                return result
+
+            # 1. every grid point of every variant on the first seed, concurrently
+            folders, futures = {}, {}
+            for variant, point in grid:
                 settings = json.dumps([variant.fixed, point, args.config, args.extra], sort_keys=True)
                 name = f"{slug(json.dumps(point)) or 'defaults'}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
-                folder = args.out / slug(variant.name) / name / f"seed{grid_seed}"
-                scored.append((train(args.config, variant.fixed | point, args.extra, grid_seed, folder), point, folder))
-                progress.advance(task)
-            best, weights, folder = max(scored, key=lambda s: s[0]["val"]["balanced_accuracy"])
-            chosen[variant.name] = weights
-            runs.append({"variant": variant.name, "seed": grid_seed, "weights": variant.fixed | weights, **best})
-            for seed in other_seeds:
-                progress.update(task, description=f"{variant.name}: seed {seed}")
-                result = train(args.config, variant.fixed | weights, args.extra, seed, folder.parent / f"seed{seed}")
-                runs.append({"variant": variant.name, "seed": seed, "weights": variant.fixed | weights, **result})
-                progress.advance(task)
+                folder = args.out / slug(variant.name) / name
+                folders[variant.name, name] = folder
+                futures[variant.name, name] = (point, pool.submit(run, variant.fixed | point, grid_seed,
+                                                                  folder / f"seed{grid_seed}"))
+            chosen: dict[str, dict] = {}
+            best: dict[str, tuple[dict, Path]] = {}
+            for variant in VARIANTS:
+                scored = [(future.result(), point, folders[key]) for key, (point, future) in futures.items()
+                          if key[0] == variant.name]
+                result, chosen[variant.name], folder = max(scored, key=lambda s: s[0]["val"]["balanced_accuracy"])
+                best[variant.name] = (result, folder)
+            # 2. each variant's chosen weights on the other seeds (the grid's run is reused)
+            progress.update(task, description="ablation: seeds")
+            seed_runs = {(variant.name, seed): pool.submit(run, variant.fixed | chosen[variant.name], seed,
+                                                           best[variant.name][1] / f"seed{seed}")
+                         for variant in VARIANTS for seed in other_seeds}
+            runs = []
+            for variant in VARIANTS:
+                weights = variant.fixed | chosen[variant.name]
+                runs.append({"variant": variant.name, "seed": grid_seed, "weights": weights, **best[variant.name][0]})
+                runs += [{"variant": variant.name, "seed": seed, "weights": weights,
+                          **seed_runs[variant.name, seed].result()} for seed in other_seeds]
+    finally:  # a failed run ends the ablation: queued runs never start
+        pool.shutdown(cancel_futures=True)
 
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
                         for key, _ in METRICS} for v in VARIANTS}
@@ -158,6 +184,7 @@ def main() -> None:
     console.print(table)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
+               "jobs": args.jobs,
                "variants": {v.name: {"fixed": v.fixed, "grid": v.grid} for v in VARIANTS}, "chosen": chosen,
                "minutes": round((time.perf_counter() - start) / 60, 1), "runs": runs, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)

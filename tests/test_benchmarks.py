@@ -91,7 +91,7 @@ def test_ablation_chooses_weights_on_validation_and_reports_every_seed(tmp_path:
     config = tiny_config(tmp_path, mnist_root, base="mnist_lt", train={"epochs": 1, "batch_size": 128})
     out = tmp_path / "ablation"
     run_benchmark("ablation.py", "--config", str(config), "--seeds", "0", "1", "--out", str(out),
-                  "--json", str(tmp_path / "copy.json"), "--set", "data.image_size=8")
+                  "--json", str(tmp_path / "copy.json"), "--jobs", "2", "--set", "data.image_size=8")
     result = json.loads((out / "ablation.json").read_text())
     assert result == json.loads((tmp_path / "copy.json").read_text())
     assert list(result["summary"]) == list(result["variants"]) and len(result["variants"]) == 7
@@ -108,6 +108,22 @@ def test_ablation_chooses_weights_on_validation_and_reports_every_seed(tmp_path:
         mean = result["summary"][variant]["balanced_accuracy"]["mean"]
         assert mean == pytest.approx(sum(r["test"]["balanced_accuracy"] for r in runs) / 2)
     assert len((out / "ablation.md").read_text().splitlines()) == 2 + 7
+
+
+def test_a_failed_ablation_run_stops_the_ablation(tmp_path: Path, mnist_root: Path) -> None:
+    config = tiny_config(tmp_path, mnist_root, base="mnist_lt", train={"epochs": 1})
+    # every Python process started under this sitecustomize appends a line: the runs started
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        f"open({str(tmp_path / 'started.log')!r}, 'a').write('x\\n')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hook")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", str(config),
+                           "--seeds", "0", "1", "--out", str(tmp_path / "out"), "--jobs", "2",
+                           "--set", "data.image_size=-1"], capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert done.returncode != 0 and "failed" in done.stderr and "data.image_size" in done.stderr
+    # the ablation and at most 4 runs (the 2 running when CE's failure is seen, and the 2 that
+    # followed them before the queue was cancelled) of the 15 grid points
+    assert 2 <= len((tmp_path / "started.log").read_text().splitlines()) <= 5
 
 
 def variant_slug(name: str) -> str:
