@@ -15,7 +15,10 @@ sums the instructions over the passes a training step runs.
 Static figures: they say what each element costs to issue, not how fast it runs.
 docs/BENCHMARKS.md records them. Main loop = the maximal ranges of code closed by a
 backward branch; its instruction count (NOPs excluded) over the elements one
-iteration covers.
+iteration covers. CE+BDC's loops over its normal classes alone (gathered from their
+list, after each pass's loop over all classes) are counted apart, per normal class:
+a row of C classes, n of them normal, costs C x instr / element + n x instr / normal
+class (rounded up to the classes one iteration covers, 512 a row).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class KernelSpec:
     constexprs: dict[str, object]
     num_warps: int
     elements_per_iteration: int  # similarities or logits one main-loop iteration covers
+    # Loops (in program order) over CE+BDC's normal classes only, gathered from their list:
+    # reported per normal class, not per logit, and the classes one iteration covers.
+    normal_loops: tuple[int, ...] = ()
+    normal_classes_per_iteration: int = 0
 
 
 @dataclass
@@ -71,6 +78,7 @@ class KernelFigures:
     wgmma: bool
     ldg128: bool
     instructions_per_element: float
+    instructions_per_normal_class: float = 0.0
 
 
 def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "tf32x3") -> list[KernelSpec]:
@@ -102,18 +110,20 @@ def ce_bdc_specs(n: int, classes: int, dtype: str, stride: int) -> list[KernelSp
     """The training step's CE+BDC kernel: logit-adjusted, Jensen-Shannon, gradient on."""
     from jrcl_fast.kernels import ce_bdc
 
-    config = ce_bdc._launch_config(classes)
+    config = ce_bdc._launch_config(classes, ELEMENT_SIZE[dtype])
     num_warps = config.pop("num_warps")
     args: dict[str, str | int | float] = {
         "z_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "dz_ptr": f"*{dtype}", "db_ptr": f"*{dtype}",
-        "y_ptr": "*i64", "normal_ptr": "*i8",
+        "y_ptr": "*i64", "abnormal_bias_ptr": "*fp32", "normal_idx_ptr": "*i32", "n_normal_ptr": "*i32",
         "adj_ptr": "*fp32", "ce_ptr": "*fp32", "bce_ptr": "*fp32", "bdc_ptr": "*fp32",
         "B": n, "C": classes, "stride_z": stride, "stride_b": 2, "stride_dz": stride, "stride_db": 2,
         "lambda_bin": 1.0, "lambda_bdc_z": 1.0, "lambda_bdc_b": 1.0, "inv_batch": 1e-4,
     }
     constexprs = {"HAS_ADJ": True, "SYM_KL": False, "COMPUTE_GRAD": True, **config}
     block = config["BLOCK_C"] * config["ROWS"]
-    return [KernelSpec("ce_bdc", "jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", args, constexprs, num_warps, block)]
+    # Each pass: a loop over all classes, then one over the normal classes' list.
+    return [KernelSpec("ce_bdc", "jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", args, constexprs, num_warps, block,
+                       normal_loops=(1, 3), normal_classes_per_iteration=config["NORMAL_BLOCK"] * config["ROWS"])]
 
 
 def compile_sm90(spec: KernelSpec) -> triton.compiler.CompiledKernel:
@@ -170,17 +180,17 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(address, 16), re.sub(r"^@!?U?P\w+\s+", "", body)) for address, body in _SASS_LINE.findall(text)]
 
 
-def main_loop(instructions: list[tuple[int, str]]) -> list[str]:
-    """The instructions (NOPs excluded) inside the maximal backward-branch ranges."""
-    ranges = []
+def loops(instructions: list[tuple[int, str]]) -> list[list[str]]:
+    """The instructions (NOPs excluded) of each maximal backward-branch range, in
+    program order."""
+    ranges: list[tuple[int, int]] = []
     for address, text in instructions:
         target = re.match(r"BRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:  # not the trailing self-branch
-            ranges.append((int(target.group(1), 16), address))
-    return [
-        text for address, text in instructions
-        if any(lo <= address <= hi for lo, hi in ranges) and not text.startswith("NOP")
-    ]
+            lo = int(target.group(1), 16)  # an outer loop takes in the loops inside it
+            ranges = [r for r in ranges if not lo <= r[0] <= address] + [(lo, address)]
+    return [[text for address, text in instructions if lo <= address <= hi and not text.startswith("NOP")]
+            for lo, hi in sorted(ranges)]
 
 
 def figures(spec: KernelSpec) -> tuple[KernelFigures, str, str]:
@@ -189,7 +199,12 @@ def figures(spec: KernelSpec) -> tuple[KernelFigures, str, str]:
     compiled = compile_sm90(spec)
     registers, spills = ptxas_usage(compiled.asm["ptx"])
     instructions = sass_instructions(compiled.asm["cubin"])
-    loop = main_loop(instructions)
+    all_loops = loops(instructions)
+    if spec.normal_loops and len(all_loops) != 2 * len(spec.normal_loops):
+        raise RuntimeError(f"{spec.name}: expected a loop over all classes and one over the normal classes per pass, "
+                           f"found {len(all_loops)} loops")
+    loop = [text for i, body in enumerate(all_loops) if i not in spec.normal_loops for text in body]
+    normal = [text for i, body in enumerate(all_loops) if i in spec.normal_loops for text in body]
     # Vector width is judged in the main loop, where the bulk of the bytes move; cp.async
     # (LDGSTS) is how Triton's pipeliner loads global memory into shared memory.
     loop_opcodes = [text.split()[0] for text in loop]
@@ -206,6 +221,8 @@ def figures(spec: KernelSpec) -> tuple[KernelFigures, str, str]:
         ldg128=wide_loads > 0,
         # Every thread of the CTA issues the loop once per iteration: lane-instructions per element.
         instructions_per_element=len(loop) * spec.num_warps * 32 / spec.elements_per_iteration,
+        instructions_per_normal_class=(len(normal) * spec.num_warps * 32 / spec.normal_classes_per_iteration
+                                       if normal else 0.0),
     )
     return row, f"{wide_loads}/{len(loads)}", f"{wide_stores}/{len(stores)}"
 
@@ -221,6 +238,7 @@ def total(name: str, rows: list[KernelFigures]) -> KernelFigures:
         wgmma=any(r.wgmma for r in rows),
         ldg128=all(r.ldg128 for r in rows),
         instructions_per_element=sum(r.instructions_per_element for r in rows),
+        instructions_per_normal_class=sum(r.instructions_per_normal_class for r in rows),
     )
 
 
@@ -254,13 +272,14 @@ def main() -> None:
     table = Table(title=f"sm_90 SASS ({args.dtype}, N = {args.n}, C = {args.classes}, D = {args.dim}, "
                         f"logit stride {stride}; triton {triton.__version__})")
     columns = ("kernel", "registers", "spill B", "smem B", "wgmma", "loop loads 128-bit", "loop stores 128-bit",
-               "instr / element")
+               "instr / element", "instr / normal class")
     for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for r in rows:
         loads, stores = vectors.get(r.name, ("yes" if r.ldg128 else "no", "-"))
         table.add_row(r.name, str(r.registers), str(r.spill_bytes), str(r.smem_bytes), "yes" if r.wgmma else "no",
-                      loads, stores, f"{r.instructions_per_element:.1f}")
+                      loads, stores, f"{r.instructions_per_element:.1f}",
+                      f"{r.instructions_per_normal_class:.1f}" if r.instructions_per_normal_class else "-")
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"kernels": [asdict(r) for r in rows]}, indent=1))

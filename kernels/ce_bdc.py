@@ -6,9 +6,15 @@ rows reads the logits once to get every log-sum-exp the loss needs (adjusted log
 normal group, abnormal group; the plain softmax normaliser is their log-add-exp)
 and, when a gradient is wanted, a second time to write d total / d logits, as
 Liger-Kernel's cross-entropy does: the gradient is produced in the forward and
-only scaled, in place, by the incoming gradient in the backward. Full blocks of
-classes load without masks (vectorised when the row stride is a multiple of 16
-elements); only the tail block is masked.
+only scaled, in place, by the incoming gradient in the backward.
+
+The main loops run over every class alike, with no per-logit group routing: they
+treat each class as abnormal, through a per-class bias of -inf on the normal classes
+for the abnormal log-sum-exp, and the abnormal group's gradient formula. The normal
+classes (a list made per launch, usually a small part of C) get their own loops after
+each main loop: pass 1 gathers their log-sum-exp, pass 2 rewrites their gradient.
+Full blocks of classes load without masks (in 16-byte vectors when the row stride
+allows); only the tail block and the gathers are masked.
 """
 
 from __future__ import annotations
@@ -60,60 +66,73 @@ def _divergence_term(log_p, log_q, SYM_KL: tl.constexpr):
 
 
 @triton.jit
-def _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ: tl.constexpr, MASKED: tl.constexpr):
-    """A rows x classes block: raw logits (float32), the classes' normal flags and the
-    adjusted logits. Only the tail block (MASKED) checks cols < C, padding with -inf
-    logits: the full blocks load without masks, in 16-byte vectors when the row
-    stride allows."""
-    if MASKED:
-        ok = cols < C
-        z = tl.load(z_ptr + offs, mask=ok[None, :], other=-float("inf")).to(tl.float32)
-        normal = tl.load(normal_ptr + cols, mask=ok, other=0) != 0
-    else:
-        z = tl.load(z_ptr + offs).to(tl.float32)
-        normal = tl.load(normal_ptr + cols) != 0
-    z_adj = z
-    if HAS_ADJ:
-        if MASKED:
-            z_adj = z + tl.load(adj_ptr + cols, mask=cols < C, other=0.0)[None, :]
-        else:
-            z_adj = z + tl.load(adj_ptr + cols)[None, :]
-    return z, normal[None, :], z_adj
+def _lanes(BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """0 .. BLOCK - 1 as 1 x BLOCK / VEC x VEC: vectors of VEC consecutive entries, each
+    held by one thread (the block's tensors are rows x vectors x VEC)."""
+    return tl.arange(0, BLOCK // VEC)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
 
 
 @triton.jit
-def _lse_step(m, s, x, MASKED: tl.constexpr):
-    """One logit x into a running (max m, sum s relative to m) kept per position in the
-    block: one exp, exp(-|x - m|), serves both cases (x the new max or not), and no
-    value crosses threads until the loop is over."""
-    if MASKED:  # padding (-inf) against a slot that has seen nothing yet (-inf): t = 0, not NaN
-        m_ref = tl.where(x == -float("inf"), 0.0, m)
+def _load_logits(z_ptr, z_rows, cols, ok, MASKED: tl.constexpr):
+    """The logits of classes `cols` (vectors x VEC) in each row of `z_rows`, as float32
+    (rows x vectors x VEC). MASKED loads the `ok` classes only, padding with -inf, which
+    the log-sum-exps and exps below take as absent; full blocks load without masks."""
+    ptrs = z_ptr + z_rows[:, None, None] + cols
+    if MASKED:
+        z = tl.load(ptrs, mask=ok, other=-float("inf"))
     else:
-        m_ref = m
-    t = fast_exp2(-tl.abs(x - m_ref) * LOG2E)
-    new_max = x > m
-    return tl.where(new_max, x, m), tl.where(new_max, s * t + 1.0, s + t)
+        z = tl.load(ptrs)
+    return z.to(tl.float32)
+
+
+@triton.jit
+def _load_classes(ptr, cols, ok, MASKED: tl.constexpr):
+    """A per-class float32 vector at `cols`, to broadcast over the rows."""
+    if MASKED:
+        return tl.load(ptr + cols, mask=ok, other=0.0)
+    else:
+        return tl.load(ptr + cols)
+
+
+@triton.jit
+def _lse_update(m, s, x):
+    """Logits x (rows x vectors x VEC, -inf where absent) into running log-sum-exps kept
+    per row and vector: m the max so far, s the sum of exp(x - m). Each vector sits in
+    one thread, so its max and sum are register work; no value crosses threads until
+    the loops are over. One exp per logit, and one per vector to rescale s."""
+    m_new = tl.maximum(m, tl.max(x, 2))
+    ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing seen yet: exp(-inf - 0) = 0, not NaN
+    ref2 = ref * LOG2E
+    s = s * fast_exp2(m * LOG2E - ref2) + tl.sum(fast_exp2(x * LOG2E - ref2[:, :, None]), 2)
+    return m_new, s
 
 
 @triton.jit
 def _stats_block(
-    z_ptr, offs, normal_ptr, adj_ptr, cols, C, max_n, sum_n, max_a, sum_a, max_adj, sum_adj,
+    z_ptr, z_rows, abnormal_bias_ptr, adj_ptr, cols, ok, max_a, sum_a, max_adj, sum_adj,
     HAS_ADJ: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Pass 1 on one block: running log-sum-exps of the normal group, the abnormal
-    group (each logit into its own group's) and the adjusted logits."""
-    z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
-    m, s = _lse_step(tl.where(normal, max_n, max_a), tl.where(normal, sum_n, sum_a), z, MASKED)
-    max_n, sum_n = tl.where(normal, m, max_n), tl.where(normal, s, sum_n)
-    max_a, sum_a = tl.where(normal, max_a, m), tl.where(normal, sum_a, s)
+    """Pass 1's main loop on one block of classes: the running log-sum-exps of the
+    abnormal group (the normal classes' bias of -inf leaves them out) and of the
+    adjusted logits."""
+    z = _load_logits(z_ptr, z_rows, cols, ok, MASKED)
+    max_a, sum_a = _lse_update(max_a, sum_a, z + _load_classes(abnormal_bias_ptr, cols, ok, MASKED))
     if HAS_ADJ:
-        max_adj, sum_adj = _lse_step(max_adj, sum_adj, z_adj, MASKED)
-    return max_n, sum_n, max_a, sum_a, max_adj, sum_adj
+        max_adj, sum_adj = _lse_update(max_adj, sum_adj, z + _load_classes(adj_ptr, cols, ok, MASKED))
+    return max_a, sum_a, max_adj, sum_adj
+
+
+@triton.jit
+def _normal_block(normal_idx_ptr, j):
+    """Entries j of the normal classes' list (padded with -1 to whole blocks, so that it
+    loads in vectors): their classes, and which are classes (the -1 are masked off)."""
+    cols = tl.load(normal_idx_ptr + j)
+    return cols, cols >= 0
 
 
 @triton.jit
 def _merge_lse(m, s):
-    """Per-row (max, sum relative to it) from the per-position running statistics."""
+    """Per-row (max, sum relative to it) from the per-vector running statistics."""
     top = tl.max(m, 1)
     ref = tl.where(top == -float("inf"), 0.0, top)
     return top, tl.sum(s * fast_exp2((m - ref[:, None]) * LOG2E), 1)
@@ -121,58 +140,71 @@ def _merge_lse(m, s):
 
 @triton.jit
 def _grad_block(
-    z_ptr, dz_ptr, offs, dz_offs, row_ok, normal_ptr, adj_ptr, cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj,
+    z_ptr, dz_ptr, z_rows, dz_rows, row_ok, adj_ptr, cols, ok, lse_group, coef_group, lse_adj,
     HAS_ADJ: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Pass 2 on one block: d total / d z_c without the -1 of the label (written after
-    the loop). e = softmax_group(z)_c = exp(z_c - lse_group) and the per-row group
-    coefficients (see the kernel) make it one exp per logit, two with an adjustment."""
-    z, normal, z_adj = _load_block(z_ptr, offs, normal_ptr, adj_ptr, cols, C, HAS_ADJ, MASKED)
-    e = fast_exp2(z * LOG2E - tl.where(normal, (lse_n * LOG2E)[:, None], (lse_a * LOG2E)[:, None]))
-    dz = e * tl.where(normal, coef_n[:, None], coef_a[:, None])
+    """Pass 2 on one block of classes of one group: d total / d z_c without the -1 of
+    the label (written after the loops), coef_group softmax_group(z)_c plus, with an
+    adjustment, CE's softmax(z + adj)_c (see the kernel): one exp per logit, two with
+    an adjustment."""
+    z = _load_logits(z_ptr, z_rows, cols, ok, MASKED)
+    dz = coef_group[:, None, None] * fast_exp2(z * LOG2E - (lse_group * LOG2E)[:, None, None])
     if HAS_ADJ:
-        dz += fast_exp2(z_adj * LOG2E - (lse_adj * LOG2E)[:, None])
-    mask = row_ok[:, None]
+        z_adj = z + _load_classes(adj_ptr, cols, ok, MASKED)
+        dz += fast_exp2(z_adj * LOG2E - (lse_adj * LOG2E)[:, None, None])
+    mask = row_ok[:, None, None]
     if MASKED:
-        mask = mask & (cols < C)[None, :]
-    tl.store(dz_ptr + dz_offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        mask = mask & ok
+    tl.store(dz_ptr + dz_rows[:, None, None] + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_bdc_kernel(
-    z_ptr, b_ptr, y_ptr, normal_ptr, adj_ptr,
+    z_ptr, b_ptr, y_ptr, abnormal_bias_ptr, normal_idx_ptr, n_normal_ptr, adj_ptr,
     ce_ptr, bce_ptr, bdc_ptr, dz_ptr, db_ptr,
     B, C, stride_z, stride_b, stride_dz, stride_db, lambda_bin, lambda_bdc_z, lambda_bdc_b, inv_batch,
     HAS_ADJ: tl.constexpr, SYM_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, NORMAL_BLOCK: tl.constexpr,
 ):
     # lambda_bdc_z and lambda_bdc_b are BDC's weight in the gradient of the logits and of
     # the binary head: lambda_bdc, or 0 where BDC's gradient to that head is stopped.
-    # ROWS rows per program share the loads of the per-class flags and adjustment.
+    # ROWS rows per program share the loads of the per-class vectors.
     # Rows past the batch read the last row again (no masks on the loads) and store nothing.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows = tl.minimum(rows, B - 1).to(tl.int64)
-    z_rows = rows[:, None] * stride_z
+    z_rows = rows * stride_z
+    # A block of classes as BLOCK_C / VEC vectors of VEC classes (16 bytes of logits),
+    # each held by one thread.
+    lanes = _lanes(BLOCK_C, VEC)
+    # The normal classes: 4 entries of their list (one 16-byte vector of indices) per
+    # thread, NORMAL_BLOCK a row and iteration, so that a group of a few classes costs little.
+    normal_lanes = _lanes(NORMAL_BLOCK, 4)
     full = C - C % BLOCK_C  # classes covered by unmasked blocks
+    n_normal = tl.load(n_normal_ptr)
 
     # Pass 1. Separate group sums keep log p_normal and log p_abnormal finite when either
     # mass underflows against the other.
-    neg_inf = tl.full([ROWS, BLOCK_C], -float("inf"), tl.float32)
-    zero = tl.zeros([ROWS, BLOCK_C], tl.float32)
-    max_n, sum_n, max_a, sum_a, max_adj, sum_adj = neg_inf, zero, neg_inf, zero, neg_inf, zero
+    neg_inf = tl.full([ROWS, BLOCK_C // VEC], -float("inf"), tl.float32)
+    zero = tl.zeros([ROWS, BLOCK_C // VEC], tl.float32)
+    max_a, sum_a, max_adj, sum_adj = neg_inf, zero, neg_inf, zero
     for start in range(0, full, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        max_n, sum_n, max_a, sum_a, max_adj, sum_adj = _stats_block(
-            z_ptr, z_rows + cols[None, :], normal_ptr, adj_ptr, cols, C,
-            max_n, sum_n, max_a, sum_a, max_adj, sum_adj, HAS_ADJ, False,
+        cols = start + lanes
+        max_a, sum_a, max_adj, sum_adj = _stats_block(
+            z_ptr, z_rows, abnormal_bias_ptr, adj_ptr, cols, cols < C, max_a, sum_a, max_adj, sum_adj,
+            HAS_ADJ, False,
         )
     if full < C:
-        cols = full + tl.arange(0, BLOCK_C)
-        max_n, sum_n, max_a, sum_a, max_adj, sum_adj = _stats_block(
-            z_ptr, z_rows + cols[None, :], normal_ptr, adj_ptr, cols, C,
-            max_n, sum_n, max_a, sum_a, max_adj, sum_adj, HAS_ADJ, True,
+        cols = full + lanes
+        max_a, sum_a, max_adj, sum_adj = _stats_block(
+            z_ptr, z_rows, abnormal_bias_ptr, adj_ptr, cols, cols < C, max_a, sum_a, max_adj, sum_adj,
+            HAS_ADJ, True,
         )
+    max_n = tl.full([ROWS, NORMAL_BLOCK // 4], -float("inf"), tl.float32)
+    sum_n = tl.zeros([ROWS, NORMAL_BLOCK // 4], tl.float32)
+    for start in range(0, n_normal, NORMAL_BLOCK):
+        cols, ok = _normal_block(normal_idx_ptr, start + normal_lanes)
+        max_n, sum_n = _lse_update(max_n, sum_n, _load_logits(z_ptr, z_rows, cols, ok, True))
     max_n, sum_n = _merge_lse(max_n, sum_n)
     max_a, sum_a = _merge_lse(max_a, sum_a)
     max_adj, sum_adj = _merge_lse(max_adj, sum_adj)
@@ -207,7 +239,7 @@ def _ce_bdc_kernel(
     b1 = tl.load(b_ptr + rows * stride_b + 1).to(tl.float32)
     log_q0 = -_softplus(b1 - b0)
     log_q1 = -_softplus(b0 - b1)
-    abnormal = tl.load(normal_ptr + label) == 0
+    abnormal = tl.load(abnormal_bias_ptr + label) == 0.0
     bce = -tl.where(abnormal, log_q1, log_q0)
 
     div_n, g_pi_n, g_q0 = _divergence_term(log_pi_n, log_q0, SYM_KL)
@@ -245,17 +277,24 @@ def _ce_bdc_kernel(
         coef_n *= inv_batch
         coef_a *= inv_batch
         lse_adj_scaled = lse_adj - tl.log(inv_batch)  # exp(z_adj - this) = inv_batch * softmax
-        dz_rows = rows[:, None] * stride_dz
+        dz_rows = rows * stride_dz
+        # Every class as abnormal first (on a normal class that value is meaningless, even
+        # inf), then the normal classes' own term over it, then the label's -1 over that
+        # (other threads of this program may have written the same class: the barriers
+        # order the stores).
         for start in range(0, full, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            _grad_block(z_ptr, dz_ptr, z_rows + cols[None, :], dz_rows + cols[None, :], row_ok, normal_ptr, adj_ptr,
-                        cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj_scaled, HAS_ADJ, False)
+            cols = start + lanes
+            _grad_block(z_ptr, dz_ptr, z_rows, dz_rows, row_ok, adj_ptr, cols, cols < C,
+                        lse_a, coef_a, lse_adj_scaled, HAS_ADJ, False)
         if full < C:
-            cols = full + tl.arange(0, BLOCK_C)
-            _grad_block(z_ptr, dz_ptr, z_rows + cols[None, :], dz_rows + cols[None, :], row_ok, normal_ptr, adj_ptr,
-                        cols, C, lse_n, lse_a, coef_n, coef_a, lse_adj_scaled, HAS_ADJ, True)
-        # The label's -1, over what pass 2 wrote there (other threads of this program
-        # may have written it: the barrier orders the two stores).
+            cols = full + lanes
+            _grad_block(z_ptr, dz_ptr, z_rows, dz_rows, row_ok, adj_ptr, cols, cols < C,
+                        lse_a, coef_a, lse_adj_scaled, HAS_ADJ, True)
+        tl.debug_barrier()
+        for start in range(0, n_normal, NORMAL_BLOCK):
+            cols, ok = _normal_block(normal_idx_ptr, start + normal_lanes)
+            _grad_block(z_ptr, dz_ptr, z_rows, dz_rows, row_ok, adj_ptr, cols, ok,
+                        lse_n, coef_n, lse_adj_scaled, HAS_ADJ, True)
         tl.debug_barrier()
         label_normal = abnormal == 0
         e_label = tl.exp(z_label - tl.where(label_normal, lse_n, lse_a))
@@ -265,15 +304,29 @@ def _ce_bdc_kernel(
         tl.store(dz_ptr + rows * stride_dz + label, dz_label.to(dz_ptr.dtype.element_ty), mask=row_ok & label_ok)
 
 
-def _launch_config(num_classes: int) -> dict[str, int]:
+def _launch_config(num_classes: int, element_size: int) -> dict[str, int]:
     """Blocks of up to 2048 classes (whole rows below that) and as many rows as make
-    about 2048 logits per program, so short rows still fill one. Pass 1 keeps six
-    running statistics per logit of the block in registers: at 8 logits per thread
-    (one 16-byte bf16 vector) that is ~93 registers for C = 8,142 (kernel_sass.py),
-    two programs per SM."""
+    about 2048 logits per program, so short rows still fill one; VEC classes make one
+    16-byte vector of logits. The normal classes go up to 512 a row and iteration (one
+    vector of 4 indices per thread of the 4 warps), fewer for short rows."""
     block = min(triton.next_power_of_2(max(num_classes, 1)), 2048)
     rows = max(1, min(16, 2048 // block))
-    return {"BLOCK_C": block, "ROWS": rows, "num_warps": 4 if block * rows <= 1024 else 8}
+    return {"BLOCK_C": block, "ROWS": rows, "VEC": min(16 // element_size, block),
+            "NORMAL_BLOCK": max(4, min(512, block)), "num_warps": 4}
+
+
+def _class_groups(normal_mask: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The normal group as the kernel takes it: a bias of -inf on the normal classes (0
+    elsewhere) that leaves them out of the abnormal log-sum-exp; their indices, ascending,
+    then -1 up to a whole number of blocks; and their count. All stay on the device: no
+    launch waits for them."""
+    device, num_classes = normal_mask.device, normal_mask.shape[0]
+    abnormal_bias = torch.zeros(num_classes, dtype=torch.float32, device=device).masked_fill_(normal_mask, -math.inf)
+    n_normal = normal_mask.sum(dtype=torch.int32).reshape(1)
+    normal_first = torch.argsort((~normal_mask).to(torch.uint8), stable=True).to(torch.int32)
+    normal_idx = torch.full((triton.cdiv(num_classes, block) * block,), -1, dtype=torch.int32, device=device)
+    normal_idx[:num_classes] = torch.where(torch.arange(num_classes, device=device) < n_normal, normal_first, -1)
+    return abnormal_bias, normal_idx, n_normal
 
 
 class _CEBDCFunction(torch.autograd.Function):
@@ -286,7 +339,7 @@ class _CEBDCFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`logits` and `binary_logits` are args' own, laid out for the kernel: passed
         apart so that autograd sees them as the inputs."""
-        labels, normal_mask, logit_adjustment = args.labels, args.normal_mask, args.logit_adjustment
+        labels, logit_adjustment = args.labels, args.logit_adjustment
         lambda_bin, lambda_bdc = float(args.lambda_bin), float(args.lambda_bdc)
         batch, num_classes = logits.shape
         device = logits.device
@@ -303,10 +356,10 @@ class _CEBDCFunction(torch.autograd.Function):
         grad_binary = new_buffer(binary_logits.shape, binary_logits.dtype, device) if compute_grad else binary_logits
         has_adj = logit_adjustment is not None
         adjustment = logit_adjustment.float().contiguous() if has_adj else logits
-        config = _launch_config(num_classes)
+        config = _launch_config(num_classes, logits.element_size())
         if batch:
             _ce_bdc_kernel[(triton.cdiv(batch, config["ROWS"]),)](
-                logits, binary_logits, labels, normal_mask.to(torch.int8), adjustment,
+                logits, binary_logits, labels, *_class_groups(args.normal_mask, config["NORMAL_BLOCK"]), adjustment,
                 *per_row, grad_logits, grad_binary,
                 batch, num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0),
                 grad_binary.stride(0), lambda_bin, lambda_bdc if args.bdc_grad_to_logits else 0.0,

@@ -15,6 +15,7 @@ from conftest import requires_gpu
 from kernel_testing import assert_close_to_largest, compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
 from torch import Tensor
 
+from jrcl_fast.kernels import ce_bdc
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 from jrcl_fast.kernels.specs import CEBDCArgs
 from jrcl_fast.losses import ce_bdc_loss
@@ -113,16 +114,33 @@ def test_without_gradients_only_values(device: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_padded_logits_view_keeps_its_stride(device: str) -> None:
-    """Logits handed over as a view of a classifier padded to 24 columns: read in place,
-    and the gradient, a view with the same row stride, matches the reference."""
+def test_padded_logits_view_keeps_its_stride(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits handed over as a view of a classifier padded to 24 columns: the kernel
+    reads the view itself (no copy) and writes the gradient into a buffer of the same
+    row stride; the results match the reference."""
     logits, binary_logits, labels, normal_mask = random_problem(21, 20, 3.0, device)
     padded = torch.randn(21, 24, device=device)
     padded[:, :20] = logits
+    view = padded[:, :20].requires_grad_()
     adjustment = torch.randn(20, device=device)
-    got = run_with_grads(fused_ce_bdc, padded[:, :20], binary_logits, labels, normal_mask, adjustment, "js", 1.5)
+    launched = []  # the logits and their gradient buffer as the kernel gets them
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((args[0], args[10]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    kernel = ce_bdc._ce_bdc_kernel
+    monkeypatch.setattr(ce_bdc, "_ce_bdc_kernel", Spy())
+    total, *terms = fused_ce_bdc(CEBDCArgs(view, binary_logits, labels, normal_mask, adjustment, LAMBDA_BIN, LAMBDA_BDC))
+    (1.5 * total).backward()
+    [(z, dz)] = launched
+    assert z.data_ptr() == padded.data_ptr() and z.stride() == (24, 1)
+    assert dz.stride() == (24, 1)
     want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, "js", 1.5)
-    for g, w in zip((*got[0], got[1], got[2]), (*want[0], want[1], want[2])):
+    for g, w in zip((total, *terms, view.grad), (*want[0], want[1])):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 

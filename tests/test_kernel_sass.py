@@ -14,7 +14,8 @@ from helpers import REPO
 
 pytestmark = pytest.mark.slow  # compiles four kernels with ptxas (~15 s on 2 cores)
 
-FIELDS = {"name", "registers", "spill_bytes", "smem_bytes", "wgmma", "ldg128", "instructions_per_element"}
+FIELDS = {"name", "registers", "spill_bytes", "smem_bytes", "wgmma", "ldg128", "instructions_per_element",
+          "instructions_per_normal_class"}
 
 
 def test_kernel_sass_writes_one_row_per_kernel_and_loss(tmp_path: Path) -> None:

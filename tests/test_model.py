@@ -50,6 +50,45 @@ def test_cosine_classifier_matches_brute_force_and_is_bounded_by_its_scale():
     torch.testing.assert_close(model.classifier.double()(h), want)
 
 
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_logits_are_a_view_of_16_byte_aligned_rows(classifier):
+    """bf16 logits of an odd class count come as a view of rows padded to a multiple of
+    8 classes (16 bytes), which the fused CE+BDC kernel reads in 128-bit vectors; the
+    parameters keep their shapes, so checkpoints still load."""
+    cfg = ModelConfig(backbone="resnet18", small_input_stem=True, classifier=classifier)
+    model = JRCLNet(cfg, num_classes=13).to(torch.bfloat16).eval()
+    assert model.classifier.weight.shape == (13, 512)
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 16, 16, dtype=torch.bfloat16)).logits
+    assert logits.shape == (3, 13) and logits.dtype == torch.bfloat16
+    assert logits.stride() == (16, 1) and logits.data_ptr() % 16 == 0
+
+
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_padded_logits_have_the_values_and_gradients_of_the_plain_product(classifier):
+    """Float64, C = 13: the padded classifier against its formula without padding."""
+    import torch.nn.functional as F
+
+    cfg = ModelConfig(backbone="resnet18", small_input_stem=True, classifier=classifier, cosine_scale=7.5)
+    head = JRCLNet(cfg, num_classes=13).classifier.double()
+    h = torch.randn(5, 512, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 13, dtype=torch.float64)
+
+    def plain(h):
+        if classifier == "linear":
+            return F.linear(h, head.weight, head.bias)
+        return 7.5 * F.normalize(h, dim=1) @ F.normalize(head.weight, dim=1).T
+
+    results = []
+    for forward in (head, plain):
+        logits = forward(h)
+        loss = (upstream * logits).sum() + logits.logsumexp(1).sum()
+        results.append((logits, *torch.autograd.grad(loss, (h, *head.parameters()))))
+    assert results[0][0].stride(0) == 16
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_prototypes_derived_from_the_classifier_train_the_classifier(norm):
     cfg = ModelConfig(backbone="resnet18", small_input_stem=True, projection_dim=12, projection_hidden_dim=16,

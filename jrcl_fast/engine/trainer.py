@@ -303,7 +303,9 @@ def train_step(engine, objective: JRCLObjective, images: torch.Tensor, labels: t
     # View-major rows: [view 0 of every image; view 1; ...] in one backbone pass.
     out = engine(images.transpose(0, 1).reshape(views * batch, *images.shape[2:]))
     try:
-        loss, terms = objective(out.logits.float(), out.binary_logits.float(), out.features.float(),
+        # The logits stay in the model's dtype: the losses upcast them themselves, and a
+        # float32 copy would lose the classifier's aligned rows (models/jrcl_net.py).
+        loss, terms = objective(out.logits, out.binary_logits.float(), out.features.float(),
                                 labels, views, engine.module.normalized_prototypes().float())
     except NonFiniteError as err:
         raise NonFiniteError(f"non-finite model outputs: {err}") from None

@@ -34,7 +34,7 @@ ARCHITECTURE_REVISION = max(ARCHITECTURE_CHANGES)
 
 
 class JRCLOutput(NamedTuple):
-    logits: Tensor  # N x C
+    logits: Tensor  # N x C, a view of rows padded to a multiple of LOGIT_ROW_ALIGNMENT classes
     binary_logits: Tensor  # N x 2: column 0 normal, column 1 abnormal
     features: Tensor  # N x D, L2-normalised projections for the contrastive loss
 
@@ -159,6 +159,31 @@ def build_backbone(name: str, small_input_stem: bool, norm: str = "batch",
     return net, width
 
 
+# Logit rows are padded to a multiple of this many classes: 16 bytes of bf16, so that the
+# fused CE+BDC kernel loads and stores them in 128-bit vectors (docs/BENCHMARKS.md).
+LOGIT_ROW_ALIGNMENT = 8
+
+
+def class_logits(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """h @ weight.T + bias (N x C), as the first C columns of a product whose rows are
+    padded to a multiple of LOGIT_ROW_ALIGNMENT classes: a view with an aligned row
+    stride, which the losses read in place. The padding classes have zero weights and
+    bias and are cut off, so values and gradients are those of the plain product; the
+    parameters keep their shapes (and checkpoints load as before)."""
+    pad = -weight.shape[0] % LOGIT_ROW_ALIGNMENT
+    if pad:
+        weight = F.pad(weight, (0, 0, 0, pad))
+        bias = None if bias is None else F.pad(bias, (0, pad))
+    return F.linear(h, weight, bias)[:, : weight.shape[0] - pad]
+
+
+class AlignedLinear(nn.Linear):
+    """nn.Linear, same parameters, with its logits from class_logits."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return class_logits(h, self.weight, self.bias)
+
+
 class CosineClassifier(nn.Module):
     """Logits scale * cos(h, w_c): every class's weight enters at unit norm."""
 
@@ -168,7 +193,9 @@ class CosineClassifier(nn.Module):
         self.scale = scale
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.scale * F.normalize(h, dim=1) @ F.normalize(self.weight, dim=1).T
+        # The scale goes on the features: a product with the logits' view would be a
+        # contiguous copy, without the padded rows.
+        return class_logits(self.scale * F.normalize(h, dim=1), F.normalize(self.weight, dim=1))
 
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int, norm: str) -> nn.Sequential:
@@ -188,7 +215,7 @@ class JRCLNet(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         self.backbone, width = build_backbone(cfg.backbone, cfg.small_input_stem, cfg.norm, cfg.pretrained)
-        self.classifier = (nn.Linear(width, num_classes) if cfg.classifier == "linear"
+        self.classifier = (AlignedLinear(width, num_classes) if cfg.classifier == "linear"
                            else CosineClassifier(width, num_classes, cfg.cosine_scale))
         self.binary_head = nn.Linear(width, 2)
         self.projection = mlp_head(width, cfg.projection_hidden_dim, cfg.projection_dim, cfg.norm)
