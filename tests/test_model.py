@@ -103,6 +103,22 @@ def test_prototypes_derived_from_the_classifier_train_the_classifier(norm):
     assert all(p.grad is not None for p in model.prototype_head.parameters())
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet32"])
+def test_sync_batch_norm_syncs_only_the_statistics_over_images(backbone):
+    cfg = ModelConfig(backbone=backbone, small_input_stem=True, projection_dim=12, projection_hidden_dim=16,
+                      norm="sync_batch", prototypes="classifier")
+    model = JRCLNet(cfg, num_classes=6)
+    norms = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)}
+    model.sync_batch_norms()
+    synced = {name for name, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)}
+    kept = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)}
+    # every norm over a rank's images is synced; the prototype head's (over the classes'
+    # weights, the same on every rank) stays a plain BatchNorm
+    assert kept == {name for name in norms if name.startswith("prototype_head.")} and len(kept) == 1
+    assert synced == norms - kept and any(name.startswith("backbone.") for name in synced)
+    assert any(name.startswith("projection.") for name in synced)
+
+
 def test_pretrained_weights_come_from_the_local_cache_or_a_clear_error(tmp_path, monkeypatch):
     import torchvision
 

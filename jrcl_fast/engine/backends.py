@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
 from jrcl_fast.config import Config
 from jrcl_fast.errors import UserError
+from jrcl_fast.models import JRCLNet
 from jrcl_fast.runtime import Ranks, init_process_group
 
 # Keys of the DeepSpeed config that the YAML config owns.
@@ -162,7 +163,7 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
                 buffer.data = buffer.data.to(params[0].dtype)
 
 
-def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: nn.Module,
+def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet,
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Any, str]:
     """The engine for this run, and a one-line description of it for the log."""
@@ -177,7 +178,7 @@ def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: nn.Modu
         if device.type != "cuda":
             raise UserError("model.norm=sync_batch needs GPUs; on the CPU use model.norm=group for statistics "
                             "that do not depend on the rank count")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.sync_batch_norms()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     match_buffers_to_parameters(engine.module)
     stage = ds.get("zero_optimization", {}).get("stage", 0)

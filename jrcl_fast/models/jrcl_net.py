@@ -231,6 +231,14 @@ class JRCLNet(nn.Module):
         file of model.pretrained, which the weights replace anyway."""
         return cls(dataclasses.replace(cfg, pretrained=False), num_classes)
 
+    def sync_batch_norms(self) -> None:
+        """BatchNorm -> SyncBatchNorm where the statistics are over a rank's images (the
+        backbone and the projection head), for model.norm=sync_batch. The prototype head
+        normalises over the classifier's rows, the same on every rank: it keeps plain
+        BatchNorm and costs no collective."""
+        self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
+        self.projection = nn.SyncBatchNorm.convert_sync_batchnorm(self.projection)
+
     def normalized_prototypes(self) -> Tensor:
         if self.prototypes_from == "free":
             return F.normalize(self.prototypes, dim=1)
