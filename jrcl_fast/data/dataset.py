@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 
 MISSING = "missing"  # the problem of an image file that does not exist (else "corrupt (why)")
@@ -92,3 +94,11 @@ class LongTailedDataset:
         run checks for missing files before its first step."""
         named = {"train": self.train, "val": self.val, "test": self.test, **self.extra_splits}
         return {name: split for name, split in named.items() if split is not None}
+
+    def check_files_exist(self, names: Iterable[str], rank: int = 0, world_size: int = 1) -> None:
+        """Fail early when an image file of the named splits is missing, checking this
+        rank's share of each (sampling.eval_indices): the ranks together check every file
+        once."""
+        splits = self.splits()
+        for name in names:
+            splits[name].check_files_exist(eval_indices(len(splits[name]), rank, world_size))

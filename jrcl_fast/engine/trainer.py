@@ -39,7 +39,6 @@ from jrcl_fast.config import Config, config_to_dict, parse_config
 from jrcl_fast.data.class_groups import normal_class_mask
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
-from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
@@ -193,8 +192,8 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
         if selection.stopped_early:
             raise UserError(f"--resume: the run in {out_dir} is complete (stopped early after epoch "
                             f"{selection.epochs_trained}); evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
-    for split in dataset.splits().values():  # every split the run and check-data read, not at hour 9
-        split.check_files_exist(eval_indices(len(split), ranks.rank, ranks.world_size))
+    # every split the run and check-data read, not at hour 9
+    dataset.check_files_exist(dataset.splits(), ranks.rank, ranks.world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

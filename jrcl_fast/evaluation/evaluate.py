@@ -52,9 +52,7 @@ def evaluate_for_report(model: JRCLNet, dataset: LongTailedDataset, cfg: Config,
     """The test split's metrics, with every further published evaluation split's under
     `other_splits`. Every split's files (this rank's share) are checked first, so a
     missing image is named before any evaluation, not after the test split's."""
-    for name in ("test", *dataset.extra_splits):
-        data = dataset.splits()[name]
-        data.check_files_exist(eval_indices(len(data), ranks.rank, ranks.world_size))
+    dataset.check_files_exist(("test", *dataset.extra_splits), ranks.rank, ranks.world_size)
     results = evaluate(model, dataset, cfg, device, ranks)
     if dataset.extra_splits:
         results["other_splits"] = {name: evaluate(model, dataset, cfg, device, ranks, name)
