@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,19 +138,17 @@ def main() -> None:
                 return result
 
             # 1. every grid point of every variant on the first seed, concurrently
-            folders, futures = {}, {}
+            grid_runs: dict[str, list[tuple[dict, Path, Future]]] = {variant.name: [] for variant in VARIANTS}
             for variant, point in grid:
                 settings = json.dumps([variant.fixed, point, args.config, args.extra], sort_keys=True)
                 name = f"{slug(json.dumps(point)) or 'defaults'}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
                 folder = args.out / slug(variant.name) / name
-                folders[variant.name, name] = folder
-                futures[variant.name, name] = (point, pool.submit(run, variant.fixed | point, grid_seed,
-                                                                  folder / f"seed{grid_seed}"))
+                future = pool.submit(run, variant.fixed | point, grid_seed, folder / f"seed{grid_seed}")
+                grid_runs[variant.name].append((point, folder, future))
             chosen: dict[str, dict] = {}
             best: dict[str, tuple[dict, Path]] = {}
             for variant in VARIANTS:
-                scored = [(future.result(), point, folders[key]) for key, (point, future) in futures.items()
-                          if key[0] == variant.name]
+                scored = [(future.result(), point, folder) for point, folder, future in grid_runs[variant.name]]
                 result, chosen[variant.name], folder = max(scored, key=lambda s: s[0]["val"]["balanced_accuracy"])
                 best[variant.name] = (result, folder)
             # 2. each variant's chosen weights on the other seeds (the grid's run is reused)

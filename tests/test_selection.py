@@ -76,7 +76,8 @@ def test_eval_of_another_epochs_folder_does_not_claim_the_selection(tmp_path, di
 
     cfg = load_config(tiny_config(tmp_path, digits_root, train={"epochs": 4, "batch_size": 64, "threads": 1,
                                                                  "select_on": "val_balanced_accuracy"}))
-    dataset = dataclasses.replace(load_dataset(cfg.data), val=load_dataset(cfg.data).test)
+    loaded = load_dataset(cfg.data)
+    dataset = dataclasses.replace(loaded, val=loaded.test)
     scores = iter([0.1, 0.3, 0.2, 0.25])
     train(cfg, dataset, False, False, Console(quiet=True), validate=lambda *_: next(scores))
     ckpt = tmp_path / "run" / "checkpoints"
