@@ -3,7 +3,7 @@
 It prints the versions that matter and runs short checks of every path that differs on a
 GPU: each fused kernel against the PyTorch reference (fp32 and bf16, a small odd shape
 and iNaturalist's 8,142 classes), one optimizer step of the real model through DeepSpeed
-with the default config (bf16, BatchNorm), DALI's GPU decode, and an NCCL all-gather when
+with the default config (bf16, BatchNorm) and in fp16 with loss scaling, DALI's GPU decode, and an NCCL all-gather when
 there are two GPUs. Without a GPU it runs the CPU parts (the kernels under the Triton
 interpreter, the DeepSpeed step on the CPU) and lists every GPU check as skipped.
 """
@@ -161,11 +161,19 @@ def kernel_checks(device: torch.device) -> list[Check]:
     return checks
 
 
-def deepspeed_step(device: torch.device) -> tuple[bool, str]:
-    """One optimizer step of the real model through DeepSpeed, default config (bf16,
-    BatchNorm), on this device: the set-up that crashed on the first GPU run."""
+# The fp16 engine of configs/ds_config_fp16.json: dynamic loss scaling, ZeRO stage 1
+# (stage 0 does not scale the loss, docs/PRECISION.md).
+FP16_OVERRIDES = {"bf16": {"enabled": False}, "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},
+                  "zero_optimization": {"stage": 1}}
+FP16_MAX_SKIPPED = 16  # overflow steps while the scale falls from 2^16: a healthy run skips a few
+
+
+def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[bool, str]:
+    """One applied optimizer step of the real model through DeepSpeed on this device:
+    the default config (bf16, BatchNorm), the set-up that crashed on the first GPU run, or
+    fp16 with loss scaling, whose first steps overflow and are skipped until the scale fits."""
     from jrcl_fast.config import parse_config
-    from jrcl_fast.engine.backends import build_engine
+    from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG, build_engine
     from jrcl_fast.engine.optim import build_optimizer, build_scheduler
     from jrcl_fast.engine.trainer import train_step
     from jrcl_fast.losses.objective import JRCLObjective
@@ -175,9 +183,13 @@ def deepspeed_step(device: torch.device) -> tuple[bool, str]:
     gpu = device.type == "cuda"
     # ResNet-50 at 64 px on a GPU; ResNet-18 at 16 px keeps the CPU part short.
     backbone, size, batch, classes = ("resnet50", 64, 16, 20) if gpu else ("resnet18", 16, 8, 20)
+    train = {"engine": "deepspeed", "batch_size": batch}
+    if precision == "fp16":
+        train["deepspeed_config"] = str(folder / "ds_fp16.json")
+        Path(train["deepspeed_config"]).write_text(json.dumps({**DEFAULT_DEEPSPEED_CONFIG, **FP16_OVERRIDES}))
     cfg = parse_config({"data": {"name": "nih_cxr_lt", "root": "unused", "image_size": size},
-                        "model": {"backbone": backbone, "small_input_stem": not gpu},
-                        "train": {"engine": "deepspeed", "batch_size": batch}}, "jrcl-fast doctor")
+                        "model": {"backbone": backbone, "small_input_stem": not gpu}, "train": train},
+                       "jrcl-fast doctor")
     torch.manual_seed(0)
     model = JRCLNet(cfg.model, classes).to(device)
     optimizer = build_optimizer(cfg.optim, model)
@@ -191,12 +203,15 @@ def deepspeed_step(device: torch.device) -> tuple[bool, str]:
     start = time.perf_counter()
     terms = train_step(engine, objective, images, labels, device)
     seconds = time.perf_counter() - start
+    while engine.skipped_steps == engine.global_steps and engine.skipped_steps < FP16_MAX_SKIPPED:
+        terms = train_step(engine, objective, images, labels, device)
     moved = sum(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
     mixed = [name for name, layer in engine.module.named_modules()
              if len({t.dtype for t in (*layer.parameters(False), *layer.buffers(False)) if t.is_floating_point()}) > 1]
-    ok = moved > 0 and not mixed and "bf16" in description
+    ok = moved > 0 and not mixed and precision in description
+    skips = f", {engine.skipped_steps} overflow steps skipped" if precision == "fp16" else ""
     detail = (f"{backbone}, {description}: loss {float(terms['total']):.3f}, {moved} tensors updated, "
-              f"step {seconds:.2f} s" + (f"; layers with mixed dtypes: {', '.join(mixed[:3])}" if mixed else ""))
+              f"step {seconds:.2f} s{skips}" + (f"; layers with mixed dtypes: {', '.join(mixed[:3])}" if mixed else ""))
     return ok, detail
 
 
@@ -260,9 +275,12 @@ def run_checks(device: torch.device, installed: dict[str, str | None]) -> list[C
     """Every check on `device`; `installed` is versions(), which says what can run."""
     gpu = device.type == "cuda"
     checks = kernel_checks(device)
-    name = "DeepSpeed step, default config (bf16, BatchNorm), " + ("GPU" if gpu else "CPU")
-    checks.append(timed(name, lambda: deepspeed_step(device)))
     with tempfile.TemporaryDirectory() as tmp:
+        name = "DeepSpeed step, default config (bf16, BatchNorm), " + ("GPU" if gpu else "CPU")
+        checks.append(timed(name, lambda: deepspeed_step(device, "bf16", Path(tmp))))
+        name = "DeepSpeed step, fp16 + loss scaling, ZeRO stage 1, GPU"
+        checks.append(timed(name, lambda: deepspeed_step(device, "fp16", Path(tmp))) if gpu
+                      else skipped(name, "needs a GPU (DeepSpeed's CPU backend has no fp16)"))
         if installed["dali"] is None:
             checks.append(skipped("DALI decode", "DALI not installed: skipped"))
         else:

@@ -318,21 +318,33 @@ def test_batch_keys_of_the_deepspeed_config_must_agree(tmp_path, digits_root):
     assert "train_micro_batch_size_per_gpu=8 disagrees with the YAML config" in done.stderr
 
 
-def test_fp16_on_cpu_ranks_is_a_clear_error(tmp_path, digits_root):
-    config = dist_config(tmp_path, "fp16", digits_root=digits_root, ds={"fp16": {"enabled": True}})
+def test_fp16_on_cpu_ranks_without_fp16_is_a_clear_error(tmp_path, digits_root):
+    from jrcl_fast.engine.backends import cpu_has_fp16
+
+    if cpu_has_fp16():
+        pytest.skip("this CPU runs fp16 (oneDNN), so DeepSpeed's CPU backend takes it")
+    config = dist_config(tmp_path, "fp16", digits_root=digits_root,
+                         ds={"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})
     done = run_cli("train", "--config", str(config))
-    assert done.returncode == 2 and "fp16 is not supported yet" in done.stderr and "no fp16" in done.stderr
+    assert done.returncode == 2 and "DeepSpeed's CPU backend has no fp16 on this CPU" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
-def test_fp16_is_refused_on_a_gpu_too(tmp_path, digits_root):
-    """fp16 did not learn on an H100 (docs/PRECISION.md): refused rather than silently flat."""
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digits_root, stage):
+    """On a GPU, fp16 at ZeRO stage 0 does not learn (tests/test_gpu_rules.py shows why):
+    refused in one line; stages 1 and 2 pass."""
     from jrcl_fast.config import load_config
     from jrcl_fast.engine.backends import deepspeed_config
     from jrcl_fast.errors import UserError
 
-    cfg = load_config(dist_config(tmp_path, "fp16", digits_root=digits_root, ds={"fp16": {"enabled": True}}))
-    with pytest.raises(UserError, match="fp16 is not supported yet .on a GPU it did not learn"):
-        deepspeed_config(cfg, 1, torch.device("cuda", 0))
+    cfg = load_config(dist_config(tmp_path, "fp16", digits_root=digits_root,
+                                  ds={"fp16": {"enabled": True}, "zero_optimization": {"stage": stage}}))
+    if stage == 0:
+        with pytest.raises(UserError, match="fp16 with zero_optimization.stage 0 does not learn .*#8393.*stage to 1"):
+            deepspeed_config(cfg, 1, torch.device("cuda", 0))
+    else:
+        assert deepspeed_config(cfg, 1, torch.device("cuda", 0))["fp16"]["enabled"]
 
 
 @pytest.mark.slow

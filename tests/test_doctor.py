@@ -23,7 +23,7 @@ def test_doctor_on_a_cpu_machine(tmp_path):
     assert status["DeepSpeed step, default config (bf16, BatchNorm), CPU"] == "pass"
     assert status["DALI CPU decode"] == "pass"
     gpu_only = [n for n in status if "C=8142" in n or "bfloat16" in n or "GPU" in n or "NCCL" in n]
-    assert len(gpu_only) == 8 and all(status[n] == "skipped" for n in gpu_only)
+    assert len(gpu_only) == 9 and all(status[n] == "skipped" for n in gpu_only)
     assert "skipped" in done.stdout and "No GPU" in done.stdout
 
 

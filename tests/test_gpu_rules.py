@@ -12,9 +12,10 @@ import importlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_OVERRIDES, tiny_config
+from helpers import REPO, TINY_OVERRIDES, run_cli, tiny_config
 from torch import nn
 
 # ---------------------------------------------------------------- precision
@@ -57,6 +58,31 @@ def one_rank_deepspeed():
     os.environ.update(saved)
 
 
+def engine_as_on_a_gpu_machine(cfg, monkeypatch):
+    """build_engine's engine and description for the model of `cfg` (seed 0), on the CPU
+    of a machine where torch sees a GPU."""
+    from jrcl_fast.engine.backends import build_engine
+    from jrcl_fast.engine.optim import build_optimizer, build_scheduler
+    from jrcl_fast.models import JRCLNet
+    from jrcl_fast.runtime import Ranks
+
+    torch.manual_seed(0)
+    model = JRCLNet(cfg.model, 10)
+    optimizer = build_optimizer(cfg.optim, model)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        return build_engine(cfg, Ranks(), torch.device("cpu"), model, optimizer,
+                            build_scheduler(cfg.optim, optimizer, 100, 1))
+
+
+def assert_each_layer_in(module: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter and buffer (BatchNorm's statistics too) is in `dtype`."""
+    for name, layer in module.named_modules():
+        dtypes = {t.dtype for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))
+                  if t.is_floating_point()}
+        assert dtypes <= {dtype}, (name, dtypes)
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, digits_root, monkeypatch, norm,
                                                                      one_rank_deepspeed):
@@ -64,27 +90,13 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     optimizer step: every layer's buffers share its parameters' dtype, the forward and
     backward pass run, and the weights move."""
     from jrcl_fast.config import load_config
-    from jrcl_fast.engine.backends import build_engine
-    from jrcl_fast.engine.optim import build_optimizer, build_scheduler
-    from jrcl_fast.models import JRCLNet
-    from jrcl_fast.runtime import Ranks
 
-    config = tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "engine": "deepspeed"},
-                         model={"norm": norm, "projection_dim": 16, "projection_hidden_dim": 32})
-    cfg = load_config(config)
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "engine": "deepspeed"},
+                                  model={"norm": norm, "projection_dim": 16, "projection_hidden_dim": 32}))
     assert cfg.train.deepspeed_config == str(REPO / "configs" / "ds_config.json")  # the shipped default, bf16
-    torch.manual_seed(0)
-    model = JRCLNet(cfg.model, 10)
-    optimizer = build_optimizer(cfg.optim, model)
-    with monkeypatch.context() as patched:
-        patched.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-        engine, description = build_engine(cfg, Ranks(), torch.device("cpu"), model, optimizer,
-                                           build_scheduler(cfg.optim, optimizer, 10, 1))
+    engine, description = engine_as_on_a_gpu_machine(cfg, monkeypatch)
     assert "bf16" in description
-    for name, layer in engine.module.named_modules():
-        dtypes = {t.dtype for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False))
-                  if t.is_floating_point()}
-        assert dtypes <= {torch.bfloat16}, (name, dtypes)
+    assert_each_layer_in(engine.module, torch.bfloat16)
     before = [p.detach().float().clone() for p in engine.module.parameters()]
     images = torch.randn(8, 3, 8, 8, dtype=torch.bfloat16)
     out = engine(images)
@@ -93,6 +105,92 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     engine.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
+
+
+@pytest.fixture
+def fp16_capable(monkeypatch):
+    """DeepSpeed's CPU backend taking fp16, as its CUDA backend does (and CPUs with oneDNN
+    fp16): the fp16 engine's rules then run here."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: True)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_fp16_updates_at_each_zero_stage(stage, fp16_capable, one_rank_deepspeed):
+    """Why backends.deepspeed_config refuses fp16 at ZeRO stage 0: there DeepSpeed's fp16
+    optimizer divides the gradients by a loss scale that engine.backward never applied
+    (deepspeedai/DeepSpeed#8393), so SGD with lr 1 on a gradient of ones moves each weight
+    by 1/scale, not by 1 (the H100 run that "did not learn"). Stage 1 moves it by 1. If
+    stage 0 starts moving by 1, DeepSpeed has fixed it: lift the refusal."""
+    import deepspeed
+
+    torch.manual_seed(stage)
+    model = nn.Linear(4, 1, bias=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config={
+        "train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True, "initial_scale_power": 8},
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0})
+    before = engine.module.weight.detach().float().clone()
+    engine.backward(engine(torch.ones(1, 4, dtype=torch.float16)).float().sum())  # d/dw = ones
+    engine.step()
+    assert engine.skipped_steps == 0
+    moved = before - engine.module.weight.detach().float()
+    expected = 1.0 / 2**8 if stage == 0 else 1.0
+    assert torch.allclose(moved, torch.full_like(moved, expected), rtol=0.01, atol=1e-3), moved
+
+
+def test_fp16_deepspeed_engine_with_the_shipped_config_trains(tmp_path, digits_root, monkeypatch, fp16_capable,
+                                                               one_rank_deepspeed):
+    """configs/ds_config_fp16.json (dynamic loss scaling, ZeRO stage 1) through the real
+    engine set-up and train_step: every layer holds fp16 parameters and statistics, the
+    overflow steps of the first loss scales are skipped, and the applied steps fit one
+    batch (the cross-entropy halves); on the H100 stage 0 stayed flat for 30 epochs."""
+    from jrcl_fast.config import load_config
+    from jrcl_fast.engine.trainer import train_step
+    from jrcl_fast.losses.objective import JRCLObjective
+
+    cfg = load_config(tiny_config(tmp_path, digits_root,
+                                  train={**TINY_OVERRIDES["train"], "engine": "deepspeed", "batch_size": 8,
+                                         "deepspeed_config": str(REPO / "configs" / "ds_config_fp16.json")},
+                                  optim={"warmup_epochs": 0},
+                                  model={"backbone": "resnet32", "projection_dim": 16, "projection_hidden_dim": 32}))
+    engine, description = engine_as_on_a_gpu_machine(cfg, monkeypatch)
+    assert "fp16, ZeRO stage 1" in description
+    assert_each_layer_in(engine.module, torch.float16)
+    objective = JRCLObjective(cfg.loss, np.linspace(50, 2, 10).astype(int), np.arange(10) == 0, torch.device("cpu"))
+    images, labels = torch.randn(8, 2, 3, 8, 8), torch.arange(8) % 10
+    ce = [float(train_step(engine, objective, images, labels, torch.device("cpu"))["ce"]) for _ in range(20)]
+    applied = engine.global_steps - engine.skipped_steps
+    assert 0 < engine.skipped_steps < 10 and applied >= 10, (engine.skipped_steps, applied)
+    assert all(np.isfinite(ce)) and ce[-1] < 0.5 * ce[0], ce
+
+
+@pytest.mark.slow
+def test_an_fp16_run_trains_checkpoints_and_evaluates(tmp_path, digits_root):
+    """The whole CLI path with configs/ds_config_fp16.json, on a CPU told to take fp16 as
+    a GPU does: training, ZeRO-1 checkpoints of fp16 weights, evaluation of their fp32
+    copy, and `jrcl-fast eval` of the checkpoint giving the same results."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
+                                           "CPU_Accelerator.is_fp16_supported = lambda self: True\n")
+    # one_rank_deepspeed's process group, if up, leaves its RANK/MASTER_* in this process
+    ours = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in ours}, "PYTHONPATH": str(hook), "DS_ACCELERATOR": "cpu"}
+    config = tiny_config(tmp_path, digits_root,
+                         train={**TINY_OVERRIDES["train"], "engine": "deepspeed", "device": "cpu", "epochs": 1,
+                                "deepspeed_config": str(REPO / "configs" / "ds_config_fp16.json")},
+                         model={"backbone": "resnet32", "projection_dim": 16, "projection_hidden_dim": 32})
+    done = run_cli("train", "--config", str(config), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "DeepSpeed, 1 rank(s), fp16, ZeRO stage 1" in done.stdout
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["balanced_accuracy"] <= 1 and results["num_test_images"] > 0
+    assert (run / "checkpoints" / "latest").read_text() == "epoch_0001"
+    again = run_cli("eval", "--checkpoint", str(run / "checkpoints"), "--output-dir", str(tmp_path / "eval"), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
 
 
 def test_match_buffers_to_parameters_follows_each_layer():

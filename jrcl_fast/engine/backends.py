@@ -108,6 +108,13 @@ def read_deepspeed_json(cfg: Config) -> tuple[dict[str, Any], str]:
         raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
 
 
+def cpu_has_fp16() -> bool:
+    """Whether DeepSpeed's CPU backend runs fp16 here (CPUs with oneDNN fp16 only)."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
 def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
     """train.deepspeed_config with the batch keys filled from the YAML config; a
     batch key the file sets must agree with it."""
@@ -123,14 +130,20 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove the '{key}' section; the {key} comes from the YAML optim section")
-    if ds.get("fp16", {}).get("enabled"):
-        # Measured on an NVIDIA H100 (torch 2.11, DeepSpeed 0.19.8): with fp16 and dynamic
-        # loss scaling the digits-lt loss stayed flat for 30 epochs while bf16 reached 82.5%;
-        # a run that silently learns nothing is refused until the cause is found.
-        raise UserError(f"{path}: fp16 is not supported yet (on a GPU it did not learn; see docs/PRECISION.md"
-                        + ("" if device.type == "cuda" else ", and DeepSpeed's CPU backend has no fp16")
-                        + "); set fp16.enabled to false and bf16.enabled to true (or false for fp32)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if ds.get("fp16", {}).get("enabled"):
+        if device.type != "cuda" and not cpu_has_fp16():
+            raise UserError(f"{path}: DeepSpeed's CPU backend has no fp16 on this CPU; set fp16.enabled to false "
+                            "and bf16.enabled to true (or false for fp32)")
+        if stage == 0:
+            # DeepSpeed <= 0.19.8 scales the loss in engine.backward only for its ZeRO
+            # optimizers, yet its stage-0 fp16 optimizer divides every gradient by the loss
+            # scale: each update comes out loss-scale times (2^16 at first) too small and
+            # nothing learns (deepspeedai/DeepSpeed#8393; tests/test_gpu_rules.py watches
+            # for the fix).
+            raise UserError(f"{path}: fp16 with zero_optimization.stage 0 does not learn (DeepSpeed leaves the loss "
+                            "unscaled there, deepspeedai/DeepSpeed#8393); set zero_optimization.stage to 1 or 2, "
+                            "as configs/ds_config_fp16.json does, or use bf16")
     if stage not in ZERO_STAGES:
         raise UserError(f"{path}: zero_optimization.stage {stage} is not supported; use 0, 1 or 2 (stage 3 "
                         "partitions the weights, which evaluation and the checkpoints here do not handle)")
