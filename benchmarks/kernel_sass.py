@@ -44,6 +44,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -63,6 +64,7 @@ class KernelSpec:
     constexprs: dict[str, object]
     num_warps: int
     elements_per_iteration: int  # similarities or logits one main-loop iteration covers
+    num_stages: int = 3  # Triton's default on sm_90
     # Loops (in program order) over CE+BDC's normal classes only, gathered from their list:
     # reported per normal class, not per logit, and the classes one iteration covers.
     normal_loops: tuple[int, ...] = ()
@@ -81,9 +83,11 @@ class KernelFigures:
     instructions_per_normal_class: float = 0.0
 
 
-def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "tf32x3") -> list[KernelSpec]:
+def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "tf32x3",
+              all_tiles: bool = False) -> list[KernelSpec]:
     """The passes of one_to_all_supcon(features, prototypes) in training: the forward
-    (keeping the anchors' gradient direction O) and the keys' backward."""
+    (keeping the anchors' gradient direction O) and the keys' backward, at the tile a
+    launch starts with, or with `all_tiles` at every tile the GPU autotuner may pick."""
     from jrcl_fast.kernels import o2a
 
     m = n + classes
@@ -96,13 +100,16 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
     }
     specs = []
     for pass_name in o2a.PASSES:
-        config = o2a._launch_config(dim, ELEMENT_SIZE[dtype], pass_name)
-        num_warps = config.pop("num_warps")
-        constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, **config}
-        if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
-            constexprs["STORE_O"] = True
-        specs.append(KernelSpec(f"o2a_{pass_name}", "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args,
-                                constexprs, num_warps, config["BLOCK_N"] * config["BLOCK_M"]))
+        tiles = o2a.tile_candidates(dim, ELEMENT_SIZE[dtype], pass_name)
+        for tile in tiles if all_tiles else tiles[:1]:
+            constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, "BLOCK_D": o2a.block_d(dim),
+                          "BLOCK_N": tile["BLOCK_N"], "BLOCK_M": tile["BLOCK_M"]}
+            if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
+                constexprs["STORE_O"] = True
+            name = f"o2a_{pass_name}" + (f" {tile['BLOCK_N']}x{tile['BLOCK_M']} w{tile['num_warps']} "
+                                          f"s{tile['num_stages']}" if all_tiles else "")
+            specs.append(KernelSpec(name, "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args, constexprs,
+                                    tile["num_warps"], tile["BLOCK_N"] * tile["BLOCK_M"], tile["num_stages"]))
     return specs
 
 
@@ -130,6 +137,8 @@ def compile_sm90(spec: KernelSpec) -> triton.compiler.CompiledKernel:
     """triton.compile for sm_90 with the signature, constants and divisibility
     attributes that Triton's launcher derives from these arguments."""
     fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    if isinstance(fn, Autotuner):  # the JIT function under it
+        fn = fn.fn
     signature, constexprs, attrs = {}, dict(spec.constexprs), {}
     for index, arg in enumerate(fn.arg_names):
         if arg in spec.constexprs:
@@ -147,7 +156,7 @@ def compile_sm90(spec: KernelSpec) -> triton.compiler.CompiledKernel:
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=TARGET, options={"num_warps": spec.num_warps})
+    return triton.compile(source, target=TARGET, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
 def ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -252,21 +261,23 @@ def main() -> None:
                         help="row stride of the logits in elements (default: the class count)")
     parser.add_argument("--dot-precision", choices=("tf32x3", "ieee"), default="tf32x3",
                         help="O2A's float32 dots (half precision ignores it)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="O2A only, one row per tile the GPU autotuner may pick (the first of each pass is the "
+                             "tile a launch starts with), no totals")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
 
     stride = args.logit_stride or args.classes
-    losses = {
-        "o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype, args.dot_precision),
-        "ce_bdc": ce_bdc_specs(args.n, args.classes, args.dtype, stride),
-    }
+    losses = {"o2a": o2a_specs(args.n, args.classes, args.dim, args.dtype, args.dot_precision, args.candidates)}
+    if not args.candidates:
+        losses["ce_bdc"] = ce_bdc_specs(args.n, args.classes, args.dtype, stride)
     rows, vectors = [], {}
     for loss, specs in losses.items():
         passes = []
         for spec in specs:
             row, *vectors[spec.name] = figures(spec)
             passes.append(row)
-        rows += [*passes, total(f"{loss}_total", passes)]
+        rows += passes if args.candidates else [*passes, total(f"{loss}_total", passes)]
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table(title=f"sm_90 SASS ({args.dtype}, N = {args.n}, C = {args.classes}, D = {args.dim}, "

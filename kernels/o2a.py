@@ -35,6 +35,70 @@ from .specs import O2AArgs
 # by default; "ieee" runs them on the FMA units. Half-precision inputs ignore this.
 DOT_PRECISIONS = ("tf32x3", "ieee")
 
+# Tiles per pass, (BLOCK_N, BLOCK_M, num_warps, num_stages), by the bytes of a D-wide
+# row. The first of each list is the choice made with benchmarks/kernel_sass.py for
+# sm_90 (fewest instructions per similarity without register spills): 64 x 64 tiles on
+# one warpgroup (a row's max and sum never cross shared memory) for half-precision rows
+# of at most 256 bytes; float32 and wider rows take smaller tiles on 8 warps, whose
+# float32 accumulators would otherwise spill. It is all the interpreter runs. On a GPU,
+# Triton times every tile of the list once per (n, M, D, dtype) and keeps the fastest.
+# `kernel_sass.py --candidates` lists them: none spills up to D = 128 (256 in half
+# precision); at float32 D = 256 the last tile, and tf32x3's keys' backward, do.
+TILES: dict[int, dict[str, list[tuple[int, int, int, int]]]] = {
+    256: {"fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3)],
+          "bwd_keys": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 4), (32, 64, 4, 3)]},
+    512: {"fwd": [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)],
+          "bwd_keys": [(32, 32, 8, 3), (32, 32, 8, 2), (16, 32, 4, 3), (16, 32, 8, 3)]},
+    1 << 30: {"fwd": [(16, 16, 8, 2), (16, 16, 8, 1), (32, 32, 8, 3)],
+              "bwd_keys": [(16, 16, 8, 3), (16, 16, 8, 1), (32, 32, 8, 3)]},
+}
+
+
+def block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def tile_candidates(dim: int, elem_size: int, pass_name: str) -> list[dict[str, int]]:
+    """The tiles a pass may run with for D = `dim` in `elem_size`-byte elements; the
+    first is the fixed choice."""
+    # Float32 dots (tf32x3's split operands, IEEE's FMA accumulators) take more registers
+    # than half-precision ones: at D = 64 the 256-byte tiles spill, the 512-byte ones do not.
+    row_bytes = max(block_d(dim) * elem_size, 512 if elem_size == 4 else 0)
+    tiles = next(by_pass[pass_name] for limit, by_pass in TILES.items() if row_bytes <= limit)
+    return [{"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": warps, "num_stages": stages}
+            for bn, bm, warps, stages in tiles]
+
+
+PASSES = ("fwd", "bwd_keys")  # a training step: the forward (keeping O), the keys' backward
+
+# Every tile of every list, as the autotuners' configurations.
+GPU_CONFIGS = {pass_name: {tile: triton.Config({"BLOCK_N": tile[0], "BLOCK_M": tile[1]}, num_warps=tile[2],
+                                               num_stages=tile[3])
+                           for by_pass in TILES.values() for tile in by_pass[pass_name]}
+               for pass_name in PASSES}
+
+
+def gpu_configs(pass_name: str, dim: int, elem_size: int) -> list[triton.Config]:
+    """The configurations the GPU autotuner times for one launch, in tile_candidates' order."""
+    return [GPU_CONFIGS[pass_name][tuple(t.values())] for t in tile_candidates(dim, elem_size, pass_name)]
+
+
+def _autotuned(pass_name: str):
+    """On a GPU, triton.autotune over the pass's tiles for each launch's row width. The
+    interpreter has no timer (and Triton 3.6's autotuner times even a lone tile): there
+    the kernel stays as it is, and each launch passes the first tile (launch_tile)."""
+    if INTERPRETED:
+        return lambda kernel: kernel
+    return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=["n", "M", "D"], prune_configs_by={
+        "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
+                                                                        nargs["a_ptr"].element_size())})
+
+
+def launch_tile(dim: int, elem_size: int, pass_name: str) -> dict[str, int]:
+    """The tile arguments a launch passes: the autotuner's choice on a GPU, the first tile
+    under the interpreter."""
+    return tile_candidates(dim, elem_size, pass_name)[0] if INTERPRETED else {}
+
 
 @triton.jit
 def _load_anchor_block(a_ptr, ya_ptr, start, n, D, stride_a, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -81,6 +145,7 @@ def _logit_tile(
     return tl.where(cols[None, :] == rows[:, None] + anchor_offset, -float("inf"), t)
 
 
+@_autotuned("fwd")
 @triton.jit
 def _o2a_fwd_kernel(
     a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, o_ptr,
@@ -127,6 +192,7 @@ def _grad_tile(t, log2_den, coef):
     return coef[:, None] * fast_exp2(t - log2_den[:, None])
 
 
+@_autotuned("bwd_keys")
 @triton.jit
 def _o2a_bwd_keys_kernel(
     a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, coef_ptr, dk_ptr,
@@ -156,23 +222,6 @@ def _o2a_bwd_keys_kernel(
     )
 
 
-PASSES = ("fwd", "bwd_keys")
-
-
-def _launch_config(dim: int, elem_size: int, pass_name: str) -> dict[str, int]:
-    """Tile sizes and warps per pass, chosen with benchmarks/kernel_sass.py for sm_90
-    (fewest instructions per similarity without register spills, D = 128): 64 x 64
-    tiles on one warpgroup (a row's max and sum never cross shared memory) while a
-    D-wide row is at most 256 bytes; wider rows (float32, either dot precision) take
-    smaller tiles on 8 warps, whose float32 accumulators would otherwise spill."""
-    block_d = max(16, triton.next_power_of_2(dim))
-    if block_d * elem_size <= 256:
-        block_n, block_m, warps = 64, 64, 4
-    elif block_d * elem_size <= 512:
-        block_n, block_m, warps = {"fwd": (32, 64, 8), "bwd_keys": (32, 32, 8)}[pass_name]
-    else:
-        block_n, block_m, warps = 32, 32, 8
-    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps}
 
 
 def key_classes(key_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -197,12 +246,12 @@ class _LogDenominator(torch.autograd.Function):
         store_o = ctx.needs_input_grad[0]
         # Without an anchor gradient the kernel never touches O; the pointer is a placeholder.
         weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
-        cfg = _launch_config(dim, anchors.element_size(), "fwd")
-        _o2a_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        _o2a_fwd_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]),)](
             anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, weighted_keys,
             n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
             weighted_keys.stride(0) if store_o else 0,
-            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, **cfg,
+            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, BLOCK_D=block_d(dim),
+            **launch_tile(dim, anchors.element_size(), "fwd"),
         )
         ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den,
                               weighted_keys if store_o else None)
@@ -224,11 +273,11 @@ class _LogDenominator(torch.autograd.Function):
             # is 0), and a finite stand-in keeps exp2(-inf - log2_den) at 0 rather than NaN.
             log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
             grad_keys = new_buffer((m, dim), keys.dtype, keys.device)
-            cfg = _launch_config(dim, anchors.element_size(), "bwd_keys")
-            _o2a_bwd_keys_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            _o2a_bwd_keys_kernel[lambda tile: (triton.cdiv(m, tile["BLOCK_M"]),)](
                 anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef, grad_keys,
                 n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
-                grad_keys.stride(0), CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, **cfg,
+                grad_keys.stride(0), CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, BLOCK_D=block_d(dim),
+                **launch_tile(dim, anchors.element_size(), "bwd_keys"),
             )
         return grad_anchors, grad_keys, *([None] * 8)
 

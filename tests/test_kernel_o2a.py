@@ -9,14 +9,24 @@ buffers poisoned with NaN, so matching the reference proves every element was wr
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import requires_gpu
-from kernel_testing import assert_close_to_largest, compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
+from kernel_testing import (  # noqa: F401 (autouse fixture)
+    BENCHMARKS,
+    assert_close_to_largest,
+    compile_for_sm90,
+    poisoned_random_run,
+)
 from torch import Tensor
 
 from jrcl_fast.kernels import o2a
@@ -175,6 +185,81 @@ def test_half_precision_inputs(dtype: torch.dtype, tol: float, device: str) -> N
     torch.testing.assert_close(got[1], want[1])
     assert got[0].dtype == torch.float32
     assert_close_to_largest((got[0], got[2], got[3]), (want[0], want[2], want[3]), tol)
+
+
+# (dtype, D): the row widths of o2a.TILES' three lists (half precision 256 bytes, float32
+# up to 512 bytes, wider); the interpreter runs float16 as float16.
+@pytest.mark.parametrize("dtype,dim,tol", [(torch.float16, 24, 4e-3), (torch.float32, 24, 1e-4),
+                                           (torch.float32, 150, 1e-4)])
+def test_every_tile_the_gpu_autotuner_may_pick_matches_the_reference(
+    dtype: torch.dtype, dim: int, tol: float, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU Triton picks the fastest of each pass's tiles; every one of them must
+    compute the same loss and gradients (n, M not multiples of any tile)."""
+    if device == "cuda":
+        pytest.skip("the interpreter's check: on a GPU the autotuner's own choice runs in the other tests")
+    listed, launched = o2a.tile_candidates, []
+    widest = max(len(listed(dim, dtype.itemsize, p)) for p in o2a.PASSES)
+    keys, labels = random_problem(37, 83, 19, dim, 20, device, dtype)
+    upstream = torch.rand(37, device=device) + 0.5
+    want = run_with_grads(o2a_per_anchor_reference, keys[19:56], keys, labels, 19, True, upstream)
+    for index in range(widest):
+        def only_tile(d: int, size: int, pass_name: str, i: int = index) -> list[dict[str, int]]:
+            tiles = listed(d, size, pass_name)
+            return [tiles[i % len(tiles)]]
+
+        def recorded(d: int, size: int, pass_name: str) -> dict[str, int]:
+            launched.append((pass_name, o2a.tile_candidates(d, size, pass_name)[0]))
+            return launched[-1][1]
+
+        monkeypatch.setattr(o2a, "tile_candidates", only_tile)
+        monkeypatch.setattr(o2a, "launch_tile", recorded)
+        got = run_with_grads(fused_o2a_per_anchor, keys[19:56], keys, labels, 19, True, upstream)
+        torch.testing.assert_close(got[1], want[1])
+        assert_close_to_largest((got[0], got[2], got[3]), (want[0], want[2], want[3]), tol)
+        assert launched[-2:] == [(p, only_tile(dim, dtype.itemsize, p)[0]) for p in o2a.PASSES]
+
+
+@pytest.mark.parametrize("dim,elem_size", [(24, 2), (128, 2), (256, 2), (64, 4), (128, 4), (256, 4)])
+def test_the_gpu_autotuner_times_the_listed_tiles_in_order(dim: int, elem_size: int) -> None:
+    """What each launch's prune hands the autotuner: tile_candidates' tiles, first the
+    one the interpreter runs, each a distinct configuration of the autotuner's list."""
+    for pass_name in o2a.PASSES:
+        configs = o2a.gpu_configs(pass_name, dim, elem_size)
+        tiles = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+        assert tiles == o2a.tile_candidates(dim, elem_size, pass_name)
+        assert len(set(map(id, configs))) == len(configs)
+        assert all(c in o2a.GPU_CONFIGS[pass_name].values() for c in configs)
+
+
+def test_every_tile_compiles_for_sm90_without_spills() -> None:
+    """The GPU autotuner's candidates through the real compiler and ptxas (registers
+    and spill bytes read from its report), where o2a.TILES promises no spills: with the
+    Triton they were chosen with. Triton 3.6 allocates registers differently and spills
+    a few (docs/BENCHMARKS.md); a spilling tile only loses the autotuner's timing."""
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"the tiles were chosen with Triton 3.8's compiler; this is {triton.__version__}")
+    script = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_sass
+rows = []
+for dtype, dim, precision in json.load(sys.stdin):
+    for spec in kernel_sass.o2a_specs(1000, 365, dim, dtype, precision, all_tiles=True):
+        _registers, spills = kernel_sass.ptxas_usage(kernel_sass.compile_sm90(spec).asm["ptx"])
+        rows.append([f"{dtype} D={dim} {precision} {spec.name}", spills])
+print(json.dumps(rows))
+"""
+    cases = [("bf16", 128, "tf32x3"), ("fp16", 256, "tf32x3"), ("fp32", 128, "tf32x3"), ("fp32", 128, "ieee"),
+             ("fp32", 64, "ieee")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, str(BENCHMARKS)], input=json.dumps(cases), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.splitlines()[-1])
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}
+    assert len(rows) == sum(len(o2a.tile_candidates(dim, size[dtype], p)) for dtype, dim, _ in cases for p in o2a.PASSES)
+    assert [name for name, spills in rows if spills] == []
 
 
 def test_kernels_compile_for_sm90() -> None:
