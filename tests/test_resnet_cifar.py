@@ -11,7 +11,7 @@ from torch import nn
 
 from jrcl_fast.config import ModelConfig
 from jrcl_fast.models import JRCLNet
-from jrcl_fast.models.jrcl_net import FeatureScale, StandardizedConv2d
+from jrcl_fast.models.jrcl_net import StandardizedConv2d, StandardizedFeatures
 from jrcl_fast.registry import BACKBONES
 
 
@@ -39,7 +39,7 @@ def test_shapes_and_parameter_count(norm, size):
 
 def test_batch_norm_variants_use_plain_convs_and_convert_to_sync_batch_norm():
     backbone, _ = BACKBONES.get("resnet32")(False, "sync_batch")
-    assert not any(isinstance(m, (StandardizedConv2d, FeatureScale)) for m in backbone.modules())
+    assert not any(isinstance(m, (StandardizedConv2d, StandardizedFeatures)) for m in backbone.modules())
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     assert norms == 31 and sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == norms
@@ -51,7 +51,11 @@ def test_group_norm_recipe_and_per_sample():
     convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 31 and all(type(m) is StandardizedConv2d for m in convs)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.train().modules())
-    assert isinstance(backbone.fc, FeatureScale) and backbone.fc.factor == 0.5
+    assert isinstance(backbone.fc, StandardizedFeatures) and backbone.fc.factor == 0.5
+    pooled = torch.rand(5, 64) * 3 + 1  # positive, as after a ReLU
+    features = backbone.fc(pooled)  # per image: mean 0, standard deviation 0.5
+    torch.testing.assert_close(features.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(features.std(1, unbiased=False), torch.full((5,), 0.5), atol=1e-4, rtol=0)
     images = torch.randn(6, 3, 28, 28)
     with torch.no_grad():  # no output depends on the rest of the batch
         torch.testing.assert_close(backbone(images), torch.cat([backbone(images[:3]), backbone(images[3:])]),

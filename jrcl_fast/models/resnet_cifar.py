@@ -6,7 +6,7 @@ model.small_input_stem changes nothing); the shortcut that halves the resolution
 subsamples and zero-pads the channels (option A), so it has no parameters: about
 0.46 M in all. model.norm applies as to the torchvision backbones (jrcl_net.py):
 batch (sync_batch is converted by the trainer) or the GroupNorm recipe, weight-
-standardised convolutions and half-scale features, but without zero-initialised
+standardised convolutions and standardised half-scale features, but without zero-initialised
 residual branches: with parameter-free shortcuts that would start the network as its
 16-channel stem, 48 of its 64 features exactly zero, and it then barely learns
 (tests/test_resnet_cifar.py, test_a_few_steps_fit_a_batch[group], fails with it).
