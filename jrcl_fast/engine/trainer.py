@@ -118,7 +118,7 @@ class PlainProgress:
         self.start = self.last_line = self.clock()
         return 0
 
-    def update(self, task: int, advance: int, epoch: int, ips: float, loss: float) -> None:
+    def update(self, task: int, advance: int, epoch: int, ips: float, loss: str) -> None:
         self.completed += advance
         step = self.completed - (epoch - 1) * self.steps_per_epoch
         now = self.clock()
@@ -128,7 +128,7 @@ class PlainProgress:
         seconds_per_step = (now - self.start) / max(self.completed - self.first, 1)
         eta = datetime.timedelta(seconds=round(seconds_per_step * (self.total - self.completed)))
         self.console.print(f"epoch {epoch}/{self.epochs} step {step}/{self.steps_per_epoch} "
-                           f"{ips:.0f} img/s loss {loss:.4f} ETA {eta}", markup=False, highlight=False)
+                           f"{ips:.0f} img/s loss {loss} ETA {eta}", markup=False, highlight=False)
 
 
 def _progress(console: Console, steps_per_epoch: int, epochs: int) -> Progress | PlainProgress:
@@ -140,7 +140,7 @@ def _progress(console: Console, steps_per_epoch: int, epochs: int) -> Progress |
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[ips]:>6.0f} img/s"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("loss {task.fields[loss]}"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
@@ -233,13 +233,15 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
     with _progress(console, micro_steps, cfg.train.epochs) as progress:
         task = progress.add_task("train", total=micro_steps * cfg.train.epochs,
                                  completed=micro_steps * epochs_done, epoch=epochs_done + 1, ips=0.0,
-                                 loss=float("nan"))
+                                 loss="-")
+        # The latest loss read on the host (every LOSS_READ_INTERVAL steps): "-" before the first.
+        shown_loss = "-"
         for epoch in range(epochs_done, cfg.train.epochs):
             engine.module.train()
             seed_epoch(cfg.train.seed, epoch)
             sums: dict[str, float] = {}
             pending: list[dict[str, torch.Tensor]] = []  # loss terms not yet read on the host
-            images_seen, start, shown_loss = 0, time.perf_counter(), float("nan")
+            images_seen, start = 0, time.perf_counter()
             for step, (images, labels) in enumerate(itertools.islice(loader.epoch(epoch), micro_steps)):
                 batch = labels.shape[0]
                 try:
@@ -253,7 +255,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                     for row in rows:
                         for name, value in row.items():
                             sums[name] = sums.get(name, 0.0) + value
-                    shown_loss = rows[-1]["total"]
+                    shown_loss = f"{rows[-1]['total']:.4f}"
                     if ranks.is_main:
                         _append_jsonl(steps_path, [
                             {"epoch": epoch + 1, "step": epoch * micro_steps + first + i + 1,
