@@ -41,7 +41,7 @@ DOT_PRECISIONS = ("tf32x3", "ieee")
 # one warpgroup (a row's max and sum never cross shared memory) for half-precision rows
 # of at most 256 bytes; float32 and wider rows take smaller tiles on 8 warps, whose
 # float32 accumulators would otherwise spill. It is all the interpreter runs. On a GPU,
-# Triton times every tile of the list once per (n, M, D, dtype) and keeps the fastest.
+# Triton times every tile of the list once per shape and variant and keeps the fastest.
 # `kernel_sass.py --candidates` lists them: none spills up to D = 128 (256 in half
 # precision); at float32 D = 256 the last tile, and tf32x3's keys' backward, do. Triton 3.6
 # (the GPU machines') spills in the pipelined float32 forward tiles: the unpipelined
@@ -91,7 +91,10 @@ def _autotuned(pass_name: str):
     the kernel stays as it is, and each launch passes the first tile (launch_tile)."""
     if INTERPRETED:
         return lambda kernel: kernel
-    return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=["n", "M", "D"], prune_configs_by={
+    # Tuned per shape and per variant: IEEE and tf32x3 dots, and a forward with or
+    # without O, favour different tiles (the dtype is part of Triton's key anyway).
+    key = ["n", "M", "D", "DOT_PRECISION", "STORE_O"]
+    return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=key, prune_configs_by={
         "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
                                                                         nargs["a_ptr"].element_size())})
 

@@ -232,6 +232,29 @@ def test_the_gpu_autotuner_times_the_listed_tiles_in_order(dim: int, elem_size: 
         assert all(c in o2a.GPU_CONFIGS[pass_name].values() for c in configs)
 
 
+def test_on_a_gpu_each_pass_is_autotuned_over_its_listed_tiles() -> None:
+    """Imported without the interpreter, as on a GPU, each kernel is a Triton autotuner
+    keyed per shape and variant, whose prune hands it gpu_configs' list for the launch."""
+    script = """
+import json, torch
+from triton.runtime.autotuner import Autotuner
+from jrcl_fast.kernels import o2a
+found = {}
+for name, kernel in (("fwd", o2a._o2a_fwd_kernel), ("bwd_keys", o2a._o2a_bwd_keys_kernel)):
+    for dtype, dim in ((torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)):
+        nargs = {"D": dim, "a_ptr": torch.empty(0, dtype=dtype)}
+        same = kernel.early_config_prune(kernel.configs, nargs) == o2a.gpu_configs(name, dim, dtype.itemsize)
+        found[f"{name} {dtype} {dim}"] = [isinstance(kernel, Autotuner), kernel.keys, same]
+print(json.dumps(found))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert len(found) == 6
+    assert all(v == [True, ["n", "M", "D", "DOT_PRECISION", "STORE_O"], True] for v in found.values()), found
+
+
 def test_every_tile_compiles_for_sm90_without_spills() -> None:
     """The GPU autotuner's candidates through the real compiler and ptxas (registers
     and spill bytes read from its report), where o2a.TILES promises no spills: with the
