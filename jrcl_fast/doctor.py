@@ -3,9 +3,10 @@
 It prints the versions that matter and runs short checks of every path that differs on a
 GPU: each fused kernel against the PyTorch reference (fp32 and bf16, a small odd shape
 and iNaturalist's 8,142 classes), one optimizer step of the real model through DeepSpeed
-with the default config (bf16, BatchNorm) and in fp16 with loss scaling, DALI's GPU decode, and an NCCL all-gather when
-there are two GPUs. Without a GPU it runs the CPU parts (the kernels under the Triton
-interpreter, the DeepSpeed step on the CPU) and lists every GPU check as skipped.
+with the default config (bf16, BatchNorm) and in fp16 with loss scaling, DALI's GPU
+decode, and an NCCL all-gather when there are two GPUs. Without a GPU it runs the CPU
+parts (the kernels under the Triton interpreter, the DeepSpeed step on the CPU) and lists
+every GPU check as skipped.
 """
 
 from __future__ import annotations
@@ -161,10 +162,6 @@ def kernel_checks(device: torch.device) -> list[Check]:
     return checks
 
 
-# The fp16 engine of configs/ds_config_fp16.json: dynamic loss scaling, ZeRO stage 1
-# (stage 0 does not scale the loss, docs/PRECISION.md).
-FP16_OVERRIDES = {"bf16": {"enabled": False}, "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16},
-                  "zero_optimization": {"stage": 1}}
 FP16_MAX_SKIPPED = 16  # overflow steps while the scale falls from 2^16: a healthy run skips a few
 
 
@@ -173,7 +170,7 @@ def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[
     the default config (bf16, BatchNorm), the set-up that crashed on the first GPU run, or
     fp16 with loss scaling, whose first steps overflow and are skipped until the scale fits."""
     from jrcl_fast.config import parse_config
-    from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG, build_engine
+    from jrcl_fast.engine.backends import FP16_DEEPSPEED_CONFIG, build_engine
     from jrcl_fast.engine.optim import build_optimizer, build_scheduler
     from jrcl_fast.engine.trainer import train_step
     from jrcl_fast.losses.objective import JRCLObjective
@@ -186,7 +183,7 @@ def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[
     train = {"engine": "deepspeed", "batch_size": batch}
     if precision == "fp16":
         train["deepspeed_config"] = str(folder / "ds_fp16.json")
-        Path(train["deepspeed_config"]).write_text(json.dumps({**DEFAULT_DEEPSPEED_CONFIG, **FP16_OVERRIDES}))
+        Path(train["deepspeed_config"]).write_text(json.dumps(FP16_DEEPSPEED_CONFIG))
     cfg = parse_config({"data": {"name": "nih_cxr_lt", "root": "unused", "image_size": size},
                         "model": {"backbone": backbone, "small_input_stem": not gpu}, "train": train},
                        "jrcl-fast doctor")

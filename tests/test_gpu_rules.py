@@ -209,12 +209,14 @@ def test_match_buffers_to_parameters_follows_each_layer():
 
 
 def test_default_deepspeed_config_is_the_shipped_file():
-    """A config without train.deepspeed_config gets what configs/ds_config.json says."""
-    from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG
+    """A config without train.deepspeed_config gets what configs/ds_config.json says,
+    and the doctor's fp16 step runs what configs/ds_config_fp16.json says."""
+    from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG, FP16_DEEPSPEED_CONFIG
 
     shipped = json.loads((REPO / "configs" / "ds_config.json").read_text())
     assert not shipped.pop("fp16")["enabled"]
     assert shipped == DEFAULT_DEEPSPEED_CONFIG
+    assert json.loads((REPO / "configs" / "ds_config_fp16.json").read_text()) == FP16_DEEPSPEED_CONFIG
 
 
 def test_zero_stage_3_is_refused(tmp_path, digits_root):

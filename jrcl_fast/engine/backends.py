@@ -36,6 +36,16 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
     "steps_per_print": 1_000_000,
     "wall_clock_breakdown": False,
 }
+# The fp16 engine that runs: dynamic loss scaling at ZeRO stage 1 (stage 0 leaves the
+# loss unscaled, see deepspeed_config); what configs/ds_config_fp16.json holds (a test
+# keeps them equal), and what `jrcl-fast doctor` checks.
+FP16_DEEPSPEED_CONFIG: dict[str, Any] = {
+    **DEFAULT_DEEPSPEED_CONFIG,
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "zero_optimization": {"stage": 1},
+}
 # ZeRO stage 3 partitions the parameters themselves, which the fp32 copy for evaluation
 # and the LocalEngine-compatible checkpoint layout do not handle.
 ZERO_STAGES = (0, 1, 2)
