@@ -13,12 +13,18 @@ sums the instructions over the passes a training step runs.
     python benchmarks/kernel_sass.py --dtype fp32 --json sass.json
 
 Static figures: they say what each element costs to issue, not how fast it runs.
-docs/BENCHMARKS.md records them. Main loop = the maximal ranges of code closed by a
-backward branch; its instruction count (NOPs excluded) over the elements one
-iteration covers. CE+BDC's loops over its normal classes alone (gathered from their
-list, after each pass's loop over all classes) are counted apart, per normal class:
-a row of C classes, n of them normal, costs C x instr / element + n x instr / normal
-class (rounded up to the classes one iteration covers, 512 a row).
+docs/BENCHMARKS.md records them. Loops = the maximal ranges of code closed by a
+backward branch; each kernel names the role of each of its loops, in program order
+(`KernelSpec.loop_roles`). Main loop = the loops over all elements: their instruction
+count (NOPs excluded) over the elements one iteration covers. O2A's half-precision tiles
+run each pass as three loops over the blocks of the other side: before the diagonal, the
+one or two blocks that hold it (which mask each anchor's own key), after it; the
+off-diagonal loops are one and the same code, and the first is counted, since they
+cover all but two blocks of a row. Its other tiles run one loop, which masks.
+CE+BDC's loops over its normal classes alone (gathered from their list, after each
+pass's loop over all classes) are counted apart, per normal class: a row of C classes,
+n of them normal, costs C x instr / element + n x instr / normal class (rounded up to
+the classes one iteration covers, 512 a row).
 """
 
 from __future__ import annotations
@@ -64,11 +70,12 @@ class KernelSpec:
     constexprs: dict[str, object]
     num_warps: int
     elements_per_iteration: int  # similarities or logits one main-loop iteration covers
+    # The role of each loop, in program order: "main" (counted per element), "normal"
+    # (CE+BDC's loops over the normal classes, counted per normal class), or "other"
+    # (not counted: O2A's diagonal blocks and the repeat of its off-diagonal loop).
+    loop_roles: tuple[str, ...]
     num_stages: int = 3  # Triton's default on sm_90
-    # Loops (in program order) over CE+BDC's normal classes only, gathered from their list:
-    # reported per normal class, not per logit, and the classes one iteration covers.
-    normal_loops: tuple[int, ...] = ()
-    normal_classes_per_iteration: int = 0
+    normal_classes_per_iteration: int = 0  # the normal classes a "normal" loop iteration covers
 
 
 @dataclass
@@ -103,13 +110,16 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
         tiles = o2a.tile_candidates(dim, ELEMENT_SIZE[dtype], pass_name)
         for tile in tiles if all_tiles else tiles[:1]:
             constexprs = {"CLASS_AVERAGE": True, "DOT_PRECISION": dot_precision, "BLOCK_D": o2a.block_d(dim),
-                          "BLOCK_N": tile["BLOCK_N"], "BLOCK_M": tile["BLOCK_M"]}
+                          "BLOCK_N": tile["BLOCK_N"], "BLOCK_M": tile["BLOCK_M"],
+                          "SPLIT_DIAGONAL": tile["SPLIT_DIAGONAL"]}
             if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
                 constexprs["STORE_O"] = True
             name = f"o2a_{pass_name}" + (f" {tile['BLOCK_N']}x{tile['BLOCK_M']} w{tile['num_warps']} "
                                           f"s{tile['num_stages']}" if all_tiles else "")
             specs.append(KernelSpec(name, "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args, constexprs,
-                                    tile["num_warps"], tile["BLOCK_N"] * tile["BLOCK_M"], tile["num_stages"]))
+                                    tile["num_warps"], tile["BLOCK_N"] * tile["BLOCK_M"],
+                                    ("main", "other", "other") if tile["SPLIT_DIAGONAL"] else ("main",),
+                                    tile["num_stages"]))
     return specs
 
 
@@ -130,7 +140,8 @@ def ce_bdc_specs(n: int, classes: int, dtype: str, stride: int) -> list[KernelSp
     block = config["BLOCK_C"] * config["ROWS"]
     # Each pass: a loop over all classes, then one over the normal classes' list.
     return [KernelSpec("ce_bdc", "jrcl_fast.kernels.ce_bdc", "_ce_bdc_kernel", args, constexprs, num_warps, block,
-                       normal_loops=(1, 3), normal_classes_per_iteration=config["NORMAL_BLOCK"] * config["ROWS"])]
+                       ("main", "normal", "main", "normal"),
+                       normal_classes_per_iteration=config["NORMAL_BLOCK"] * config["ROWS"])]
 
 
 def compile_sm90(spec: KernelSpec) -> triton.compiler.CompiledKernel:
@@ -209,11 +220,11 @@ def figures(spec: KernelSpec) -> tuple[KernelFigures, str, str]:
     registers, spills = ptxas_usage(compiled.asm["ptx"])
     instructions = sass_instructions(compiled.asm["cubin"])
     all_loops = loops(instructions)
-    if spec.normal_loops and len(all_loops) != 2 * len(spec.normal_loops):
-        raise RuntimeError(f"{spec.name}: expected a loop over all classes and one over the normal classes per pass, "
-                           f"found {len(all_loops)} loops")
-    loop = [text for i, body in enumerate(all_loops) if i not in spec.normal_loops for text in body]
-    normal = [text for i, body in enumerate(all_loops) if i in spec.normal_loops for text in body]
+    if len(all_loops) != len(spec.loop_roles):
+        raise RuntimeError(f"{spec.name}: expected {len(spec.loop_roles)} loops {spec.loop_roles}, "
+                           f"found {len(all_loops)}: update its KernelSpec.loop_roles")
+    loop, normal = ([text for role, body in zip(spec.loop_roles, all_loops) if role == wanted for text in body]
+                    for wanted in ("main", "normal"))
     # Vector width is judged in the main loop, where the bulk of the bytes move; cp.async
     # (LDGSTS) is how Triton's pipeliner loads global memory into shared memory.
     loop_opcodes = [text.split()[0] for text in loop]

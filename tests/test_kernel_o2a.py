@@ -122,6 +122,32 @@ def test_matches_reference_and_brute_force(
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=5e-5)
 
 
+# (n, M, anchor offset): the anchors' own keys start and end inside tiles, with whole
+# tiles of other keys before and after them in both passes, and past the last anchor block.
+DIAGONAL_CASES = [(70, 200, 61), (33, 150, 100), (64, 192, 64), (5, 131, 126)]
+
+
+# float16 at D = 32 runs the split loops (o2a.SPLIT_DIAGONAL_MAX_ROW_BYTES; 64 x 64
+# tiles), float32 one masked loop (forward 32 x 64, keys' backward 32 x 32 tiles).
+@pytest.mark.parametrize("dtype,split,tol", [(torch.float16, True, 4e-3), (torch.float32, False, 1e-5)])
+@pytest.mark.parametrize("n,m,offset", DIAGONAL_CASES)
+def test_only_the_tiles_on_the_diagonal_mask_self_pairs(
+    n: int, m: int, offset: int, dtype: torch.dtype, split: bool, tol: float, device: str
+) -> None:
+    """Split, each pass masks an anchor's own key only in the one or two tiles that hold
+    it: a tile left out of that range would count exp(1/tau) into the denominator
+    (checked against the float64 reference)."""
+    assert all(t["SPLIT_DIAGONAL"] == split for p in o2a.PASSES for t in o2a.tile_candidates(32, dtype.itemsize, p))
+    keys, labels = random_problem(n, m, offset, 32, 20, device, dtype)
+    anchors = keys[offset : offset + n]
+    upstream = torch.rand(n, device=device) + 0.5
+    got = run_with_grads(fused_o2a_per_anchor, anchors, keys, labels, offset, True, upstream)
+    want = run_with_grads(o2a_per_anchor_reference, anchors.double(), keys.double(), labels, offset, True,
+                          upstream.double())
+    torch.testing.assert_close(got[1], want[1])
+    assert_close_to_largest((got[0].double(), got[2].double(), got[3].double()), (want[0], want[2], want[3]), tol)
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's numpy warns on a log(0)
 def test_anchor_without_any_other_key_is_zero(device: str) -> None:
     a = torch.randn(1, 32, device=device, requires_grad=True)
