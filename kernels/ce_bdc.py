@@ -11,7 +11,7 @@ only scaled, in place, by the incoming gradient in the backward.
 The main loops run over every class alike, with no per-logit group routing: they
 treat each class as abnormal, through a per-class bias of -inf on the normal classes
 for the abnormal log-sum-exp, and the abnormal group's gradient formula. The normal
-classes (a list made per launch, usually a small part of C) get their own loops after
+classes (a list made once per normal mask, usually a small part of C) get their own loops after
 each main loop: pass 1 gathers their log-sum-exp, pass 2 rewrites their gradient.
 Full blocks of classes load without masks (in 16-byte vectors when the row stride
 allows); only the tail block and the gathers are masked.
@@ -20,6 +20,7 @@ allows); only the tail block and the gathers are masked.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import replace
 
 import torch
@@ -315,11 +316,28 @@ def _launch_config(num_classes: int, element_size: int) -> dict[str, int]:
             "NORMAL_BLOCK": max(4, min(512, block)), "num_warps": 4}
 
 
+# The last normal mask's groups, by the mask itself (a weak reference) and its version
+# counter: training passes one and the same mask every step, so they are built once, not
+# in about seven small launches per step; a new mask or an in-place change rebuilds them.
+_last_groups: tuple[weakref.ref, int, int, tuple[Tensor, Tensor, Tensor]] | None = None
+
+
 def _class_groups(normal_mask: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """The normal group as the kernel takes it: a bias of -inf on the normal classes (0
     elsewhere) that leaves them out of the abnormal log-sum-exp; their indices, ascending,
     then -1 up to a whole number of blocks; and their count. All stay on the device: no
     launch waits for them."""
+    global _last_groups
+    if _last_groups is not None:
+        mask_ref, version, last_block, groups = _last_groups
+        if mask_ref() is normal_mask and version == normal_mask._version and last_block == block:
+            return groups
+    groups = _build_class_groups(normal_mask, block)
+    _last_groups = (weakref.ref(normal_mask), normal_mask._version, block, groups)
+    return groups
+
+
+def _build_class_groups(normal_mask: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     device, num_classes = normal_mask.device, normal_mask.shape[0]
     abnormal_bias = torch.zeros(num_classes, dtype=torch.float32, device=device).masked_fill_(normal_mask, -math.inf)
     n_normal = normal_mask.sum(dtype=torch.int32).reshape(1)

@@ -106,6 +106,32 @@ def test_matches_reference_and_brute_force(
         torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=1e-6)
 
 
+def test_normal_groups_are_built_once_per_mask_and_rebuilt_when_it_changes(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training passes one normal mask every step: its groups are built on the first
+    call only. A change to the mask in place, or another mask, rebuilds them; stale
+    groups would give a wrong loss without an error."""
+    logits, binary_logits, labels, normal_mask = random_problem(11, 40, 3.0, device)
+    build, builds = ce_bdc._build_class_groups, []
+    monkeypatch.setattr(ce_bdc, "_last_groups", None)
+    monkeypatch.setattr(ce_bdc, "_build_class_groups", lambda mask, block: builds.append(block) or build(mask, block))
+
+    def matches_reference(mask: Tensor) -> None:
+        args = CEBDCArgs(logits, binary_logits, labels, mask, None, LAMBDA_BIN, LAMBDA_BDC)
+        for got, want in zip(fused_ce_bdc(args), ce_bdc_reference(args)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    matches_reference(normal_mask)
+    matches_reference(normal_mask)
+    assert len(builds) == 1
+    normal_mask.logical_not_()  # both groups stay non-empty
+    matches_reference(normal_mask)
+    assert len(builds) == 2
+    matches_reference(normal_mask.clone())
+    assert len(builds) == 3
+
+
 def test_without_gradients_only_values(device: str) -> None:
     logits, binary_logits, labels, normal_mask = random_problem(17, 20, 3.0, device)
     values = fused_ce_bdc(CEBDCArgs(logits, binary_logits, labels, normal_mask, None, LAMBDA_BIN, LAMBDA_BDC))
