@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
 from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
+from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT
 
 DIM = 128
 TEMPERATURE = 0.1
@@ -131,7 +133,8 @@ def machine_rates(quick: bool) -> dict[str, float]:
 
 
 def o2a_setup(case: Case, device: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """(inputs, leaves): unit-norm features with labels over C classes and C prototypes."""
+    """(inputs, the inputs whose gradient is timed): unit-norm features with labels over C
+    classes and C prototypes."""
     dtype = DTYPES[case.dtype]
     features = F.normalize(torch.randn(case.n, DIM, device=device), dim=1).to(dtype).requires_grad_()
     prototypes = F.normalize(torch.randn(case.classes, DIM, device=device), dim=1).to(dtype).requires_grad_()
@@ -151,9 +154,14 @@ def o2a_objective(per_anchor: Callable) -> Callable[..., Tensor]:
     return objective
 
 
-def ce_bdc_setup(case: Case, device: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def ce_bdc_setup(case: Case, device: str, padded_rows: bool = True) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Logits as the model hands them to the loss: a view of rows padded to a multiple of
+    LOGIT_ROW_ALIGNMENT classes (16-byte aligned in bf16), or with `padded_rows=False`
+    dense rows of C classes (C = 8,142 bf16 rows are not 16-byte aligned)."""
     dtype = DTYPES[case.dtype]
-    logits = (3 * torch.randn(case.n, case.classes, device=device)).to(dtype).requires_grad_()
+    width = case.classes + (-case.classes % LOGIT_ROW_ALIGNMENT if padded_rows else 0)
+    rows = (3 * torch.randn(case.n, width, device=device)).to(dtype).requires_grad_()
+    logits = rows[:, : case.classes]
     binary_logits = torch.randn(case.n, 2, device=device).to(dtype).requires_grad_()
     labels = torch.randint(0, case.classes, (case.n,), device=device)
     normal_mask = torch.arange(case.classes, device=device) < max(1, case.classes // 3)
@@ -185,24 +193,25 @@ def floor(case: Case, mode: str, rates: dict[str, float] | None) -> tuple[float,
     return flops, nbytes, seconds * 1e3
 
 
-def measure(objective: Callable[..., Tensor], inputs: tuple, leaves: tuple, mode: str, warmup: int,
+def measure(objective: Callable[..., Tensor], inputs: tuple, wrt: tuple, mode: str, warmup: int,
             repeats: int) -> tuple[float, float | None]:
-    """Median ms and peak MiB allocated beyond the inputs for one mode."""
+    """Median ms and peak MiB allocated beyond the inputs for one mode. The backward is
+    torch.autograd.grad to `wrt`: the loss's own gradients, without accumulating them into
+    .grad (a copy for the padded logits' view) or going on into the model's layers."""
     holder: dict[str, Tensor] = {}
 
-    def clear() -> None:
-        for leaf in leaves:
-            leaf.grad = None
-
     def prepare() -> None:
-        clear()
+        holder.pop("grads", None)
         if mode == "bwd":
             holder["out"] = objective(*inputs)
 
+    def backward(out: Tensor) -> None:
+        holder["grads"] = torch.autograd.grad(out, wrt)
+
     run = {
         "fwd": lambda: objective(*inputs),
-        "bwd": lambda: holder.pop("out").backward(),
-        "fwd+bwd": lambda: objective(*inputs).backward(),
+        "bwd": lambda: backward(holder.pop("out")),
+        "fwd+bwd": lambda: backward(objective(*inputs)),
     }[mode]
     ms = median_ms(run, prepare, warmup, repeats)
     if not torch.cuda.is_available():
@@ -246,9 +255,9 @@ def sweep(quick: bool, gpu: bool, args: argparse.Namespace) -> list[Case]:
 
 
 def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int, repeats: int,
-             impls: list[str] | None = None) -> list[Row]:
+             impls: list[str] | None = None, padded_rows: bool = True) -> list[Row]:
     device = "cuda" if gpu else "cpu"
-    setup = o2a_setup if case.loss == "o2a" else ce_bdc_setup
+    setup = o2a_setup if case.loss == "o2a" else partial(ce_bdc_setup, padded_rows=padded_rows)
     torch._dynamo.reset()  # fresh compile per shape: no recompile limit falls back to eager
     rows = []
     for impl, objective in implementations(case.loss, gpu).items():
@@ -258,14 +267,14 @@ def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int,
             flops, nbytes, floor_ms = floor(case, mode, rates)
             ms = peak = None
             try:
-                inputs, leaves = setup(case, device)
-                ms, peak = measure(objective, inputs, leaves, mode, warmup, repeats)
+                inputs, wrt = setup(case, device)
+                ms, peak = measure(objective, inputs, wrt, mode, warmup, repeats)
                 status = "ok"
             except torch.cuda.OutOfMemoryError:
                 status = "OOM"
             except Exception as error:  # a failing row is reported, not fatal to the sweep
                 status = f"error: {type(error).__name__}: {error}".splitlines()[0][:200]
-            inputs = leaves = None
+            inputs = wrt = None
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
@@ -291,6 +300,31 @@ def print_table(console: Console, rows: list[Row], device: str) -> None:
     console.print(table)
 
 
+def autotuned_tiles() -> list[dict[str, object]]:
+    """The tile Triton's autotuner kept for each O2A pass and launch shape in this run
+    (none without a GPU, where the kernels are not autotuned)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from jrcl_fast.kernels import o2a
+
+    tiles = []
+    for pass_name in o2a.PASSES:
+        kernel = getattr(o2a, f"_o2a_{pass_name}_kernel")
+        if isinstance(kernel, Autotuner):
+            tiles += [{"pass": pass_name, "key": [str(part) for part in key], "tile": str(config)}
+                      for key, config in kernel.cache.items()]
+    return tiles
+
+
+def print_tiles(console: Console, tiles: list[dict[str, object]]) -> None:
+    table = Table(title="O2A tiles kept by the autotuner (key: n, M, D, dot precision, keeps O, then dtypes)")
+    for column in ("pass", "key", "tile"):
+        table.add_column(column)
+    for tile in tiles:
+        table.add_row(str(tile["pass"]), ", ".join(tile["key"]), str(tile["tile"]))
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
@@ -302,6 +336,9 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", choices=("o2a", "ce_bdc"), default=["o2a", "ce_bdc"])
     parser.add_argument("--impls", nargs="+", choices=("eager", "compile", "triton"),
                         help="implementations to time (default: every one the machine runs)")
+    parser.add_argument("--logit-rows", choices=("padded", "dense"), default="padded",
+                        help="CE+BDC logits as a view of rows padded to a multiple of "
+                             f"{LOGIT_ROW_ALIGNMENT} classes, as the model hands them (default), or dense rows")
     args = parser.parse_args()
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # the table is wide; logs are not terminals
@@ -320,8 +357,11 @@ def main() -> None:
     rows = []
     for case in sweep(args.quick, gpu, args):
         console.print(f"[dim]{case}[/]")
-        rows += run_case(case, gpu, rates, warmup, repeats, args.impls)
+        rows += run_case(case, gpu, rates, warmup, repeats, args.impls, args.logit_rows == "padded")
     print_table(console, rows, device)
+    tiles = autotuned_tiles() if gpu else []
+    if tiles:
+        print_tiles(console, tiles)
     if args.out:
         args.out.write_text(json.dumps({
             "device": device,
@@ -329,6 +369,8 @@ def main() -> None:
             "triton": triton_version(),
             "rates": rates,
             "gpu_figures": gpu,
+            "ce_bdc_logit_rows": args.logit_rows,
+            "o2a_autotuned_tiles": tiles,
             "rows": [asdict(r) for r in rows],
         }, indent=1))
         console.print(f"wrote {args.out}")

@@ -4,6 +4,7 @@ checked (docs/BENCHMARKS.md records them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, tiny_config
 
 from jrcl_fast.config import load_config
@@ -57,9 +59,54 @@ def test_bench_losses_cpu_smoke_writes_eager_rows(tmp_path: Path) -> None:
     run_benchmark("bench_losses.py", "--quick", "--repeats", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["gpu_figures"] is False and result["rows"]
+    assert result["ce_bdc_logit_rows"] == "padded" and result["o2a_autotuned_tiles"] == []
     assert {row["loss"] for row in result["rows"]} == {"o2a", "ce_bdc"}
     for row in result["rows"]:
         assert row["impl"] == "eager" and row["status"] == "ok" and row["ms"] > 0
+
+
+def load_benchmark(script: str):
+    """A benchmark script as a module, to call its parts."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "benchmarks" / script)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("padded,stride", [(True, 16), (False, 13)])
+def test_bench_losses_times_the_gradient_of_the_logits_the_model_hands_over(padded: bool, stride: int) -> None:
+    """CE+BDC gets the logits as a view of rows padded to LOGIT_ROW_ALIGNMENT classes (the
+    vectorised path training runs) unless asked for dense rows, and the backward is timed
+    up to the loss's own inputs: their gradient keeps the view's shape."""
+    bench = load_benchmark("bench_losses.py")
+    case = bench.Case("ce_bdc", 5, 13, "fp32")
+    inputs, wrt = bench.ce_bdc_setup(case, "cpu", padded_rows=padded)
+    assert inputs[0].shape == (5, 13) and inputs[0].stride() == (stride, 1) and wrt[0] is inputs[0]
+    objective = bench.ce_bdc_objective(bench.ce_bdc_reference)
+    grads = torch.autograd.grad(objective(*inputs), wrt)
+    assert [g.shape for g in grads] == [(5, 13), (5, 2)] and all(torch.isfinite(g).all() for g in grads)
+    ms, _ = bench.measure(objective, inputs, wrt, "fwd+bwd", warmup=1, repeats=2)
+    assert ms > 0
+
+
+def test_bench_losses_reports_the_tiles_the_autotuner_kept() -> None:
+    """On a GPU the run records each O2A pass's chosen tile per launch shape: read from
+    the autotuners' caches, filled here by hand (without the interpreter, as on a GPU)."""
+    script = f"""
+import importlib.util, json, sys
+from jrcl_fast.kernels import o2a
+spec = importlib.util.spec_from_file_location("bench_losses", {str(REPO / "benchmarks" / "bench_losses.py")!r})
+bench = sys.modules["bench_losses"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+o2a._o2a_fwd_kernel.cache[(4096, 4116, 128, "tf32x3", True, "torch.bfloat16")] = o2a.gpu_configs("fwd", 128, 2)[1]
+print(json.dumps(bench.autotuned_tiles()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tile,) = json.loads(done.stdout.splitlines()[-1])
+    assert tile["pass"] == "fwd" and tile["key"][:3] == ["4096", "4116", "128"]
+    assert "BLOCK_N: 128" in tile["tile"] and "num_warps: 8" in tile["tile"]
 
 
 def test_bench_losses_axes_can_be_chosen(tmp_path: Path) -> None:
