@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,26 @@ print(json.dumps(bench.autotuned_tiles()))
     (tile,) = json.loads(done.stdout.splitlines()[-1])
     assert tile["pass"] == "fwd" and tile["key"][:3] == ["4096", "4116", "128"]
     assert "BLOCK_N: 128" in tile["tile"] and "num_warps: 8" in tile["tile"]
+
+
+def test_gpu_session_refuses_a_machine_without_a_gpu_and_names_only_files_that_exist(tmp_path: Path) -> None:
+    """The one-call GPU script: its steps name scripts, tests and configs of this
+    repository (a rename would break it on the GPU machine, where nothing can be fixed),
+    and without a GPU it stops in one line before writing anything."""
+    script = REPO / "benchmarks" / "gpu_session.sh"
+    named = set(re.findall(r"(?:benchmarks|tests|configs)/[\w.]+\.(?:py|yaml|json)", script.read_text()))
+    assert {"benchmarks/bench_losses.py", "tests/test_kernel_o2a.py", "configs/ds_config_fp16.json"} <= named
+    assert [path for path in sorted(named) if not (REPO / path).is_file()] == []
+    fake = tmp_path / "bin" / "nvidia-smi"  # as on a machine without a GPU, even on a GPU machine
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("GPU_SESSION_ON_CPU", None)
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert done.returncode == 1 and "no GPU here" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_losses_axes_can_be_chosen(tmp_path: Path) -> None:
