@@ -91,3 +91,46 @@ def test_eval_of_another_epochs_folder_does_not_claim_the_selection(tmp_path, di
     (ckpt / "epoch_0002").rmdir()
     done = run_cli("eval", "--checkpoint", str(ckpt))
     assert done.returncode == 2 and "the folder of the selected epoch 2" in done.stderr
+
+
+class _Interrupted(Exception):
+    """Stands in for a kill between two epochs' validations."""
+
+
+def test_a_resumed_run_keeps_the_selection_made_before_it_stopped(tmp_path, digits_root):
+    """Interrupted after epoch 2 and resumed, a run selecting on validation keeps epoch 2
+    (score 0.5) against the later, lower scores, returns epoch 2's weights, and ends with
+    the selection and checkpoints of the run that was never interrupted."""
+    scores = [0.1, 0.5, 0.2, 0.4]  # best at epoch 2; epoch 4 is the best after a resume
+
+    def run(name, resume, stop_at=None):
+        cfg = load_config(tiny_config(tmp_path / name, digits_root, train={
+            "epochs": len(scores), "batch_size": 64, "threads": 1, "select_on": "val_balanced_accuracy"}))
+        dataset = load_dataset(cfg.data)
+        dataset = dataclasses.replace(dataset, val=dataset.test)  # digits-lt has no validation split
+        seen = []
+
+        def validate(model, device):
+            epoch = len(seen) + (2 if resume else 0) + 1
+            if epoch == stop_at:
+                raise _Interrupted
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+            return scores[epoch - 1]
+
+        return train(cfg, dataset, resume, False, Console(quiet=True), validate=validate), seen
+
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "stopped").mkdir()
+    (straight_model, _, straight_selection), straight_seen = run("straight", False)
+    with pytest.raises(_Interrupted):
+        run("stopped", False, stop_at=3)
+    assert read_model_states(tmp_path / "stopped" / "run" / "checkpoints")["epochs_done"] == 2
+    (model, _, selection), seen = run("stopped", True)
+    assert len(seen) == 2  # epochs 3 and 4
+    assert selection == straight_selection and selection["best_epoch"] == 2 and selection["best_value"] == 0.5
+    for name, value in model.state_dict().items():  # epoch 2's weights, as the straight run's
+        torch.testing.assert_close(value, straight_model.state_dict()[name], rtol=0, atol=0)
+        torch.testing.assert_close(value, straight_seen[1][name], rtol=0, atol=0)
+    names = {run: sorted(p.name for p in (tmp_path / run / "run" / "checkpoints").iterdir())
+             for run in ("straight", "stopped")}
+    assert names["stopped"] == names["straight"] == ["epoch_0002", "epoch_0004", "latest"]
