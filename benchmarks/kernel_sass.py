@@ -20,7 +20,9 @@ count (NOPs excluded) over the elements one iteration covers. O2A's half-precisi
 run each pass as three loops over the blocks of the other side: before the diagonal, the
 one or two blocks that hold it (which mask each anchor's own key), after it; the
 off-diagonal loops are one and the same code, and the first is counted, since they
-cover all but two blocks of a row. Its other tiles run one loop, which masks.
+cover all but two blocks of a row. Its other tiles run one loop, which masks. The O2A
+forward is compiled as training runs it, against each anchor's fixed reference
+(o2a.fixed_references; `FIXED_REF`), not as its online fallback.
 CE+BDC's loops over its normal classes alone (gathered from their list, after each
 pass's loop over all classes) are counted apart, per normal class: a row of C classes,
 n of them normal, costs C x instr / element + n x instr / normal class (rounded up to
@@ -101,7 +103,8 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
     args: dict[str, str | int | float] = {
         "a_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "da_ptr": f"*{dtype}", "dk_ptr": f"*{dtype}",
         "ya_ptr": "*i32", "yk_ptr": "*i32",
-        "bias_other_ptr": "*fp32", "bias_same_ptr": "*fp32", "log2_den_ptr": "*fp32", "coef_ptr": "*fp32",
+        "bias_other_ptr": "*fp32", "bias_same_ptr": "*fp32", "ref_ptr": "*fp32", "log2_den_ptr": "*fp32",
+        "coef_ptr": "*fp32",
         "o_ptr": "*fp32", "n": n, "M": m, "D": dim, "anchor_offset": 0, "scale": 14.4,
         "stride_a": dim, "stride_k": dim, "stride_o": dim, "stride_dk": dim,
     }
@@ -113,7 +116,7 @@ def o2a_specs(n: int, classes: int, dim: int, dtype: str, dot_precision: str = "
                           "BLOCK_N": tile["BLOCK_N"], "BLOCK_M": tile["BLOCK_M"],
                           "SPLIT_DIAGONAL": tile["SPLIT_DIAGONAL"]}
             if pass_name == "fwd":  # training: the anchors' gradient comes from the forward's O
-                constexprs["STORE_O"] = True
+                constexprs.update(STORE_O=True, FIXED_REF=True)
             name = f"o2a_{pass_name}" + (f" {tile['BLOCK_N']}x{tile['BLOCK_M']} w{tile['num_warps']} "
                                           f"s{tile['num_stages']}" if all_tiles else "")
             specs.append(KernelSpec(name, "jrcl_fast.kernels.o2a", f"_o2a_{pass_name}_kernel", args, constexprs,

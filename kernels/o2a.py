@@ -5,9 +5,11 @@ Same contract and arguments (`specs.O2AArgs`) as
 anchor i is log_den_i - pos_mean_i. The n x M similarity matrix is never stored:
 
 - log_den_i, the class-weighted log-sum-exp over every key but the anchor itself, is
-  the kernels' work. The forward streams key blocks through an online log-sum-exp in
-  log2 units (one fused multiply-add and one ex2 per similarity), with each key's log
-  class weight precomputed once as a bias, and keeps O_i = sum_j p_ij k_j, which is
+  the kernels' work. The forward streams key blocks through a log-sum-exp in log2
+  units (one fused multiply-add and one ex2 per similarity), with each key's log class
+  weight precomputed once as a bias, taken against a fixed per-anchor bound of its
+  similarities where that is safe (no running max to keep; see fixed_references) and
+  online otherwise, and keeps O_i = sum_j p_ij k_j, which is
   the anchors' gradient up to a per-anchor factor; the backward recomputes each
   similarity tile once, over key blocks (gradient of the keys), so memory stays
   O((n + M) D). An anchor's own key is masked only in the tiles that hold it.
@@ -42,10 +44,11 @@ DOT_PRECISIONS = ("tf32x3", "ieee")
 # of at most 256 bytes; float32 and wider rows take smaller tiles on 8 warps, whose
 # float32 accumulators would otherwise spill. It is all the interpreter runs. On a GPU,
 # Triton times every tile of the list once per shape and variant and keeps the fastest.
-# `kernel_sass.py --candidates` lists them: none spills up to D = 128 (256 in half
-# precision); at float32 D = 256 the last tile, and tf32x3's keys' backward, do. Triton 3.6
-# (the GPU machines') spills in the pipelined float32 forward tiles: the unpipelined
-# 32 x 64 tile (1 stage) is listed for it (docs/BENCHMARKS.md).
+# `kernel_sass.py --candidates` lists them: up to D = 128 (256 in half precision) the
+# first tile spills nothing and the others at most a few bytes (float32 forwards sit at
+# the 255-register limit); at float32 D = 256 the last tile, and tf32x3's keys' backward,
+# spill more. Triton 3.6 (the GPU machines') spills in the pipelined float32 forward
+# tiles: the unpipelined 32 x 64 tile (1 stage) is listed for it (docs/BENCHMARKS.md).
 # Each tile also says whether the pass splits its loop at the diagonal (below).
 TILES: dict[int, dict[str, list[tuple[int, int, int, int]]]] = {
     256: {"fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3)],
@@ -64,6 +67,32 @@ TILES: dict[int, dict[str, list[tuple[int, int, int, int]]]] = {
 # 3.6). Wider rows keep one masked loop: the split's two extra loops cost registers, and
 # float32 tiles spill with them.
 SPLIT_DIAGONAL_MAX_ROW_BYTES = 256
+
+# The forward's exponents are t_ij - r_i with r_i = scale |a_i| max_j |k_j|, an upper bound
+# of anchor i's weighted similarities t_ij (class weights are at most 1), instead of a
+# running maximum: no row max, rescaling of the sums and of O, or wait for them per tile
+# (SASS per similarity of the forward: 18.9 -> 15.4 with Triton 3.8, 26.4 -> 22.8 with
+# 3.6). Every t_ij is at least r_i - gap_i, gap_i = 2 r_i + log2 M (weights are at least
+# 1/M), so with gap_i <= this bound every term lies in [2^-100, 1]: no underflow or
+# overflow in float32 or bfloat16 (float16 always runs online). Anchors with a larger gap
+# (long vectors, tiny temperatures) keep the online log-sum-exp, for their whole block of
+# anchors, in a second launch.
+FIXED_REFERENCE_MAX_GAP = 100.0
+
+
+def fixed_references(anchors: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """Each anchor's fixed log2 reference r_i (float32), +inf where its gap is too wide
+    (or its vectors are not finite): the kernel then runs that block online. Norms in
+    the inputs' precision: a bound rounded low lets a term reach a little above 1,
+    which is harmless. None for float16, whose P tile (the weights of O, in the inputs'
+    dtype) flushes terms below 2^-24: the largest terms must stay near 1."""
+    if anchors.dtype == torch.float16:
+        return torch.full((anchors.shape[0],), math.inf, device=anchors.device)
+    key_norms = torch.linalg.vector_norm(keys, dim=1).float()
+    longest_key = key_norms.max() if keys.shape[0] else key_norms.new_zeros(())
+    bound = scale * torch.linalg.vector_norm(anchors, dim=1).float() * longest_key
+    gap = 2 * bound + math.log2(max(keys.shape[0], 1))
+    return torch.where(gap <= FIXED_REFERENCE_MAX_GAP, bound, math.inf)
 
 
 def block_d(dim: int) -> int:
@@ -110,9 +139,11 @@ def _autotuned(pass_name: str):
     the kernel stays as it is, and each launch passes the first tile (launch_tile)."""
     if INTERPRETED:
         return lambda kernel: kernel
-    # Tuned per shape and per variant: IEEE and tf32x3 dots, and a forward with or
-    # without O, favour different tiles (the dtype is part of Triton's key anyway).
-    key = ["n", "M", "D", "DOT_PRECISION", "STORE_O"]
+    # Tuned per shape and per variant: IEEE and tf32x3 dots, a forward with or without O,
+    # with a fixed reference or online, favour different tiles (the dtype is part of
+    # Triton's key anyway). The online forward is tuned on the launch it first meets, which
+    # in training usually has no block to run: its tile is then arbitrary, its result exact.
+    key = ["n", "M", "D", "DOT_PRECISION", "STORE_O", "FIXED_REF"]
     return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=key, prune_configs_by={
         "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
                                                                         nargs["a_ptr"].element_size())})
@@ -187,63 +218,75 @@ def _fwd_key_blocks(
     lo, hi, run_max, run_sum, acc, a, ya, rows, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr,
     M, D, anchor_offset, scale, stride_k,
     CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_O: tl.constexpr, ON_DIAGONAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    FIXED_REF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The online log-sum-exp (and O) over the key blocks starting in [lo, hi)."""
+    """The log-sum-exp (and O) over the key blocks starting in [lo, hi): against the
+    fixed reference run_max with FIXED_REF, else online."""
     for start in range(lo, hi, BLOCK_M):
         cols, col_ok, k, yk, bias_other, bias_same = _load_key_block(
             k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, start, M, D, stride_k, CLASS_AVERAGE, BLOCK_M, BLOCK_D
         )
         t = _logit_tile(a, ya, rows, k, yk, cols, bias_other, bias_same, anchor_offset, scale,
                         CLASS_AVERAGE, DOT_PRECISION, ON_DIAGONAL)
-        # The reference stays 0 while everything seen is -inf.
-        new_max = tl.maximum(run_max, tl.max(t, 1))
-        ref = tl.where(new_max == -float("inf"), 0.0, new_max)
-        alpha = fast_exp2(run_max - ref)
-        p = fast_exp2(t - ref[:, None])
-        run_sum = run_sum * alpha + tl.sum(p, 1)
-        if STORE_O:
-            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION)
-        run_max = new_max
+        if FIXED_REF:
+            p = fast_exp2(t - run_max[:, None])
+            run_sum += tl.sum(p, 1)
+            if STORE_O:
+                acc += tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION)
+        else:  # the reference stays 0 while everything seen is -inf
+            new_max = tl.maximum(run_max, tl.max(t, 1))
+            ref = tl.where(new_max == -float("inf"), 0.0, new_max)
+            alpha = fast_exp2(run_max - ref)
+            p = fast_exp2(t - ref[:, None])
+            run_sum = run_sum * alpha + tl.sum(p, 1)
+            if STORE_O:
+                acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION)
+            run_max = new_max
     return run_max, run_sum, acc
 
 
 @_autotuned("fwd")
 @triton.jit
 def _o2a_fwd_kernel(
-    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, log2_den_ptr, o_ptr,
+    a_ptr, ya_ptr, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, ref_ptr, log2_den_ptr, o_ptr,
     n, M, D, anchor_offset, scale, stride_a, stride_k, stride_o,
-    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_O: tl.constexpr,
+    CLASS_AVERAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_O: tl.constexpr, FIXED_REF: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_DIAGONAL: tl.constexpr,
 ):
     """log2 of each anchor's weighted denominator (-inf when it has no other key) and,
     with STORE_O, O_i = sum_j p_ij k_j, the softmax-weighted mean key (FlashAttention's
     output with V = K): the anchors' gradient is then g_i O_i / tau, with no backward
-    pass over the tiles."""
+    pass over the tiles. Launched twice: with FIXED_REF for the blocks whose anchors all
+    have a fixed reference (`ref_ptr`, fixed_references), without for the others; each
+    launch returns at once from the other's blocks. (One launch branching between the two
+    would hold both loops' pipeline buffers in shared memory: 118 KB against 67 KB.)"""
     first = tl.program_id(0) * BLOCK_N
     rows, row_ok, a, ya = _load_anchor_block(a_ptr, ya_ptr, first, n, D, stride_a, BLOCK_N, BLOCK_D)
-    state = (tl.full([BLOCK_N], -float("inf"), dtype=tl.float32), tl.zeros([BLOCK_N], dtype=tl.float32),
-             tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
+    fixed_ref = tl.load(ref_ptr + rows, mask=row_ok, other=0.0)
+    if (tl.max(fixed_ref) < float("inf")) != FIXED_REF:
+        return  # the other launch's block
+    run_max = fixed_ref if FIXED_REF else tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
+    state = (run_max, tl.zeros([BLOCK_N], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32))
     context = (a, ya, rows, k_ptr, yk_ptr, bias_other_ptr, bias_same_ptr, M, D, anchor_offset, scale, stride_k)
-    # An online log-sum-exp over the key blocks, in log2 units. Split: the anchors' own
-    # keys sit in one or two blocks, the only ones that mask.
+    # Split: the anchors' own keys sit in one or two blocks, the only ones that mask.
     if SPLIT_DIAGONAL:
         lo, hi = _diagonal_blocks(first, BLOCK_N, anchor_offset, M, BLOCK_M)
-        state = _fwd_key_blocks(0, lo, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, False, BLOCK_M,
-                                BLOCK_D)
-        state = _fwd_key_blocks(lo, hi, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, True, BLOCK_M,
-                                BLOCK_D)
-        state = _fwd_key_blocks(hi, M, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, False, BLOCK_M,
-                                BLOCK_D)
+        state = _fwd_key_blocks(0, lo, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, False, FIXED_REF,
+                                BLOCK_M, BLOCK_D)
+        state = _fwd_key_blocks(lo, hi, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, True, FIXED_REF,
+                                BLOCK_M, BLOCK_D)
+        state = _fwd_key_blocks(hi, M, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, False, FIXED_REF,
+                                BLOCK_M, BLOCK_D)
     else:
-        state = _fwd_key_blocks(0, M, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, True, BLOCK_M,
-                                BLOCK_D)
+        state = _fwd_key_blocks(0, M, *state, *context, CLASS_AVERAGE, DOT_PRECISION, STORE_O, True, FIXED_REF,
+                                BLOCK_M, BLOCK_D)
     run_max, run_sum, acc = state
-    log2_den = run_max + tl.log2(tl.where(run_max == -float("inf"), 1.0, run_sum))
+    has_keys = run_sum > 0.0  # false for an anchor with no other key
+    log2_den = tl.where(has_keys, run_max + tl.log2(tl.where(has_keys, run_sum, 1.0)), -float("inf"))
     tl.store(log2_den_ptr + rows, log2_den, mask=row_ok)
     if STORE_O:
         dims = tl.arange(0, BLOCK_D)
-        o = acc / tl.where(run_sum > 0.0, run_sum, 1.0)[:, None]  # 0 for an anchor with no other key
+        o = acc / tl.where(has_keys, run_sum, 1.0)[:, None]
         tl.store(o_ptr + rows[:, None] * stride_o + dims[None, :], o, mask=row_ok[:, None] & (dims < D)[None, :])
 
 
@@ -327,13 +370,16 @@ class _LogDenominator(torch.autograd.Function):
         store_o = ctx.needs_input_grad[0]
         # Without an anchor gradient the kernel never touches O; the pointer is a placeholder.
         weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
-        _o2a_fwd_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]),)](
-            anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, weighted_keys,
-            n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
-            weighted_keys.stride(0) if store_o else 0,
-            CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, BLOCK_D=block_d(dim),
-            **launch_tile(dim, anchors.element_size(), "fwd"),
-        )
+        scale = LOG2E.value / temperature
+        fixed_refs = fixed_references(anchors, keys, scale)
+        for fixed in (True, False):  # each launch takes its own blocks
+            _o2a_fwd_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]),)](
+                anchors, anchor_slots, keys, key_slots, bias_other, bias_same, fixed_refs, log2_den, weighted_keys,
+                n, m, dim, anchor_offset, scale, anchors.stride(0), keys.stride(0),
+                weighted_keys.stride(0) if store_o else 0, CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision,
+                STORE_O=store_o, FIXED_REF=fixed, BLOCK_D=block_d(dim),
+                **launch_tile(dim, anchors.element_size(), "fwd"),
+            )
         ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den,
                               weighted_keys if store_o else None)
         ctx.params = (anchor_offset, temperature, class_average, dot_precision)
