@@ -317,7 +317,7 @@ def autotuned_tiles() -> list[dict[str, object]]:
 
 
 def print_tiles(console: Console, tiles: list[dict[str, object]]) -> None:
-    table = Table(title="O2A tiles kept by the autotuner (key: n, M, D, dot precision, keeps O, then dtypes)")
+    table = Table(title="O2A tiles kept by the autotuner (key: n, M, D, then the variant flags and dtypes)")
     for column in ("pass", "key", "tile"):
         table.add_column(column)
     for tile in tiles:

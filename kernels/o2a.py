@@ -71,7 +71,7 @@ SPLIT_DIAGONAL_MAX_ROW_BYTES = 256
 # The forward's exponents are t_ij - r_i with r_i = scale |a_i| max_j |k_j|, an upper bound
 # of anchor i's weighted similarities t_ij (class weights are at most 1), instead of a
 # running maximum: no row max, rescaling of the sums and of O, or wait for them per tile
-# (SASS per similarity of the forward: 18.9 -> 15.4 with Triton 3.8, 26.4 -> 22.8 with
+# (SASS per similarity of the forward: 18.9 -> 15.3 with Triton 3.8, 26.4 -> 22.8 with
 # 3.6). Every t_ij is at least r_i - gap_i, gap_i = 2 r_i + log2 M (weights are at least
 # 1/M), so with gap_i <= this bound every term lies in [2^-100, 1]: no underflow or
 # overflow in float32 or bfloat16 (float16 always runs online). Anchors with a larger gap
@@ -84,8 +84,8 @@ def fixed_references(anchors: Tensor, keys: Tensor, scale: float) -> Tensor:
     """Each anchor's fixed log2 reference r_i (float32), +inf where its gap is too wide
     (or its vectors are not finite): the kernel then runs that block online. Norms in
     the inputs' precision: a bound rounded low lets a term reach a little above 1,
-    which is harmless. None for float16, whose P tile (the weights of O, in the inputs'
-    dtype) flushes terms below 2^-24: the largest terms must stay near 1."""
+    which is harmless. All +inf for float16, whose P tile (the weights of O, in the
+    inputs' dtype) flushes terms below 2^-24: its largest terms must stay near 1."""
     if anchors.dtype == torch.float16:
         return torch.full((anchors.shape[0],), math.inf, device=anchors.device)
     key_norms = torch.linalg.vector_norm(keys, dim=1).float()
