@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -75,24 +76,29 @@ SPLIT_DIAGONAL_MAX_ROW_BYTES = 256
 # 3.6). Every t_ij is at least r_i - gap_i, gap_i = 2 r_i + log2 M (weights are at least
 # 1/M), so with gap_i <= this bound every term lies in [2^-100, 1]: no underflow or
 # overflow in float32 or bfloat16 (float16 always runs online). Anchors with a larger gap
-# (long vectors, tiny temperatures) keep the online log-sum-exp, for their whole block of
-# anchors, in a second launch.
+# (long vectors, tiny temperatures) keep the online log-sum-exp, in a second launch, for
+# their whole group of FIXED_REFERENCE_GROUP anchors: a multiple of every tile's BLOCK_N,
+# so that each launch's blocks are all fixed or all online whichever tile it runs.
 FIXED_REFERENCE_MAX_GAP = 100.0
+FIXED_REFERENCE_GROUP = 128
 
 
 def fixed_references(anchors: Tensor, keys: Tensor, scale: float) -> Tensor:
-    """Each anchor's fixed log2 reference r_i (float32), +inf where its gap is too wide
-    (or its vectors are not finite): the kernel then runs that block online. Norms in
-    the inputs' precision: a bound rounded low lets a term reach a little above 1,
-    which is harmless. All +inf for float16, whose P tile (the weights of O, in the
-    inputs' dtype) flushes terms below 2^-24: its largest terms must stay near 1."""
+    """Each anchor's fixed log2 reference r_i (float32), +inf for every anchor of a group
+    (FIXED_REFERENCE_GROUP rows) with one whose gap is too wide or whose vectors are not
+    finite: the kernel runs those groups online. Norms in the inputs' precision: a bound
+    rounded low lets a term reach a little above 1, which is harmless. All +inf for
+    float16, whose P tile (the weights of O, in the inputs' dtype) flushes terms below
+    2^-24: its largest terms must stay near 1."""
+    n = anchors.shape[0]
     if anchors.dtype == torch.float16:
-        return torch.full((anchors.shape[0],), math.inf, device=anchors.device)
+        return torch.full((n,), math.inf, device=anchors.device)
     key_norms = torch.linalg.vector_norm(keys, dim=1).float()
     longest_key = key_norms.max() if keys.shape[0] else key_norms.new_zeros(())
     bound = scale * torch.linalg.vector_norm(anchors, dim=1).float() * longest_key
-    gap = 2 * bound + math.log2(max(keys.shape[0], 1))
-    return torch.where(gap <= FIXED_REFERENCE_MAX_GAP, bound, math.inf)
+    too_wide = ~(2 * bound + math.log2(max(keys.shape[0], 1)) <= FIXED_REFERENCE_MAX_GAP)  # NaN too
+    group_too_wide = F.pad(too_wide, (0, -n % FIXED_REFERENCE_GROUP)).view(-1, FIXED_REFERENCE_GROUP).any(1)
+    return torch.where(group_too_wide.repeat_interleave(FIXED_REFERENCE_GROUP)[:n], math.inf, bound)
 
 
 def block_d(dim: int) -> int:
@@ -139,11 +145,11 @@ def _autotuned(pass_name: str):
     the kernel stays as it is, and each launch passes the first tile (launch_tile)."""
     if INTERPRETED:
         return lambda kernel: kernel
-    # Tuned per shape and per variant: IEEE and tf32x3 dots, a forward with or without O,
-    # with a fixed reference or online, favour different tiles (the dtype is part of
-    # Triton's key anyway). The online forward is tuned on the launch it first meets, which
-    # in training usually has no block to run: its tile is then arbitrary, its result exact.
-    key = ["n", "M", "D", "DOT_PRECISION", "STORE_O", "FIXED_REF"]
+    # Tuned per shape and per variant: IEEE and tf32x3 dots, and a forward with or without
+    # O, favour different tiles (the dtype is part of Triton's key anyway). The forward's
+    # online launch takes the tile timed on its fixed-reference launch, which comes first
+    # and has the work (in training the online one usually has none to time).
+    key = ["n", "M", "D", "DOT_PRECISION", "STORE_O"]
     return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=key, prune_configs_by={
         "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
                                                                         nargs["a_ptr"].element_size())})

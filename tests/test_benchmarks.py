@@ -99,7 +99,7 @@ from jrcl_fast.kernels import o2a
 spec = importlib.util.spec_from_file_location("bench_losses", {str(REPO / "benchmarks" / "bench_losses.py")!r})
 bench = sys.modules["bench_losses"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-o2a._o2a_fwd_kernel.cache[(4096, 4116, 128, "tf32x3", True, True, "torch.bfloat16")] = o2a.gpu_configs("fwd", 128, 2)[1]
+o2a._o2a_fwd_kernel.cache[(4096, 4116, 128, "tf32x3", True, "torch.bfloat16")] = o2a.gpu_configs("fwd", 128, 2)[1]
 print(json.dumps(bench.autotuned_tiles()))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
