@@ -319,6 +319,8 @@ def _launch_config(num_classes: int, element_size: int) -> dict[str, int]:
 # The last normal mask's groups, by the mask itself (a weak reference) and its version
 # counter: training passes one and the same mask every step, so they are built once, not
 # in about seven small launches per step; a new mask or an in-place change rebuilds them.
+# (Writes that bypass the counter, through .data or a NumPy view, are not seen; inference
+# tensors have no counter and are never cached.)
 _last_groups: tuple[weakref.ref, int, int, tuple[Tensor, Tensor, Tensor]] | None = None
 
 
@@ -328,6 +330,8 @@ def _class_groups(normal_mask: Tensor, block: int) -> tuple[Tensor, Tensor, Tens
     then -1 up to a whole number of blocks; and their count. All stay on the device: no
     launch waits for them."""
     global _last_groups
+    if normal_mask.is_inference():
+        return _build_class_groups(normal_mask, block)
     if _last_groups is not None:
         mask_ref, version, last_block, groups = _last_groups
         if mask_ref() is normal_mask and version == normal_mask._version and last_block == block:

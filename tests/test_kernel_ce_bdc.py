@@ -130,6 +130,11 @@ def test_normal_groups_are_built_once_per_mask_and_rebuilt_when_it_changes(
     assert len(builds) == 2
     matches_reference(normal_mask.clone())
     assert len(builds) == 3
+    with torch.inference_mode():  # no version counter: built every time
+        inference_mask = normal_mask.clone()
+        matches_reference(inference_mask)
+        matches_reference(inference_mask)
+    assert len(builds) == 5
 
 
 def test_without_gradients_only_values(device: str) -> None:

@@ -29,7 +29,8 @@ class JRCLObjective:
         self.cfg = cfg
         adjustment = logit_adjustment(train_counts, cfg.logit_adjust_tau)
         self.adjustment = None if adjustment is None else adjustment.to(device)
-        self.normal_mask = torch.as_tensor(normal_mask, device=device)
+        # A copy, not a view of the array: the CE+BDC kernel caches its groups per mask tensor.
+        self.normal_mask = torch.tensor(normal_mask, dtype=torch.bool, device=device)
 
     def __call__(self, logits: Tensor, binary_logits: Tensor, features: Tensor, labels: Tensor,
                  num_views: int, prototypes: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
