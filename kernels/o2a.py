@@ -75,23 +75,25 @@ SPLIT_DIAGONAL_MAX_ROW_BYTES = 256
 # (SASS per similarity of the forward: 18.9 -> 15.3 with Triton 3.8, 26.4 -> 22.8 with
 # 3.6). Every t_ij is at least r_i - gap_i, gap_i = 2 r_i + log2 M (weights are at least
 # 1/M), so with gap_i <= this bound every term lies in [2^-100, 1]: no underflow or
-# overflow in float32 or bfloat16 (float16 always runs online). Anchors with a larger gap
+# overflow in float32 or bfloat16 (float16 runs online, below). Anchors with a larger gap
 # (long vectors, tiny temperatures) keep the online log-sum-exp, in a second launch, for
 # their whole group of FIXED_REFERENCE_GROUP anchors: a multiple of every tile's BLOCK_N,
 # so that each launch's blocks are all fixed or all online whichever tile it runs.
 FIXED_REFERENCE_MAX_GAP = 100.0
 FIXED_REFERENCE_GROUP = 128
+# float16's P tile (the weights of O, in the inputs' dtype) flushes terms below 2^-24: its
+# largest terms must stay near 1, so it always runs online and skips the fixed launch.
+FIXED_REFERENCE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def fixed_references(anchors: Tensor, keys: Tensor, scale: float) -> Tensor:
     """Each anchor's fixed log2 reference r_i (float32), +inf for every anchor of a group
     (FIXED_REFERENCE_GROUP rows) with one whose gap is too wide or whose vectors are not
     finite: the kernel runs those groups online. Norms in the inputs' precision: a bound
-    rounded low lets a term reach a little above 1, which is harmless. All +inf for
-    float16, whose P tile (the weights of O, in the inputs' dtype) flushes terms below
-    2^-24: its largest terms must stay near 1."""
+    rounded low lets a term reach a little above 1, which is harmless. All +inf outside
+    FIXED_REFERENCE_DTYPES."""
     n = anchors.shape[0]
-    if anchors.dtype == torch.float16:
+    if anchors.dtype not in FIXED_REFERENCE_DTYPES:
         return torch.full((n,), math.inf, device=anchors.device)
     key_norms = torch.linalg.vector_norm(keys, dim=1).float()
     longest_key = key_norms.max() if keys.shape[0] else key_norms.new_zeros(())
@@ -148,7 +150,9 @@ def _autotuned(pass_name: str):
     # Tuned per shape and per variant: IEEE and tf32x3 dots, and a forward with or without
     # O, favour different tiles (the dtype is part of Triton's key anyway). The forward's
     # online launch takes the tile timed on its fixed-reference launch, which comes first
-    # and has the work (in training the online one usually has none to time).
+    # and in training has the work; float16 skips that launch and is timed online. (A
+    # shape first met with every group online is timed on an empty launch: its tile is
+    # then arbitrary, its result exact.)
     key = ["n", "M", "D", "DOT_PRECISION", "STORE_O"]
     return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=key, prune_configs_by={
         "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
@@ -378,7 +382,8 @@ class _LogDenominator(torch.autograd.Function):
         weighted_keys = new_buffer((n, dim), torch.float32, anchors.device) if store_o else log2_den
         scale = LOG2E.value / temperature
         fixed_refs = fixed_references(anchors, keys, scale)
-        for fixed in (True, False):  # each launch takes its own blocks
+        # Each launch takes its own blocks (fixed_references' groups).
+        for fixed in (True, False) if anchors.dtype in FIXED_REFERENCE_DTYPES else (False,):
             _o2a_fwd_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]),)](
                 anchors, anchor_slots, keys, key_slots, bias_other, bias_same, fixed_refs, log2_den, weighted_keys,
                 n, m, dim, anchor_offset, scale, anchors.stride(0), keys.stride(0),
