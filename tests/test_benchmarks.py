@@ -94,11 +94,10 @@ def test_bench_losses_reports_the_tiles_the_autotuner_kept() -> None:
     """On a GPU the run records each O2A pass's chosen tile per launch shape: read from
     the autotuners' caches, filled here by hand (without the interpreter, as on a GPU)."""
     script = f"""
-import importlib.util, json, sys
+import json, sys
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import bench_losses as bench
 from jrcl_fast.kernels import o2a
-spec = importlib.util.spec_from_file_location("bench_losses", {str(REPO / "benchmarks" / "bench_losses.py")!r})
-bench = sys.modules["bench_losses"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
 o2a._o2a_fwd_kernel.cache[(4096, 4116, 128, "tf32x3", True, "torch.bfloat16")] = o2a.gpu_configs("fwd", 128, 2)[1]
 print(json.dumps(bench.autotuned_tiles()))
 """

@@ -75,13 +75,14 @@ def random_problem(
     return keys, labels
 
 
-def run_with_grads(fn, anchors: Tensor, keys: Tensor, labels: Tensor, offset: int, class_average: bool, upstream: Tensor):
+def run_with_grads(fn, anchors: Tensor, keys: Tensor, labels: Tensor, offset: int, class_average: bool, upstream: Tensor,
+                   tau: float = TAU):
     """Loss, positives and the gradients of sum(upstream * loss) w.r.t. independent
     leaf copies of the anchors and the keys."""
     a = anchors.detach().clone().requires_grad_()
     k = keys.detach().clone().requires_grad_()
     n = a.shape[0]
-    loss, num_pos = fn(O2AArgs(a, labels[offset : offset + n], k, labels, offset, TAU, class_average))
+    loss, num_pos = fn(O2AArgs(a, labels[offset : offset + n], k, labels, offset, tau, class_average))
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), num_pos, a.grad, k.grad
 
@@ -143,9 +144,7 @@ def test_only_the_tiles_on_the_diagonal_mask_self_pairs(
     it: a tile left out of that range would count exp(1/tau) into the denominator
     (checked against the float64 reference)."""
     if split and dtype == torch.float32:
-        if device == "cuda":
-            pytest.skip("forces the split through the interpreter's tile choice")
-        monkeypatch.setattr(o2a, "SPLIT_DIAGONAL_MAX_ROW_BYTES", 512)
+        force_split(monkeypatch, device)
     assert all(t["SPLIT_DIAGONAL"] == split for p in o2a.PASSES for t in o2a.tile_candidates(32, dtype.itemsize, p))
     keys, labels = random_problem(n, m, offset, 32, 20, device, dtype)
     anchors = keys[offset : offset + n]
@@ -191,12 +190,13 @@ def test_forward_launches_fixed_then_online_except_in_float16(
     assert seen.count("fwd") == launches
 
 
-def run_o2a(fn, anchors: Tensor, keys: Tensor, labels: Tensor, offset: int, tau: float):
-    """Loss, positives and the gradients of the summed loss to anchors and keys."""
-    a, k = anchors.detach().clone().requires_grad_(), keys.detach().clone().requires_grad_()
-    loss, num_pos = fn(O2AArgs(a, labels[offset : offset + a.shape[0]], k, labels, offset, tau))
-    loss.sum().backward()
-    return loss.detach(), num_pos, a.grad, k.grad
+def force_split(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """Float32 tiles split at the diagonal, as bfloat16 training's on a GPU, which the
+    interpreter runs in float32. Interpreter only: the GPU autotuner's configurations are
+    built at import and do not follow the patch."""
+    if device == "cuda":
+        pytest.skip("forces the split through the interpreter's tile choice")
+    monkeypatch.setattr(o2a, "SPLIT_DIAGONAL_MAX_ROW_BYTES", 512)
 
 
 def mixed_problem(n: int, short: slice, device: str) -> tuple[Tensor, Tensor, Tensor, int, float]:
@@ -208,32 +208,30 @@ def mixed_problem(n: int, short: slice, device: str) -> tuple[Tensor, Tensor, Te
     return keys[offset : offset + n], keys, labels, offset, tau
 
 
-# Float32 forward tiles of 32 anchors; in one loop or split at the diagonal (forced: on a
-# GPU bfloat16 runs the split, and the autotuner's configurations do not follow the patch).
+# Float32 forward tiles of 32 anchors; in one loop or split at the diagonal (force_split).
 @pytest.mark.parametrize("split", [False, True])
 def test_groups_whose_bound_is_too_loose_run_online(split: bool, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group 0 (anchors 0..127) short: fixed references; group 1 with long anchors:
     online. A fixed reference 300 below the bound overflows exactly group 0 and leaves
     group 1 exact, which shows each launch takes its own blocks (the other tests run the
     fixed path alone); with the true references loss and gradients match float64."""
-    if split and device == "cuda":
-        pytest.skip("forces the split through the interpreter's tile choice")
     if split:
-        monkeypatch.setattr(o2a, "SPLIT_DIAGONAL_MAX_ROW_BYTES", 512)
+        force_split(monkeypatch, device)
     assert o2a.tile_candidates(32, 4, "fwd")[0]["SPLIT_DIAGONAL"] == split
     group = o2a.FIXED_REFERENCE_GROUP
     anchors, keys, labels, offset, tau = mixed_problem(group + 72, slice(0, group + 40), device)
     fixed = torch.isfinite(o2a.fixed_references(anchors, keys, 1.4427 / tau))
     assert fixed[:group].all() and not fixed[group:].any()
 
-    want = run_o2a(o2a_per_anchor_reference, anchors.double(), keys.double(), labels, offset, tau)
-    got = run_o2a(fused_o2a_per_anchor, anchors, keys, labels, offset, tau)
+    ones = torch.ones(anchors.shape[0], device=device)
+    want = run_with_grads(o2a_per_anchor_reference, anchors.double(), keys.double(), labels, offset, True, ones, tau)
+    got = run_with_grads(fused_o2a_per_anchor, anchors, keys, labels, offset, True, ones, tau)
     torch.testing.assert_close(got[1], want[1])
     assert_close_to_largest((got[0].double(), got[2].double(), got[3].double()), (want[0], want[2], want[3]), 1e-5)
 
     true_references = o2a.fixed_references
     monkeypatch.setattr(o2a, "fixed_references", lambda *args: true_references(*args) - 300.0)
-    loss = run_o2a(fused_o2a_per_anchor, anchors, keys, labels, offset, tau)[0]
+    loss = run_with_grads(fused_o2a_per_anchor, anchors, keys, labels, offset, True, ones, tau)[0]
     assert not torch.isfinite(loss[:group][want[1][:group] > 0]).any()
     torch.testing.assert_close(loss[group:].double(), want[0][group:], rtol=1e-5,
                                atol=1e-5 * want[0].abs().max().item())
@@ -253,8 +251,9 @@ def test_the_two_forward_launches_agree_whatever_tiles_they_run(device: str, mon
     short = torch.ones(group + 72, dtype=torch.bool)
     short[40] = False
     anchors, keys, labels, offset, tau = mixed_problem(group + 72, short, device)
-    want = run_o2a(o2a_per_anchor_reference, anchors.double(), keys.double(), labels, offset, tau)
-    got = run_o2a(fused_o2a_per_anchor, anchors, keys, labels, offset, tau)
+    ones = torch.ones(anchors.shape[0], device=device)
+    want = run_with_grads(o2a_per_anchor_reference, anchors.double(), keys.double(), labels, offset, True, ones, tau)
+    got = run_with_grads(fused_o2a_per_anchor, anchors, keys, labels, offset, True, ones, tau)
     assert next(launches) is None  # both forward launches ran with the tiles given
     assert_close_to_largest((got[0].double(), got[2].double(), got[3].double()), (want[0], want[2], want[3]), 1e-5)
 
