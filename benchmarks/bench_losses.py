@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,14 +30,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
-from torch import Tensor
 
-from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
-from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
-from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT
+# Without a GPU the peers' Triton kernels (--peers) run under the interpreter, which must
+# be on before Triton is first imported (by the model's module, below).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs  # noqa: E402
+from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference  # noqa: E402
+from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT  # noqa: E402
 
 DIM = 128
 TEMPERATURE = 0.1
@@ -227,6 +234,26 @@ def measure(objective: Callable[..., Tensor], inputs: tuple, wrt: tuple, mode: s
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def try_measure(objective: Callable[..., Tensor], make_inputs: Callable[[], tuple[tuple, tuple]], mode: str,
+                warmup: int, repeats: int) -> tuple[float | None, float | None, str]:
+    """measure() on fresh inputs: (ms, peak MiB, status), with an out-of-memory or any
+    other error reported as the row's status rather than ending the sweep."""
+    ms = peak = None
+    try:
+        inputs, wrt = make_inputs()
+        ms, peak = measure(objective, inputs, wrt, mode, warmup, repeats)
+        status = "ok"
+    except torch.cuda.OutOfMemoryError:
+        status = "OOM"
+    except Exception as error:  # a failing row is reported, not fatal to the sweep
+        status = f"error: {type(error).__name__}: {error}".splitlines()[0][:200]
+    inputs = wrt = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ms, peak, status
+
+
 def implementations(loss: str, gpu: bool) -> dict[str, Callable[..., Tensor]]:
     if loss == "o2a":
         reference, wrap = o2a_per_anchor_reference, o2a_objective
@@ -265,19 +292,7 @@ def run_case(case: Case, gpu: bool, rates: dict[str, float] | None, warmup: int,
             continue
         for mode in MODES:
             flops, nbytes, floor_ms = floor(case, mode, rates)
-            ms = peak = None
-            try:
-                inputs, wrt = setup(case, device)
-                ms, peak = measure(objective, inputs, wrt, mode, warmup, repeats)
-                status = "ok"
-            except torch.cuda.OutOfMemoryError:
-                status = "OOM"
-            except Exception as error:  # a failing row is reported, not fatal to the sweep
-                status = f"error: {type(error).__name__}: {error}".splitlines()[0][:200]
-            inputs = wrt = None
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+            ms, peak, status = try_measure(objective, lambda: setup(case, device), mode, warmup, repeats)
             x_floor = ms / floor_ms if ms is not None and floor_ms else None
             rows.append(Row(case.loss, impl, case.n, case.classes, DIM, case.dtype, mode, ms, peak,
                             flops, nbytes, floor_ms, x_floor, status))
@@ -325,6 +340,109 @@ def print_tiles(console: Console, tiles: list[dict[str, object]]) -> None:
     console.print(table)
 
 
+@dataclass
+class PeerRow:
+    problem: str  # a loss_peers.PROBLEMS name: what each side computes is in the run's "problems"
+    peer: str
+    n: int
+    classes: int | None  # None where the problem has no classes (InfoNCE vs O2A)
+    dtype: str
+    mode: str
+    peer_ms: float | None
+    ours_ms: float | None
+    ratio: float | None  # peer ms / ours ms: above 1, ours is faster
+    peer_peak_mib: float | None
+    ours_peak_mib: float | None
+    peer_ns_per_element: float | None  # per element of the problem (a similarity, a logit)
+    ours_ns_per_element: float | None
+    status: str
+
+
+def peer_rows(problem, n: int, classes: int, dtype: str, warmup: int, repeats: int) -> list[PeerRow]:
+    """The peer and ours on fresh inputs of one shape, each mode, on the GPU."""
+    def make_inputs() -> tuple[tuple, tuple]:
+        return problem.setup(n, classes, dtype, "cuda")
+
+    def peer_inputs() -> tuple[tuple, tuple]:  # the gradients the peer's backward produces
+        inputs, wrt = make_inputs()
+        return inputs, wrt[: problem.peer_wrt]
+
+    elements = problem.elements(n, classes)
+    rows = []
+    for mode in MODES:
+        peer_ms, peer_peak, peer_status = try_measure(problem.peer_fn, peer_inputs, mode, warmup, repeats)
+        ours_ms, ours_peak, ours_status = try_measure(problem.ours_fn, make_inputs, mode, warmup, repeats)
+        status = "ok" if peer_status == ours_status == "ok" else f"peer {peer_status}; ours {ours_status}"
+        rows.append(PeerRow(problem.name, problem.peer, n, classes if problem.classes_used else None, dtype, mode,
+                            peer_ms, ours_ms, peer_ms / ours_ms if peer_ms and ours_ms else None, peer_peak, ours_peak,
+                            peer_ms and peer_ms * 1e6 / elements, ours_ms and ours_ms * 1e6 / elements, status))
+    return rows
+
+
+def print_peer_tables(console: Console, problems, checks: list[dict], rows: list[PeerRow], device: str) -> None:
+    for problem in problems:
+        console.print(f"[bold]{problem.name}[/] ({problem.peer}): peer = {problem.peer_computes}; "
+                      f"ours = {problem.ours_computes}")
+    table = Table(title="Peers: do the compared quantities agree? (worst relative error vs float64)")
+    for column in ("problem", "claim", "status", "value err", "grad err"):
+        table.add_column(column)
+    for check in checks:
+        grads = check.get("grad_errors")
+        table.add_row(check["problem"], check["claim"], check["status"],
+                      format(check["value_error"], ".1e") if "value_error" in check else "-",
+                      ", ".join(format(e, ".1e") for e in grads) if grads else "-")
+    console.print(table)
+    for check in checks:
+        if "kernel_gpu_only" in check:
+            console.print(f"[yellow]{check['problem']}: the peer's kernel is GPU-only ({check['kernel_gpu_only']}); "
+                          f"checked here: {check['claim']}[/]")
+    if not rows:
+        return
+    table = Table(title=f"Peers and ours on {device} (median ms; ratio = peer / ours)")
+    for column in ("problem", "N", "C", "dtype", "mode", "peer ms", "ours ms", "ratio", "peer MiB", "ours MiB",
+                   "peer ns/elem", "ours ns/elem", "status"):
+        table.add_column(column, justify="left" if column in ("problem", "dtype", "mode", "status") else "right")
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for r in rows:
+        table.add_row(r.problem, str(r.n), num(r.classes, "d"), r.dtype, r.mode, num(r.peer_ms, ".3f"),
+                      num(r.ours_ms, ".3f"), num(r.ratio, ".2f"), num(r.peer_peak_mib, ".1f"),
+                      num(r.ours_peak_mib, ".1f"), num(r.peer_ns_per_element, ".4f"),
+                      num(r.ours_ns_per_element, ".4f"), r.status)
+    console.print(table)
+
+
+def run_peers(args: argparse.Namespace, console: Console, gpu: bool, warmup: int, repeats: int) -> dict:
+    """--peers: the correctness checks everywhere, the timed rows on a GPU (loss_peers.py)."""
+    import loss_peers
+
+    missing = loss_peers.missing_peers()
+    if missing:
+        raise SystemExit(f"bench_losses.py --peers: {', '.join(missing)} not installed; "
+                         "run pip install -e '.[peers]' (setup.py pins the versions)")
+    checks = loss_peers.run_checks("cuda" if gpu else "cpu")
+    rows = []
+    if gpu:
+        sizes = args.sizes or ((16384,) if args.quick else (16384, 131072))
+        for problem in loss_peers.PROBLEMS:
+            for n in sizes:
+                for classes in (args.classes or (8142,)) if problem.classes_used else (0,):
+                    for dtype in args.dtypes or ("bf16", "fp32"):
+                        console.print(f"[dim]{problem.name} N={n} C={classes} {dtype}[/]")
+                        rows += peer_rows(problem, n, classes, dtype, warmup, repeats)
+    else:
+        console.print("[bold yellow]No CUDA GPU: the peers' correctness checks run (GPU-only ones say why); "
+                      "their timed rows need a GPU.[/]")
+    print_peer_tables(console, loss_peers.PROBLEMS, checks, rows, device_name())
+    return {"peer_versions": loss_peers.installed_versions(),
+            "problems": [{"name": p.name, "peer": p.peer, "peer_computes": p.peer_computes,
+                          "ours_computes": p.ours_computes, "element": p.element, "timed_rows_gpu_only": p.gpu_only}
+                         for p in loss_peers.PROBLEMS],
+            "checks": checks, "rows": [asdict(r) for r in rows]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
@@ -339,6 +457,9 @@ def main() -> None:
     parser.add_argument("--logit-rows", choices=("padded", "dense"), default="padded",
                         help="CE+BDC logits as a view of rows padded to a multiple of "
                              f"{LOGIT_ROW_ALIGNMENT} classes, as the model hands them (default), or dense rows")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead of the sweep: Inf-CL, Liger-Kernel and CCE beside ours (loss_peers.py), "
+                             "their correctness checks first; --sizes, --classes, --dtypes choose the shapes")
     args = parser.parse_args()
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # the table is wide; logs are not terminals
@@ -346,6 +467,13 @@ def main() -> None:
     device = device_name()
     # CPU shapes are tiny: many repeats are cheap and the median rides out a busy machine.
     warmup, repeats = (3, args.repeats or (10 if args.quick else 30)) if gpu else (3, args.repeats or 15)
+    if args.peers:
+        result = run_peers(args, console, gpu, warmup, repeats)
+        write_json(args.out, {"device": device, "torch": torch.__version__, "triton": triton_version(),
+                              "gpu_figures": gpu, **result}, console)
+        if any(check["status"] == "FAILED" for check in result["checks"]):
+            raise SystemExit("bench_losses.py --peers: a peer and ours disagree (the FAILED checks above)")
+        return
     if not gpu:
         console.print("[bold yellow]No CUDA GPU: only the eager PyTorch reference runs, on small shapes, as a "
                       "smoke test. The fused-kernel and torch.compile figures need a GPU.[/]")
@@ -362,18 +490,22 @@ def main() -> None:
     tiles = autotuned_tiles() if gpu else []
     if tiles:
         print_tiles(console, tiles)
-    if args.out:
-        args.out.write_text(json.dumps({
-            "device": device,
-            "torch": torch.__version__,
-            "triton": triton_version(),
-            "rates": rates,
-            "gpu_figures": gpu,
-            "ce_bdc_logit_rows": args.logit_rows,
-            "o2a_autotuned_tiles": tiles,
-            "rows": [asdict(r) for r in rows],
-        }, indent=1))
-        console.print(f"wrote {args.out}")
+    write_json(args.out, {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "rates": rates,
+        "gpu_figures": gpu,
+        "ce_bdc_logit_rows": args.logit_rows,
+        "o2a_autotuned_tiles": tiles,
+        "rows": [asdict(r) for r in rows],
+    }, console)
+
+
+def write_json(path: Path | None, result: dict, console: Console) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":
