@@ -30,20 +30,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
 
-# Without a GPU the peers' Triton kernels (--peers) run under the interpreter, which must
-# be on before Triton is first imported (by the model's module, below).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs  # noqa: E402
-from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference  # noqa: E402
-from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT  # noqa: E402
+from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
+from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
+from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT
 
 DIM = 128
 TEMPERATURE = 0.1
@@ -467,6 +461,10 @@ def main() -> None:
     device = device_name()
     # CPU shapes are tiny: many repeats are cheap and the median rides out a busy machine.
     warmup, repeats = (3, args.repeats or (10 if args.quick else 30)) if gpu else (3, args.repeats or 15)
+    if args.peers and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        # The peers' Triton kernels run on a CPU under the interpreter, which must be on
+        # before Triton is first imported (it is, above): this run again, with it on.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
     if args.peers:
         result = run_peers(args, console, gpu, warmup, repeats)
         write_json(args.out, {"device": device, "torch": torch.__version__, "triton": triton_version(),

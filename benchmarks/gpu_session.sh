@@ -4,14 +4,17 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR] [BUDGET_S]      # defaults: $OUT or gpu_session, 480
 #
-# Steps: offline install (and DeepSpeed from $WHEELS, if set and DeepSpeed is missing),
-# `jrcl-fast doctor`, the loss benchmark at issue 11's rows (N = 16,384 and 131,072,
-# C = 8,142), the GPU tests of the kernels and of the GPU rules, and digits-lt runs side
-# by side, 30 epochs each: the default config (bf16 through DeepSpeed, or fp32 on the
-# local engine where DeepSpeed does not import), group norm, and, with DeepSpeed, fp16
-# at ZeRO stage 1. A step starts only if its time limit fits in what is left of the
-# budget; each writes OUT_DIR/NAME.txt (and its JSON), and OUT_DIR/summary.txt lists
-# every step with its exit status and time. OUT_DIR/machine.txt names the card.
+# Steps: offline install (and, from $WHEELS if set, DeepSpeed and the loss peers of the
+# [peers] extra where they are missing), `jrcl-fast doctor`, the loss benchmark at issue
+# 11's rows (N = 16,384 and 131,072, C = 8,142), the GPU tests of the kernels and of the
+# GPU rules, digits-lt runs side by side, 30 epochs each: the default config (bf16
+# through DeepSpeed, or fp32 on the local engine where DeepSpeed does not import), group
+# norm, and, with DeepSpeed, fp16 at ZeRO stage 1; then the peers (Inf-CL, Liger-Kernel,
+# CCE) beside ours at the same rows, bf16 and fp32 (bench_losses.py --peers). A step
+# starts only if its time limit fits in what is left of the budget; each writes
+# OUT_DIR/NAME.txt (and its JSON), and OUT_DIR/summary.txt lists every step with its exit
+# status and time. OUT_DIR/machine.txt names the card. STEPS="install peers_16k ..." runs
+# only the steps named (e.g. the peers alone, in a call of their own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_session}}
@@ -26,6 +29,9 @@ START=$(date +%s)
 step() {  # step NAME LIMIT_S COMMAND...: run it, killed after LIMIT_S, if LIMIT_S still fits
     local name=$1 limit=$2 began rc
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return
+    fi
     if (($(date +%s) - START + limit > BUDGET)); then
         echo "$name skipped (budget)" | tee -a "$OUT/summary.txt"
         return
@@ -46,14 +52,25 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, killed after LIMIT_S, if LIMIT
     git rev-parse --short HEAD 2>/dev/null
 } >"$OUT/machine.txt" 2>&1
 
+missing() {  # missing MODULE...: true when one of them does not import
+    local module
+    for module; do python -c "import $module" 2>/dev/null || return 0; done
+    return 1
+}
+install_offline() {  # install_offline NAME LIMIT_S PIP_ARGS...: a step installing from $WHEELS alone, no dependencies
+    step "$1" "$2" pip install --no-index --find-links "$WHEELS" --no-build-isolation --no-deps "${@:3}"
+}
 step install 120 pip install --no-build-isolation --no-deps -e .
-if ! python -c "import deepspeed" 2>/dev/null && [ -n "${WHEELS:-}" ]; then
+if [ -n "${WHEELS:-}" ]; then  # what is missing, offline: each package's dependencies are listed beside it
     # The wheels of DeepSpeed's pure-Python dependencies, and its sdist (built here).
-    step install_deepspeed 180 pip install --no-index --find-links "$WHEELS" --no-build-isolation --no-deps \
-        "$WHEELS"/*.whl "$WHEELS"/deepspeed-*.tar.gz
+    missing deepspeed && install_offline install_deepspeed 180 "$WHEELS"/*.whl "$WHEELS"/deepspeed-*.tar.gz
+    # setup.py's [peers] pins (tests/test_peers.py keeps the two lists equal); their own
+    # requirements (torch, triton, numpy) are ours.
+    missing inf_cl liger_kernel cut_cross_entropy &&
+        install_offline install_peers 60 inf-cl==1.2.1 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 fi
 ENGINE=()
-python -c "import deepspeed" 2>/dev/null || ENGINE=(--set train.engine=local)
+missing deepspeed && ENGINE=(--set train.engine=local)
 
 step doctor 90 jrcl-fast doctor --out "$OUT/doctor.json"
 step bench_losses_16k 150 python benchmarks/bench_losses.py --quick --sizes 16384 --classes 8142 \
@@ -80,4 +97,10 @@ train_digits() {  # the digits-lt runs side by side on the one GPU (each took ~1
 }
 step train_digits 180 train_digits
 step tests_gpu_rules 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_rules.py tests/test_doctor.py
+# The peers beside ours, each on its closest problem, after their correctness checks
+# (which run first and fail the step if a peer and ours disagree).
+step peers_16k 150 python benchmarks/bench_losses.py --peers --sizes 16384 --classes 8142 --dtypes bf16 fp32 \
+    --out "$OUT/peers_16k.json"
+step peers_131k 240 python benchmarks/bench_losses.py --peers --sizes 131072 --classes 8142 --dtypes bf16 fp32 \
+    --repeats 5 --out "$OUT/peers_131k.json"
 echo "total $(($(date +%s) - START))s of $BUDGET" | tee -a "$OUT/summary.txt"

@@ -66,6 +66,19 @@ def test_bench_losses_cpu_smoke_writes_eager_rows(tmp_path: Path) -> None:
         assert row["impl"] == "eager" and row["status"] == "ok" and row["ms"] > 0
 
 
+def test_bench_losses_peers_on_a_cpu_runs_the_checks_and_names_the_gpu_only_kernels(tmp_path: Path) -> None:
+    pytest.importorskip("liger_kernel", reason="the [peers] extra: pip install -e '.[peers]'")
+    out = tmp_path / "peers.json"
+    stdout = run_benchmark("bench_losses.py", "--peers", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["gpu_figures"] is False and result["rows"] == []  # timings need a GPU
+    assert {p["name"] for p in result["problems"]} == {c["problem"] for c in result["checks"]}
+    assert all(check["status"] == "ok" for check in result["checks"])
+    gpu_only = {c["problem"] for c in result["checks"] if "kernel_gpu_only" in c}
+    assert gpu_only == {"infonce_vs_o2a", "linear_ce_vs_classifier_ce_bdc"}
+    assert stdout.count("the peer's kernel is GPU-only") == len(gpu_only)
+
+
 def load_benchmark(script: str):
     """A benchmark script as a module, to call its parts."""
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "benchmarks" / script)

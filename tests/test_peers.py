@@ -26,8 +26,12 @@ CHECKS = [(problem, check) for problem in loss_peers.PROBLEMS for check in probl
 
 
 def test_the_installed_peers_are_the_pinned_ones() -> None:
+    """setup.py's [peers] extra, what gpu_session.sh installs from its wheels, and what the
+    rows were written against are one list."""
     pins = re.search(r'"peers": \[(.*?)\]', (REPO / "setup.py").read_text()).group(1)
     assert dict(re.findall(r'"([\w-]+)==([\w.]+)"', pins)) == loss_peers.PEER_VERSIONS
+    session = re.search(r"install_peers \d+ (.*)", (REPO / "benchmarks" / "gpu_session.sh").read_text()).group(1)
+    assert dict(re.findall(r"([\w-]+)==([\w.]+)", session)) == loss_peers.PEER_VERSIONS
     assert loss_peers.installed_versions() == loss_peers.PEER_VERSIONS
 
 
