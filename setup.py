@@ -31,8 +31,9 @@ setup(
         # The peers of the loss kernels, for `benchmarks/bench_losses.py --peers` and
         # tests/test_peers.py: pure Python + Triton wheels, pinned to the versions the peer
         # rows were written and checked against. Their own requirements (torch, triton,
-        # numpy) are ours already; none of them pins a torch.
-        "peers": ["inf-cl==1.2.1", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+        # numpy) are ours already; none of them pins a torch, and their metadata allows
+        # torch 2.11 / triton 3.6. Liger imports packaging without declaring it.
+        "peers": ["inf-cl==1.2.1", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "packaging"],
     },
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
 )
