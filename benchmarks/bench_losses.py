@@ -352,10 +352,12 @@ class PeerRow:
     status: str
 
 
-def peer_rows(problem, n: int, classes: int, dtype: str, warmup: int, repeats: int) -> list[PeerRow]:
-    """The peer and ours on fresh inputs of one shape, each mode, on the GPU."""
+def peer_rows(problem, n: int, classes: int, dtype: str, warmup: int, repeats: int,
+              device: str = "cuda") -> list[PeerRow]:
+    """The peer and ours on fresh inputs of one shape, each mode (on the GPU; the CPU
+    only tests this code)."""
     def make_inputs() -> tuple[tuple, tuple]:
-        return problem.setup(n, classes, dtype, "cuda")
+        return problem.setup(n, classes, dtype, device)
 
     def peer_inputs() -> tuple[tuple, tuple]:  # the gradients the peer's backward produces
         inputs, wrt = make_inputs()

@@ -79,6 +79,25 @@ def test_bench_losses_peers_on_a_cpu_runs_the_checks_and_names_the_gpu_only_kern
     assert stdout.count("the peer's kernel is GPU-only") == len(gpu_only)
 
 
+def test_bench_losses_peer_rows_set_each_peer_beside_ours_and_report_a_failing_side() -> None:
+    """The GPU's peer rows, assembled on the CPU at a tiny shape: Liger's interpreted CE
+    beside our CE+BDC, and Inf-CL, whose CUDA assertion becomes the row's status."""
+    pytest.importorskip("liger_kernel", reason="the [peers] extra: pip install -e '.[peers]'")
+    bench = load_benchmark("bench_losses.py")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from loss_peers import PROBLEMS
+
+    problems = {problem.name: problem for problem in PROBLEMS}
+    rows = bench.peer_rows(problems["ce_vs_ce_bdc"], 8, 5, "fp32", warmup=1, repeats=2, device="cpu")
+    assert [r.mode for r in rows] == ["fwd", "bwd", "fwd+bwd"] and all(r.status == "ok" for r in rows)
+    for r in rows:
+        assert (r.n, r.classes) == (8, 5) and r.ratio == pytest.approx(r.peer_ms / r.ours_ms)
+        assert r.peer_ns_per_element == pytest.approx(r.peer_ms * 1e6 / 40)
+    (row, *_) = bench.peer_rows(problems["infonce_vs_o2a"], 8, 5, "fp32", warmup=1, repeats=2, device="cpu")
+    assert row.classes is None and row.peer_ms is None and row.ratio is None and row.ours_ms > 0
+    assert row.status.startswith("peer error: AssertionError") and row.status.endswith("ours ok")
+
+
 def load_benchmark(script: str):
     """A benchmark script as a module, to call its parts."""
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "benchmarks" / script)
