@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from torch import Tensor
 from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
 from jrcl_fast.losses.reference import ce_bdc_reference, o2a_per_anchor_reference
 from jrcl_fast.models.jrcl_net import LOGIT_ROW_ALIGNMENT
+
+if TYPE_CHECKING:  # imported by --peers alone: the peers are an optional extra
+    from loss_peers import Problem
 
 DIM = 128
 TEMPERATURE = 0.1
@@ -352,7 +356,7 @@ class PeerRow:
     status: str
 
 
-def peer_rows(problem, n: int, classes: int, dtype: str, warmup: int, repeats: int,
+def peer_rows(problem: Problem, n: int, classes: int, dtype: str, warmup: int, repeats: int,
               device: str = "cuda") -> list[PeerRow]:
     """The peer and ours on fresh inputs of one shape, each mode (on the GPU; the CPU
     only tests this code)."""
@@ -375,7 +379,8 @@ def peer_rows(problem, n: int, classes: int, dtype: str, warmup: int, repeats: i
     return rows
 
 
-def print_peer_tables(console: Console, problems, checks: list[dict], rows: list[PeerRow], device: str) -> None:
+def print_peer_tables(console: Console, problems: tuple[Problem, ...], checks: list[dict], rows: list[PeerRow],
+                      device: str) -> None:
     for problem in problems:
         console.print(f"[bold]{problem.name}[/] ({problem.peer}): peer = {problem.peer_computes}; "
                       f"ours = {problem.ours_computes}")
@@ -434,7 +439,7 @@ def run_peers(args: argparse.Namespace, console: Console, gpu: bool, warmup: int
     print_peer_tables(console, loss_peers.PROBLEMS, checks, rows, device_name())
     return {"peer_versions": loss_peers.installed_versions(),
             "problems": [{"name": p.name, "peer": p.peer, "peer_computes": p.peer_computes,
-                          "ours_computes": p.ours_computes, "element": p.element, "timed_rows_gpu_only": p.gpu_only}
+                          "ours_computes": p.ours_computes, "element": p.element}
                          for p in loss_peers.PROBLEMS],
             "checks": checks, "rows": [asdict(r) for r in rows]}
 

@@ -60,7 +60,7 @@ def test_infcl_rows_are_gpu_only_and_need_its_head_dimension_set_to_d() -> None:
     """The reasons the Inf-CL row gives: its kernel asserts CUDA tensors, and its default
     head dimension (256) cannot view D = 128 features."""
     (features, labels), _ = loss_peers.pairs_setup(8, 0, "fp32", "cpu")
-    assert "asserts CUDA tensors" in PROBLEMS["infonce_vs_o2a"].gpu_only
+    assert "asserts CUDA tensors" in loss_peers.INFCL_GPU_ONLY
     with pytest.raises(AssertionError):
         loss_peers.infcl_loss(features, labels)
     cal_flash_loss = loss_peers.peer("inf_cl", "cal_flash_loss")
