@@ -1,4 +1,4 @@
-"""The `jrcl-fast` command: train (then evaluate), eval, check-data."""
+"""The `jrcl-fast` command: train (then evaluate), eval, check-data, prepare-images, doctor."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set data.root=/data/nih (repeatable)")
+
+    prepare = sub.add_parser("prepare-images", help="copy the data set's images to a GPU-decodable format")
+    prepare.add_argument("--config", required=True, help="YAML file, e.g. configs/nih_cxr_lt.yaml")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set data.root=/data/nih (repeatable)")
+    prepare.add_argument("--out", required=True, type=Path, help="folder for the copy; then --set data.root=OUT")
+    prepare.add_argument("--format", choices=("jpeg2000", "jpeg"), default="jpeg2000",
+                         help="jpeg2000: lossless (GPU runs only: slow on the CPU); jpeg: lossy, at --quality")
+    prepare.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    prepare.add_argument("--max-side", type=int, help="shrink so the longer side is at most N px (CXR-LT: 256)")
 
     doctor = sub.add_parser("doctor", help="check that this machine (GPU, kernels, DeepSpeed, DALI, NCCL) is ready")
     doctor.add_argument("--out", type=Path, help="also write the results as JSON to this file")
@@ -121,6 +131,12 @@ def _check_data(args: argparse.Namespace, console: Console) -> None:
                         "(listed above); replace them or remove their entries from the split files")
 
 
+def _prepare_images(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.data.prepare_images import prepare_command
+
+    prepare_command(args.config, args.overrides, args.out, args.format, args.quality, args.max_side, console)
+
+
 def _doctor(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.doctor import doctor
 
@@ -128,7 +144,8 @@ def _doctor(args: argparse.Namespace, console: Console) -> None:
         raise CheckFailure("a check failed (listed above); fix it before a long run")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data, "doctor": _doctor}
+COMMANDS = {"train": _train, "eval": _eval, "check-data": _check_data, "prepare-images": _prepare_images,
+            "doctor": _doctor}
 
 
 def _print_error(err: Exception) -> None:

@@ -1,0 +1,193 @@
+"""Where DALI decodes an image file: its format, read from the file's own header bytes.
+
+A DALI "mixed" decoder (fn.decoders.image, device="mixed") decodes on the GPU only the
+formats nvImageCodec has GPU codecs for, and every other file on the host's CPU threads
+inside the same operator, silently. The rule here, and its sources:
+
+* DALI 2.4, fn.decoders.image: "GPU accelerated decoding is only available for a subset
+  of the image formats (JPEG, and JPEG2000). For other formats, a CPU based decoder is
+  used. For JPEG, a dedicated HW decoder will be used when available."
+  (docs.nvidia.com/deeplearning/dali/user-guide/docs/operations/nvidia.dali.fn.decoders.image.html)
+  PNG, TIFF, BMP, WebP, GIF and PNM are therefore CPU.
+* nvJPEG (CUDA 13.0 documentation, 1. Introduction): baseline and progressive JPEG,
+  8 bits per sample, Huffman coding; the hardware decoder (A100, H100) takes baseline
+  only. So SOF0/SOF1/SOF2 at 8 bits go to the GPU (SOF0 to the hardware engine), while
+  12-bit (SOF1/SOF2 at precision 12) and arithmetic-coded frames (SOF9-SOF11) go to
+  the CPU (libjpeg-turbo). Colour: gray or YCbCr only; Adobe APP14 CMYK/YCCK and
+  untransformed RGB frames go to the CPU (the conservative reading of the project's
+  rule; the GPU session measures it).
+* Lossless JPEG (SOF3, Huffman): DALI's nvjpeg_lossless decoder (since DALI 1.23,
+  dali/imgcodec/decoders/nvjpeg_lossless/nvjpeg_lossless.cc: CanDecode takes SOF3 only,
+  and only for GRAY or ANY_DATA output). The X-ray pipelines decode to GRAY, so a
+  lossless X-ray goes to the GPU; an RGB-output pipeline decodes it on the CPU.
+  Hierarchical/differential frames (SOF5-7, SOF13-15) are CPU.
+* JPEG 2000 (raw J2K codestream or JP2 box file): nvJPEG2000, on the GPU.
+
+Only headers are read (a few KiB per file), so a loader can sample a split at start-up
+and check-data can classify every file.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+GPU, CPU = "gpu", "cpu"
+HEADER_BYTES = 1 << 16  # past a large EXIF block (APP1 is at most 64 KiB) to the SOF marker
+
+# SOFn marker -> JPEG coding process (ITU-T T.81, Table B.1).
+SOF_PROCESS = {
+    0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
+    0xC5: "differential sequential", 0xC6: "differential progressive", 0xC7: "differential lossless",
+    0xC9: "arithmetic extended", 0xCA: "arithmetic progressive", 0xCB: "arithmetic lossless",
+    0xCD: "arithmetic differential sequential", 0xCE: "arithmetic differential progressive",
+    0xCF: "arithmetic differential lossless",
+}
+GPU_DCT_PROCESSES = ("baseline", "extended", "progressive")  # nvJPEG, 8-bit Huffman
+STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """What a file's header says. `process`, `precision`, `components` and `color` are
+    set for JPEG (color: gray, ycbcr, rgb, cmyk or ycck); `codestream` for JPEG 2000."""
+
+    name: str  # png, jpeg, jpeg2000, tiff, bmp, webp, gif, pnm, unknown
+    process: str = ""
+    precision: int = 0
+    components: int = 0
+    color: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.name != "jpeg":
+            return self.name
+        return f"jpeg {self.process} {self.precision}-bit {self.color}"
+
+
+def _jpeg_color(components: int, adobe_transform: int | None) -> str:
+    """Adobe APP14's transform flag: 0 unknown (RGB or CMYK), 1 YCbCr, 2 YCCK."""
+    if components == 1:
+        return "gray"
+    if components == 3:
+        return "rgb" if adobe_transform == 0 else "ycbcr"
+    if components == 4:
+        return "ycck" if adobe_transform == 2 else "cmyk"
+    return f"{components}-component"
+
+
+def parse_jpeg(data: bytes) -> ImageFormat:
+    """Walk the marker segments after SOI to the first SOFn (and any Adobe APP14 before
+    the scan data). A header cut off before its SOF is a JPEG of unknown process."""
+    pos, adobe_transform, frame = 2, None, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in STANDALONE_MARKERS:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if marker == 0xEE and segment[:5] == b"Adobe" and len(segment) >= 12:
+            adobe_transform = segment[11]
+        elif marker in SOF_PROCESS and frame is None and len(segment) >= 6:
+            frame = (SOF_PROCESS[marker], segment[0], segment[5])
+        elif marker == 0xDA:  # start of scan: the header is over
+            break
+        pos += 2 + length
+    if frame is None:
+        return ImageFormat("jpeg", process="unknown")
+    process, precision, components = frame
+    return ImageFormat("jpeg", process, precision, components, _jpeg_color(components, adobe_transform))
+
+
+MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),  # JP2 signature box
+    (b"\xff\x4f\xff\x51", "jpeg2000"),  # raw codestream: SOC then SIZ
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
+    (b"BM", "bmp"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+)
+
+
+def sniff(data: bytes) -> ImageFormat:
+    """The format of a file from its first bytes (at least up to the JPEG SOF marker)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return parse_jpeg(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ImageFormat("webp")
+    if data[:1] == b"P" and data[1:2] in b"123456" and len(data) > 2 and data[2:3].isspace():
+        return ImageFormat("pnm")
+    return next((ImageFormat(name) for magic, name in MAGIC if data.startswith(magic)), ImageFormat("unknown"))
+
+
+def read_format(path: Path) -> ImageFormat:
+    """The format of the file at `path` from its header bytes, whatever its extension;
+    a JPEG whose SOF lies past HEADER_BYTES is read whole."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+        found = sniff(head)
+        if found.name == "jpeg" and found.process == "unknown" and len(head) == HEADER_BYTES:
+            found = sniff(head + f.read())
+    return found
+
+
+def decode_placement(fmt: ImageFormat, gray_output: bool = True) -> str:
+    """GPU or CPU: where a DALI "mixed" fn.decoders.image decodes this file (module doc)."""
+    if fmt.name == "jpeg2000":
+        return GPU
+    if fmt.name != "jpeg":
+        return CPU
+    if fmt.process == "lossless":
+        return GPU if gray_output else CPU
+    gpu_color = fmt.color in ("gray", "ycbcr")
+    return GPU if fmt.process in GPU_DCT_PROCESSES and fmt.precision == 8 and gpu_color else CPU
+
+
+def hardware_decodable(fmt: ImageFormat) -> bool:
+    """Baseline JPEG: what the A100/H100 hardware JPEG engine takes (hw_decoder_load)."""
+    return decode_placement(fmt) == GPU and fmt.process == "baseline"
+
+
+@dataclass(frozen=True)
+class FormatCensus:
+    """Formats of `checked` files out of `total` (a sample when checked < total)."""
+
+    counts: Counter  # ImageFormat.label -> files
+    cpu_counts: Counter  # label -> files a GPU run decodes on the CPU
+    checked: int
+    total: int
+
+    @property
+    def cpu_share(self) -> float:
+        return sum(self.cpu_counts.values()) / max(self.checked, 1)
+
+    def describe(self) -> str:
+        """'png 100%' or 'jpeg baseline 8-bit gray 90%, png 10% (of a sample of 512)'."""
+        parts = [f"{label} {100 * n / max(self.checked, 1):.0f}%" for label, n in self.counts.most_common()]
+        sample = f" (of a sample of {self.checked})" if self.checked < self.total else ""
+        return ", ".join(parts) + sample
+
+
+def census(paths: list[Path], gray_output: bool, sample: int | None = None, seed: int = 0) -> FormatCensus:
+    """Formats of the files at `paths`, or of a random `sample` of them (a start-up check
+    reads a few hundred headers, not 437k). Missing files are left to the loaders'
+    own check and not counted."""
+    chosen = paths if sample is None or sample >= len(paths) else random.Random(seed).sample(paths, sample)
+    counts, cpu_counts, checked = Counter(), Counter(), 0
+    for path in chosen:
+        try:
+            fmt = read_format(path)
+        except OSError:
+            continue
+        checked += 1
+        counts[fmt.label] += 1
+        if decode_placement(fmt, gray_output) == CPU:
+            cpu_counts[fmt.label] += 1
+    return FormatCensus(counts, cpu_counts, checked, len(paths))
