@@ -121,10 +121,12 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
 def _check_data(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.data.check_data import check_data
     from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.image_formats import format_report
 
     cfg = load_config(args.config, args.overrides)
-    report = check_data(load_dataset(cfg.data), num_workers=os.cpu_count() or 1)
-    for line in report.lines():
+    dataset = load_dataset(cfg.data)
+    report = check_data(dataset, num_workers=os.cpu_count() or 1)
+    for line in report.lines() + format_report(dataset):
         console.print(line, highlight=False, soft_wrap=True)
     if not report.ok:
         raise UserError(f"{report.missing} missing and {report.corrupt} corrupt of {report.checked} images "

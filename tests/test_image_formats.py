@@ -9,6 +9,7 @@ forced, as on a GPU machine), and check-data's format report."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jrcl_fast.data.augment import AUGMENTATIONS
+from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.image_formats import CPU, GPU, census, decode_placement, hardware_decodable, read_format, sniff
+from jrcl_fast.data.loader_contract import TrainSpec
 
 rng = np.random.default_rng()
 
@@ -167,3 +171,40 @@ def test_census_samples_and_counts_a_mix(tmp_path: Path) -> None:
     sampled = census(paths, gray_output=True, sample=12)
     assert sampled.checked == 12 and sampled.total == 40 and "of a sample of 12" in sampled.describe()
 
+
+
+def mixed_split(root: Path, entries: int, pngs: int) -> Split:
+    """`entries` split entries cycling over 8 files: `pngs` PNGs, the rest JPEG 2000."""
+    root.mkdir(exist_ok=True)
+    files = [f"{i}.png" if i < pngs else f"{i}.jp2" for i in range(8)]
+    for name in files:
+        picture("L").save(root / name, "PNG" if name.endswith(".png") else "JPEG2000")
+    paths = [files[i % 8] for i in range(entries)]
+    return Split(root, paths, np.zeros(entries, dtype=np.int64), str(root / "train.csv"))
+
+
+def start_up_lines(split: Split, gpu: bool, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> list[str]:
+    """What DaliTrainLoader prints when built on a machine whose GPU decision is `gpu`."""
+    pytest.importorskip("nvidia.dali")
+    from jrcl_fast.data import dali_loader
+
+    monkeypatch.setattr(dali_loader, "dali_on_gpu", lambda: gpu)  # the decision a GPU machine makes
+    spec = TrainSpec(split=split, image_size=8, augmentation=AUGMENTATIONS["xray"], batch_size=2, num_views=1,
+                     sampler="instance", seed=0)
+    dali_loader.DaliTrainLoader(spec)
+    return capfd.readouterr().err.splitlines()
+
+
+def test_a_gpu_run_on_pngs_says_share_format_and_fix_in_one_line(tmp_path: Path, monkeypatch, capfd) -> None:
+    split = mixed_split(tmp_path, entries=437_513, pngs=2)  # iNat's entry count: a sample is read, not all
+    (line,) = start_up_lines(split, True, monkeypatch, capfd)
+    share = int(re.search(r"decodes (\d+)% of the training images on the CPU", line).group(1))
+    assert 15 <= share <= 35  # 2 of 8 files are PNG: 25% up to the sample's error
+    assert "png" in line and "sample of 256 of 437513" in line and "prepare-images" in line
+    (cpu_line,) = start_up_lines(split, False, monkeypatch, capfd)
+    assert re.match(r"note: \d+% of the training images are JPEG 2000.*slower", cpu_line)
+
+
+def test_a_gpu_run_on_gpu_decodable_files_and_a_cpu_run_on_pngs_say_nothing(tmp_path, monkeypatch, capfd) -> None:
+    assert start_up_lines(mixed_split(tmp_path / "j2k", 16, pngs=0), True, monkeypatch, capfd) == []
+    assert start_up_lines(mixed_split(tmp_path / "png", 16, pngs=8), False, monkeypatch, capfd) == []

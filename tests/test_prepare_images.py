@@ -15,10 +15,16 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_config
 from PIL import Image
+from rich.console import Console
 from test_benchmarks import load_benchmark
+from test_data_adapters import gradient, write_inat
 
+from jrcl_fast.config import DataConfig
+from jrcl_fast.data.augment import augmentation_for
+from jrcl_fast.data.datasets import load_dataset
 from jrcl_fast.data.image_formats import CPU, GPU, decode_placement, read_format
-from jrcl_fast.data.sets.adapters import CXR_SPLITS, NIH_CXR_LT
+from jrcl_fast.data.prepare_images import PrepareOptions, prepare_images
+from jrcl_fast.data.sets.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT
 
 pytest.importorskip("nvidia.dali")
 
@@ -116,3 +122,60 @@ def test_a_rerun_skips_finished_files_and_redoes_a_missing_one(tmp_path: Path) -
     again = prepare(config, out, "--format", "jpeg", "--max-side", "64")
     assert again["skipped"] == again["files"] - 1 and again["converted"] == 1 and victim.is_file()
     assert not list(out.rglob(".*.jpg.*"))  # no temp file left behind
+    for data_root, formats, cpu in ((root, "png 100%", True), (out, "jpeg baseline 8-bit gray 100%", False)):
+        checked = run_cli("check-data", "--config", str(config), "--set", f"data.root={data_root}")
+        assert checked.returncode == 0 and f"image formats (from file headers): {formats}" in checked.stdout
+        assert ("decodes 100% of them on the CPU" in checked.stdout) == cpu
+
+
+def write_places(root: Path) -> None:
+    """Places-LT lists: '/<letter>/<scene>/<n>.jpg label' lines, RGB JPEGs under data.root."""
+    for split in ("train", "val", "test"):
+        lines = []
+        for k in range(3):
+            rel = f"/a/abbey/{split}{k:07d}.jpg"
+            (root / rel[1:]).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gradient(96, 128)).save(root / rel[1:], quality=90)
+            lines.append(f"{rel} {k}\n")
+        (root / f"Places_LT_{split}.txt").write_text("".join(lines))
+
+
+def write_mimic(root: Path) -> None:
+    """MIMIC-CXR-LT CSVs (path column: files/pXX/...jpg) and grayscale JPEGs."""
+    header = ["subject_id", "study_id", "dicom_id", "path", *MIMIC_CXR_LT.class_names]
+    for split in CXR_SPLITS:
+        with MIMIC_CXR_LT.csv_path(root, split).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for k in range(2):
+                rel = f"files/p10/p1000{k}/s5000{k}/{split}-{k}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(gradient(120, 100, 1), mode="L").save(root / rel, quality=90)
+                writer.writerow([f"1000{k}", f"5000{k}", f"{split}-{k}", rel, *("1" if c == k else "0" for c in range(19))])
+
+
+@pytest.mark.parametrize("name,write,max_side,suffix", [
+    ("places_lt", write_places, 64, ".jp2"),
+    ("inat2018", write_inat, 64, ".jp2"),
+    ("mimic_cxr_lt", write_mimic, 64, ".jp2"),
+    ("mimic_cxr_lt", write_mimic, None, ".jpg"),  # already GPU-decodable, not resized: copied byte for byte
+])
+def test_split_files_of_every_layout_name_the_copies(tmp_path: Path, name: str, write, max_side, suffix) -> None:
+    root, out = tmp_path / "data", tmp_path / "copy"
+    root.mkdir()
+    write(root)
+    dataset = load_dataset(DataConfig(name=name, root=str(root)))
+    options = PrepareOptions(out, "jpeg2000", 95, max_side, augmentation_for(name).grayscale)
+    prepare_images(dataset, root, options, workers=2, console=Console(quiet=True))
+    copy = load_dataset(DataConfig(name=name, root=str(out)))  # the rewritten split files load as published
+    for split_name, split in dataset.splits().items():
+        copied = copy.splits()[split_name]
+        assert copied.paths == [str(Path(p).with_suffix(suffix)) for p in split.paths]
+        assert copied.labels.tolist() == split.labels.tolist()
+        for rel, new in zip(split.paths, copied.paths):
+            assert decode_placement(read_format(out / new), options.gray) == GPU
+            if max_side is None:
+                assert (out / new).read_bytes() == (root / rel).read_bytes()
+            else:
+                with Image.open(out / new) as img:
+                    assert max(img.size) == max_side

@@ -35,6 +35,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.check_data import image_problem
 from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.image_formats import decode_notice
 from jrcl_fast.data.loader_contract import Batch, LoaderSpec, TrainLoader, TrainSpec
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
@@ -274,6 +275,9 @@ class DaliTrainLoader(TrainLoader):
 
     def __init__(self, spec: TrainSpec):
         self.spec, self.gpu = spec, dali_on_gpu()
+        if spec.rank == 0 and (notice := decode_notice(spec.split.root, spec.split.paths, self.gpu,
+                                                       spec.augmentation.grayscale)):
+            print(f"note: {notice}", file=sys.stderr, flush=True)  # one line: where decoding happens
 
     def epoch(self, epoch: int) -> DaliBatches:
         # A fresh pipeline per epoch: its feed and random seed are the epoch's, and

@@ -34,6 +34,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from jrcl_fast.data.augment import augmentation_for
+from jrcl_fast.data.dataset import LongTailedDataset
+
 GPU, CPU = "gpu", "cpu"
 HEADER_BYTES = 1 << 16  # past a large EXIF block (APP1 is at most 64 KiB) to the SOF marker
 
@@ -191,3 +194,39 @@ def census(paths: list[Path], gray_output: bool, sample: int | None = None, seed
         if decode_placement(fmt, gray_output) == CPU:
             cpu_counts[fmt.label] += 1
     return FormatCensus(counts, cpu_counts, checked, len(paths))
+
+
+STARTUP_SAMPLE = 256  # headers a run reads at start-up: a share to within a few percent
+PREPARE_FIX = ("make a GPU-decodable copy with 'jrcl-fast prepare-images --config CONFIG --out DIR' (lossless "
+               "JPEG 2000; or --format jpeg --max-side 256) and train with --set data.root=DIR")
+
+
+def decode_notice(root: Path, rel_paths: list[str], gpu: bool, gray_output: bool,
+                  sample: int = STARTUP_SAMPLE) -> str | None:
+    """The one line a run prints at start-up when its images decode where they should
+    not: on a GPU run, files DALI's mixed decoder leaves to the CPU; on a CPU run, a
+    JPEG 2000 copy (an order of magnitude slower than PNG on the CPU). None when fine."""
+    chosen = random.Random(0).sample(rel_paths, sample) if sample < len(rel_paths) else rel_paths
+    found = census([root / rel for rel in chosen], gray_output)
+    of = f" (a sample of {found.checked} of {len(rel_paths)} files)" if found.checked < len(rel_paths) else ""
+    if gpu and found.cpu_share > 0:
+        kinds = ", ".join(label for label, _ in found.cpu_counts.most_common())
+        return (f"DALI decodes {found.cpu_share:.0%} of the training images on the CPU, not the GPU: {kinds}{of}; "
+                f"{PREPARE_FIX}")
+    j2k = found.counts["jpeg2000"] / max(found.checked, 1)
+    if not gpu and j2k > 0:
+        return (f"{j2k:.0%} of the training images are JPEG 2000{of}, which decodes on the CPU about 14x slower "
+                "than PNG (docs/BENCHMARKS.md): a JPEG 2000 copy is for GPU runs; on the CPU, train on the originals")
+    return None
+
+
+def format_report(dataset: LongTailedDataset) -> list[str]:
+    """check-data's lines on formats: what every file of every split is, by its header,
+    and what a GPU run would decode on the CPU."""
+    gray = augmentation_for(dataset.name).grayscale
+    files = sorted({split.root / rel for split in dataset.splits().values() for rel in split.paths})
+    found = census(files, gray)
+    lines = [f"image formats (from file headers): {found.describe()}"]
+    if found.cpu_share > 0:
+        lines.append(f"a GPU run (DALI mixed decoder) decodes {found.cpu_share:.0%} of them on the CPU; {PREPARE_FIX}")
+    return lines
