@@ -28,6 +28,20 @@ LOSS_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
+class DecoderConfig:
+    """DALI mixed-decoder settings (fn.decoders.image); None: the data set's default
+    (image_formats.MIXED_DECODER_DEFAULTS, which says why), else DALI's own."""
+
+    hw_decoder_load: float | None = None  # share of baseline JPEGs sent to the hardware decoder, 0..1
+    device_memory_padding: int | None = None  # bytes, nvJPEG device buffer per thread
+    host_memory_padding: int | None = None  # bytes, nvJPEG pinned host buffers per thread
+    device_memory_padding_jpeg2k: int | None = None  # bytes, nvJPEG2000
+    host_memory_padding_jpeg2k: int | None = None  # bytes, nvJPEG2000
+    preallocate_width_hint: int | None = None  # px, hardware decoder's preallocation
+    preallocate_height_hint: int | None = None
+
+
+@dataclass
 class DataConfig:
     name: str
     # Folder of the data set as published. For digits_lt, the cache folder it is written to.
@@ -47,6 +61,7 @@ class DataConfig:
     # Shot groups by training count: many > many_shot_min, few < few_shot_max.
     many_shot_min: int = 100
     few_shot_max: int = 20
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # loader=dali on a GPU
 
 
 @dataclass

@@ -177,8 +177,8 @@ def test_a_pass_decodes_no_batch_it_throws_away(tmp_path: Path, monkeypatch: pyt
     decoded = []
     plain = dali_loader.decode
 
-    def counted(encoded, aug, gpu):
-        return fn.python_function(plain(encoded, aug, gpu), function=lambda x: decoded.append(1) or x)
+    def counted(encoded, aug, gpu, settings=dali_loader.EMPTY):
+        return fn.python_function(plain(encoded, aug, gpu, settings), function=lambda x: decoded.append(1) or x)
 
     monkeypatch.setattr(dali_loader, "decode", counted)
     _, labels = collect(DaliTrainLoader(train_spec(split, 16, NATURAL, 1, batch_size=2)).epoch(0))

@@ -8,6 +8,7 @@ forced, as on a GPU machine), and check-data's format report."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import struct
@@ -17,10 +18,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jrcl_fast.config import DecoderConfig, load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
 from jrcl_fast.data.dataset import Split
-from jrcl_fast.data.image_formats import CPU, GPU, census, decode_placement, hardware_decodable, read_format, sniff
+from jrcl_fast.data.image_formats import (
+    CPU,
+    GPU,
+    MIXED_DECODER_DEFAULTS,
+    census,
+    decode_placement,
+    hardware_decodable,
+    mixed_decoder_settings,
+    read_format,
+    sniff,
+)
 from jrcl_fast.data.loader_contract import TrainSpec
+from jrcl_fast.errors import UserError
 
 rng = np.random.default_rng()
 
@@ -208,3 +221,35 @@ def test_a_gpu_run_on_pngs_says_share_format_and_fix_in_one_line(tmp_path: Path,
 def test_a_gpu_run_on_gpu_decodable_files_and_a_cpu_run_on_pngs_say_nothing(tmp_path, monkeypatch, capfd) -> None:
     assert start_up_lines(mixed_split(tmp_path / "j2k", 16, pngs=0), True, monkeypatch, capfd) == []
     assert start_up_lines(mixed_split(tmp_path / "png", 16, pngs=8), False, monkeypatch, capfd) == []
+
+
+def test_decoder_settings_are_dali_arguments_and_the_config_overrides_them(tmp_path: Path) -> None:
+    dali = pytest.importorskip("nvidia.dali.backend")
+    accepted = set(dali.GetSchema("decoders__Image").GetArgumentNames())
+    assert {f.name for f in dataclasses.fields(DecoderConfig)} <= accepted  # every config key is DALI's
+    for name, settings in MIXED_DECODER_DEFAULTS.items():
+        assert set(settings) <= accepted, name
+    nih = mixed_decoder_settings("nih_cxr_lt", DecoderConfig())
+    assert nih["preallocate_width_hint"] == nih["preallocate_height_hint"] == 1024  # NIH's image size
+    assert mixed_decoder_settings("places_lt", DecoderConfig()) == {}  # DALI's own
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {name: nih_cxr_lt, root: /data/nih}\n")
+    cfg = load_config(config, ["data.decoder.hw_decoder_load=0.8", "data.decoder.preallocate_width_hint=512"])
+    merged = mixed_decoder_settings(cfg.data.name, cfg.data.decoder)
+    assert merged == {**nih, "hw_decoder_load": 0.8, "preallocate_width_hint": 512}
+    with pytest.raises(UserError, match=r"data.decoder.hw_decoder_load is 1.5; it must be from 0 to 1"):
+        mixed_decoder_settings("nih_cxr_lt", DecoderConfig(hw_decoder_load=1.5))
+
+
+def test_a_gpu_decode_gets_the_settings_and_a_cpu_decode_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixed decoder cannot be built without a GPU: record what decode() asks DALI for."""
+    pytest.importorskip("nvidia.dali")
+    from jrcl_fast.data import dali_loader
+
+    calls = []
+    monkeypatch.setattr(dali_loader.fn.decoders, "image", lambda encoded, **kwargs: calls.append(kwargs))
+    settings = {"hw_decoder_load": 0.7, "device_memory_padding": 123}
+    dali_loader.decode(None, AUGMENTATIONS["xray"], True, settings)
+    dali_loader.decode(None, AUGMENTATIONS["xray"], False, settings)
+    assert calls[0]["device"] == "mixed" and settings.items() <= calls[0].items()
+    assert calls[1]["device"] == "cpu" and not set(settings) & set(calls[1])

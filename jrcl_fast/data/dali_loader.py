@@ -22,8 +22,9 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 
 ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default
+EMPTY: Mapping[str, int | float] = MappingProxyType({})
 
 
 class PathFeed:
@@ -71,12 +73,13 @@ def read_files(feed: PathFeed, gpu: bool) -> tuple[DataNode, DataNode]:
     return fn.io.file.read(paths), labels.gpu() if gpu else labels
 
 
-def decode(encoded: DataNode, aug: Augmentation, gpu: bool) -> DataNode:
-    """Encoded bytes -> uint8 HWC, on the GPU ("mixed") or the CPU."""
+def decode(encoded: DataNode, aug: Augmentation, gpu: bool, settings: Mapping[str, int | float] = EMPTY) -> DataNode:
+    """Encoded bytes -> uint8 HWC, on the GPU ("mixed", with the data set's decoder
+    `settings`: image_formats.mixed_decoder_settings) or the CPU."""
     # X-rays stay one channel through the crops and are replicated to RGB at output size.
     # EXIF orientation is ignored, as PIL's decode in the torchvision path ignores it.
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", adjust_orientation=False,
-                             output_type=types.GRAY if aug.grayscale else types.RGB)
+                             output_type=types.GRAY if aug.grayscale else types.RGB, **(settings if gpu else {}))
 
 
 def _to_rgb(images: DataNode, aug: Augmentation) -> DataNode:
@@ -133,10 +136,10 @@ def _train_view(images: DataNode, image_size: int, aug: Augmentation) -> DataNod
 
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, num_views: int,
-                   gpu: bool) -> tuple[DataNode, DataNode]:
+                   gpu: bool, decoder: Mapping[str, int | float] = EMPTY) -> tuple[DataNode, DataNode]:
     """Decode once, then num_views independent random views stacked as V x 3 x H x W."""
     encoded, labels = read_files(feed, gpu)
-    images = decode(encoded, aug, gpu)
+    images = decode(encoded, aug, gpu, decoder)
     return fn.stack(*[_train_view(images, image_size, aug) for _ in range(num_views)]), labels
 
 
@@ -151,7 +154,8 @@ def _float(x: DataNode) -> DataNode:
 
 
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, gpu: bool) -> tuple[DataNode, DataNode]:
+def eval_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, gpu: bool,
+                  decoder: Mapping[str, int | float] = EMPTY) -> tuple[DataNode, DataNode]:
     """Resize the shorter side to image_size / eval_crop_fraction, centre crop.
 
     Sizes and crop offsets follow torchvision's integer rules exactly (long side
@@ -163,7 +167,8 @@ def eval_pipeline(feed: PathFeed, image_size: int, aug: Augmentation, gpu: bool)
     height, width = shape[0], shape[1]
     short, size, resize = dmath.min(height, width), image_size, eval_resize(image_size, aug)
     new_h, new_w = (resize * height) // short, (resize * width) // short
-    images = fn.resize(decode(encoded, aug, gpu), resize_x=_float(new_w), resize_y=_float(new_h), antialias=True)
+    images = fn.resize(decode(encoded, aug, gpu, decoder), resize_x=_float(new_w), resize_y=_float(new_h),
+                       antialias=True)
     # crop_pos is relative: anchor = crop_pos * (extent - size), so pass offset / (extent - size).
     pos_y = _float(_half_to_even(new_h - size)) / _float(dmath.max(new_h - size, 1))
     pos_x = _float(_half_to_even(new_w - size)) / _float(dmath.max(new_w - size, 1))
@@ -285,7 +290,7 @@ class DaliTrainLoader(TrainLoader):
         spec = self.spec
 
         def build(feed: PathFeed) -> Pipeline:
-            return train_pipeline(feed, spec.image_size, spec.augmentation, spec.num_views, self.gpu,
+            return train_pipeline(feed, spec.image_size, spec.augmentation, spec.num_views, self.gpu, spec.decoder,
                                   batch_size=spec.batch_size, num_threads=max(1, spec.workers),
                                   device_id=_device_id(self.gpu), seed=_pipeline_seed(spec.seed, epoch, spec.rank))
 
@@ -297,7 +302,7 @@ def dali_eval_loader(spec: LoaderSpec) -> DaliBatches:
     gpu = dali_on_gpu()
 
     def build(feed: PathFeed) -> Pipeline:
-        return eval_pipeline(feed, spec.image_size, spec.augmentation, gpu, batch_size=spec.batch_size,
+        return eval_pipeline(feed, spec.image_size, spec.augmentation, gpu, spec.decoder, batch_size=spec.batch_size,
                              num_threads=max(1, spec.workers), device_id=_device_id(gpu), seed=0)
 
     return DaliBatches(spec.split, eval_indices(len(spec.split), spec.rank, spec.world_size), spec.batch_size, build)

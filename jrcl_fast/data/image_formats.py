@@ -29,13 +29,16 @@ and check-data can classify every file.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from jrcl_fast.config import DecoderConfig
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.errors import UserError
 
 GPU, CPU = "gpu", "cpu"
 HEADER_BYTES = 1 << 16  # past a large EXIF block (APP1 is at most 64 KiB) to the SOF marker
@@ -230,3 +233,43 @@ def format_report(dataset: LongTailedDataset) -> list[str]:
     if found.cpu_share > 0:
         lines.append(f"a GPU run (DALI mixed decoder) decodes {found.cpu_share:.0%} of them on the CPU; {PREPARE_FIX}")
     return lines
+
+
+MIB = 1 << 20
+# fn.decoders.image settings per data set for the mixed (GPU) decoder; DALI 2.4's own
+# defaults are hw_decoder_load 0.65, device/host padding 16/8 MiB per thread, no
+# JPEG 2000 padding and no preallocation. A padding (bytes) preallocates a buffer per
+# decoder thread big enough that no image of the data set reallocates it; the
+# preallocation hints size the hardware decoder's buffers (A100/H100) up front.
+#   NIH-CXR-LT: every image is 1024 x 1024 8-bit gray (a --max-side copy is smaller):
+#     one decoded 3-plane 1024 x 1024 image is 3 MiB, so 4 MiB on the device; the
+#     lossless JPEG 2000 copy is ~0.6 MiB a file and 1 MiB decoded, so 2 MiB each for
+#     nvJPEG2000, which DALI otherwise allocates on the fly per image.
+#   MIMIC-CXR-JPG: full-resolution gray JPEGs of about 2500 x 3000: a 3-plane decode
+#     is ~22 MiB, past DALI's 16 MiB, so 32 MiB.
+#   iNaturalist 2018: photos resized to at most 800 px a side: hints 800 x 800, and
+#     2 MiB (an 800 x 800 RGB image is 1.9 MiB).
+#   Places-LT: sizes depend on the download (256 px or >= 512 px short side): DALI's.
+# hw_decoder_load stays DALI's until a GPU run measures it (benchmarks/gpu_session.sh,
+# decode step: load 0 against the default); data.decoder.hw_decoder_load overrides it.
+MIXED_DECODER_DEFAULTS: dict[str, dict[str, int | float]] = {
+    "nih_cxr_lt": {"device_memory_padding": 4 * MIB, "device_memory_padding_jpeg2k": 2 * MIB,
+                   "host_memory_padding_jpeg2k": 2 * MIB, "preallocate_width_hint": 1024,
+                   "preallocate_height_hint": 1024},
+    "mimic_cxr_lt": {"device_memory_padding": 32 * MIB},
+    "inat2018": {"device_memory_padding": 2 * MIB, "preallocate_width_hint": 800, "preallocate_height_hint": 800},
+}
+
+
+def mixed_decoder_settings(dataset_name: str, overrides: DecoderConfig) -> dict[str, int | float]:
+    """The keyword arguments a GPU run passes to fn.decoders.image: the data set's
+    defaults, then every data.decoder key the config sets."""
+    settings = dict(MIXED_DECODER_DEFAULTS.get(dataset_name, {}))
+    for key, value in dataclasses.asdict(overrides).items():
+        if value is None:
+            continue
+        if value < 0 or (key == "hw_decoder_load" and value > 1):
+            bound = "from 0 to 1" if key == "hw_decoder_load" else "0 or more"
+            raise UserError(f"data.decoder.{key} is {value}; it must be {bound}")
+        settings[key] = value
+    return settings

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,6 +39,8 @@ class LoaderSpec:
     workers: int = 0  # DataLoader worker processes; DALI CPU threads (at least 1)
     rank: int = 0
     world_size: int = 1
+    # fn.decoders.image settings of a GPU (mixed) decode: image_formats.mixed_decoder_settings.
+    decoder: dict[str, int | float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
