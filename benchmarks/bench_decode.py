@@ -9,10 +9,10 @@ num_threads 1 and all cores).
 
     nice -n 5 python benchmarks/bench_decode.py --json docs/results/decode_cpu.json
 
-GPU (--gpu, benchmarks/gpu_session.sh): torchvision.io.decode_jpeg(device="cuda") on the
-JPEG copies first (it needs no DALI), then, where DALI imports, the "mixed" decoder per
-format with the hardware JPEG decoder's load at 0 and at the loader's setting; rows a
-time budget cuts come last.
+GPU (benchmarks/gpu_session.sh): --gpu torchvision times torchvision.io.decode_jpeg
+(device="cuda") on the JPEG copies (it needs no DALI); --gpu dali, where DALI imports,
+the "mixed" decoder per format, JPEG with the hardware decoder's load at 0 and at
+DALI's default.
 
 The images are synthetic X-ray-like pictures (smooth anatomy-like gradients, film grain
 noise): flat test images compress unrealistically well.
@@ -135,8 +135,9 @@ def cpu_rows(sources: list[Path], work: Path, args: argparse.Namespace, console:
     return rows
 
 
-def gpu_rows(sources: list[Path], work: Path, args: argparse.Namespace, console: Console) -> list[dict]:
-    """Most telling first: torchvision's GPU JPEG decode needs no DALI."""
+def torchvision_gpu_rows(sources: list[Path], work: Path, args: argparse.Namespace, console: Console) -> list[dict]:
+    """torchvision.io.decode_jpeg(device="cuda") on the JPEG copies, a batch at a time:
+    the GPU decode a node without DALI has."""
     import torch
     import torchvision.io as tio
 
@@ -154,11 +155,18 @@ def gpu_rows(sources: list[Path], work: Path, args: argparse.Namespace, console:
         rows.append({"side": side, "format": "jpeg", "decoder": "torchvision decode_jpeg cuda",
                      "images_per_s": args.repeats * len(data) / (time.perf_counter() - began)})
         console.print(rows[-1], highlight=False)
+    return rows
+
+
+def dali_gpu_rows(sources: list[Path], work: Path, args: argparse.Namespace, console: Console) -> list[dict]:
+    """DALI's mixed decoder per format and size; JPEG with the hardware decoder off
+    (hw_decoder_load 0) and at DALI's default, with the share of files it can take."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         console.print("DALI is not installed here: no mixed-decoder rows")
-        return rows
+        return []
+    rows = []
     for side in args.sizes:
         for fmt in args.formats:
             max_side = None if side >= 1024 else side
@@ -182,6 +190,14 @@ def table(rows: list[dict], title: str) -> Table:
     return out
 
 
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="synthetic 1024 x 1024 X-rays")
@@ -191,15 +207,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="passes at 1024 px (more at smaller sizes)")
     parser.add_argument("--folder", type=Path, help="where the images go (default: a temporary folder)")
     parser.add_argument("--no-dali", dest="dali", action="store_false", help="CPU: skip DALI's CPU pipeline")
-    parser.add_argument("--gpu", action="store_true", help="GPU decoders instead (gpu_session.sh)")
+    parser.add_argument("--gpu", choices=("torchvision", "dali"),
+                        help="time a GPU decoder instead (gpu_session.sh): torchvision's decode_jpeg or DALI mixed")
     parser.add_argument("--json", type=Path, help="write the rows and the machine here")
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.folder or Path(tmp)
         sources = write_pngs(work / "source", args.images)
-        rows = (gpu_rows if args.gpu else cpu_rows)(sources, work, args, console)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        measure = {None: cpu_rows, "torchvision": torchvision_gpu_rows, "dali": dali_gpu_rows}[args.gpu]
+        rows = measure(sources, work, args, console)
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
     console.print(table(rows, f"decode images/s, {args.images} synthetic X-rays ({machine})"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,13 @@
 # GPU rules, digits-lt runs side by side, 30 epochs each: the default config (bf16
 # through DeepSpeed, or fp32 on the local engine where DeepSpeed does not import), group
 # norm, and, with DeepSpeed, fp16 at ZeRO stage 1; then the peers (Inf-CL, Liger-Kernel,
-# CCE) beside ours at the same rows, bf16 and fp32 (bench_losses.py --peers). A step
-# starts only if its time limit fits in what is left of the budget; each writes
-# OUT_DIR/NAME.txt (and its JSON), and OUT_DIR/summary.txt lists every step with its exit
-# status and time. OUT_DIR/machine.txt names the card. STEPS="install peers_16k ..." runs
-# only the steps named (e.g. the peers alone, in a call of their own).
+# CCE) beside ours at the same rows, bf16 and fp32 (bench_losses.py --peers); last, the
+# GPU decode rates (torchvision's decode_jpeg, then DALI's mixed decoder per format and
+# size, benchmarks/bench_decode.py). A step starts only if its time limit fits in what
+# is left of the budget; each writes OUT_DIR/NAME.txt (and its JSON), and
+# OUT_DIR/summary.txt lists every step with its exit status and time.
+# OUT_DIR/machine.txt names the card. STEPS="install peers_16k ..." runs only the steps
+# named (e.g. the peers alone, in a call of their own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_session}}
@@ -103,4 +105,10 @@ step peers_16k 150 python benchmarks/bench_losses.py --peers --sizes 16384 --cla
     --out "$OUT/peers_16k.json"
 step peers_131k 240 python benchmarks/bench_losses.py --peers --sizes 131072 --classes 8142 --dtypes bf16 fp32 \
     --repeats 5 --out "$OUT/peers_131k.json"
+# Decode on the GPU (issue 22): JPEG through torchvision (no DALI needed), then DALI's mixed
+# decoder per format (PNG, JPEG, lossless JPEG 2000 at 1024/512/256 px) where DALI imports.
+step bench_decode_torchvision 90 python benchmarks/bench_decode.py --gpu torchvision --images 64 --repeats 5 \
+    --json "$OUT/bench_decode_torchvision.json"
+step bench_decode_dali 150 python benchmarks/bench_decode.py --gpu dali --images 48 --repeats 5 \
+    --json "$OUT/bench_decode_dali.json"
 echo "total $(($(date +%s) - START))s of $BUDGET" | tee -a "$OUT/summary.txt"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, tiny_config
+from PIL import Image
 
 from jrcl_fast.config import load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
@@ -240,3 +241,19 @@ def test_ablation_interval_skips_missing_metrics_and_matches_the_t_formula() -> 
     assert interval([0.5, None]) == {"mean": 0.5, "ci95": 0.0}
     got = interval([0.5, None, 0.7, 0.6])  # n = 3, sd 0.1: t(0.975, 2) = 4.3027
     assert got["mean"] == pytest.approx(0.6) and got["ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3))
+
+
+def test_bench_decode_rows_cover_every_format_and_size(tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")  # the DALI CPU columns
+    out = tmp_path / "decode.json"
+    run_benchmark("bench_decode.py", "--images", "2", "--sizes", "96", "48", "--repeats", "1",
+                  "--folder", str(tmp_path / "images"), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {(r["side"], r["format"]) for r in result["rows"]} == {
+        (s, f) for s in (96, 48) for f in ("png", "jpeg", "jpeg2000")}
+    for row in result["rows"]:
+        assert row["images"] == 2 and row["kib_per_image"] > 0
+        rates = [v for k, v in row.items() if k.startswith(("torch_", "dali_"))]
+        assert len(rates) == 4 and all(math.isfinite(r) and r > 0 for r in rates)
+    with Image.open(tmp_path / "images" / "jpeg2000_48" / "00001.jp2") as img:  # --max-side 48 of 1024 x 1024
+        assert img.size == (48, 48) and img.mode == "L"
