@@ -27,13 +27,16 @@ setup(
         "mlxtend",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.17"],
+        "test": ["pytest>=7", "ruff>=0.17", "opencv-python-headless==5.1.0.95"],
         # The peers of the loss kernels, for `benchmarks/bench_losses.py --peers` and
         # tests/test_peers.py: pure Python + Triton wheels, pinned to the versions the peer
         # rows were written and checked against. Their own requirements (torch, triton,
         # numpy) are ours already; none of them pins a torch, and their metadata allows
         # torch 2.11 / triton 3.6. Liger imports packaging without declaring it.
         "peers": ["inf-cl==1.2.1", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "packaging"],
+        # prepare-images checks a lossless copy with a second decoder, OpenCV, where installed
+        # (the version its tests ran with).
+        "prepare": ["opencv-python-headless==5.1.0.95"],
     },
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
 )

@@ -23,8 +23,9 @@ from jrcl_fast.config import DataConfig
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.datasets import load_dataset
 from jrcl_fast.data.image_formats import CPU, GPU, decode_placement, read_format
-from jrcl_fast.data.prepare_images import PrepareOptions, prepare_images
+from jrcl_fast.data.prepare_images import PrepareOptions, encode, prepare_images, second_decoder, verify
 from jrcl_fast.data.sets.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT
+from jrcl_fast.errors import UserError
 
 pytest.importorskip("nvidia.dali")
 
@@ -91,6 +92,7 @@ def test_nih_pngs_to_lossless_jpeg2000_and_256px_jpeg_train_on_dali(tmp_path: Pa
     lossless = prepare(config, tmp_path / "j2k", "--format", "jpeg2000")
     assert lossless["files"] == len(pngs) and lossless["converted"] == len(pngs)
     assert lossless["verified_lossless"] == len(pngs)
+    assert lossless["verified_by"] == ["Pillow", "OpenCV"][:1 + (second_decoder() is not None)]
     assert "decodes" in lossless["stdout"] and "slower" in lossless["stdout"]  # a CPU run is told
     small = prepare(config, tmp_path / "jpeg256", "--format", "jpeg", "--quality", "90", "--max-side", "256")
     assert small["bytes_after"] < small["bytes_before"] / 10
@@ -179,3 +181,20 @@ def test_split_files_of_every_layout_name_the_copies(tmp_path: Path, name: str, 
             else:
                 with Image.open(out / new) as img:
                     assert max(img.size) == max_side
+
+
+@pytest.mark.parametrize("culprit", ["Pillow", "OpenCV"])
+def test_a_lossless_copy_that_differs_by_one_pixel_is_refused(culprit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Image.fromarray(np.random.default_rng().integers(0, 256, (40, 50), dtype=np.uint8), mode="L")
+    options = PrepareOptions(Path("unused"), "jpeg2000", gray=True)
+    data = encode(source, options)
+    assert verify(data, source, "x.png", lossless=True) == float("inf")
+    poisoned = np.asarray(source).copy()
+    poisoned[7, 9] ^= 1
+    if culprit == "Pillow":  # the copy is not what the source was
+        expected = Image.fromarray(poisoned, mode="L")
+    else:  # Pillow reads it right, the second decoder does not
+        expected = source
+        monkeypatch.setattr("jrcl_fast.data.prepare_images.second_decoder", lambda: lambda _: poisoned)
+    with pytest.raises(UserError, match=rf"x.png: the lossless copy does not decode \({culprit}\)"):
+        verify(data, expected, "x.png", lossless=True)
