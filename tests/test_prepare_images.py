@@ -19,6 +19,7 @@ from rich.console import Console
 from test_benchmarks import load_benchmark
 from test_data_adapters import gradient, write_inat
 
+from jrcl_fast.cli import main
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.datasets import load_dataset
@@ -37,8 +38,9 @@ NIH_HEADER = ["id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Ef
 ROWS_PER_SPLIT = {"train": 8, "balanced-val": 2, "test": 2, "balanced-test": 2}
 
 
-def nih_fixture(root: Path, seed: int) -> list[Path]:
-    """data.root of NIH-CXR-LT: the four split CSVs and images/<id>.png, 1024 x 1024 L."""
+def nih_fixture(root: Path, seed: int, side: int = 1024) -> list[Path]:
+    """data.root of NIH-CXR-LT: the four split CSVs and images/<id>.png, side x side L
+    (NIH's are 1024 x 1024)."""
     xray = load_benchmark("bench_decode.py").synthetic_xray
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
@@ -52,7 +54,7 @@ def nih_fixture(root: Path, seed: int) -> list[Path]:
                 name = f"{patient:08d}_{k:03d}.png"
                 hot = NIH_HEADER.index(NIH_CXR_LT.class_names[(patient * 7) % 20])
                 writer.writerow([name, *("1" if c == hot else "0" for c in range(1, 21)), f"{patient:08d}"])
-                Image.fromarray(xray(1024, int(rng.integers(1 << 30))), mode="L").save(root / "images" / name)
+                Image.fromarray(xray(side, int(rng.integers(1 << 30))), mode="L").save(root / "images" / name)
                 pngs.append(root / "images" / name)
     return pngs
 
@@ -113,21 +115,28 @@ def test_nih_pngs_to_lossless_jpeg2000_and_256px_jpeg_train_on_dali(tmp_path: Pa
         train_one_epoch(config, out)
 
 
-def test_a_rerun_skips_finished_files_and_redoes_a_missing_one(tmp_path: Path) -> None:
+def test_a_rerun_skips_finished_files_and_redoes_a_missing_one(tmp_path: Path, capsys) -> None:
+    """In this process (cli.main), to spare four interpreter start-ups."""
     root = tmp_path / "nih"
-    nih_fixture(root, seed=1)
-    config = nih_config(tmp_path, root, "cfg")
+    nih_fixture(root, seed=1, side=256)
+    config = str(nih_config(tmp_path, root, "cfg"))
     out = tmp_path / "copy"
-    prepare(config, out, "--format", "jpeg", "--max-side", "64")
+    args = ["prepare-images", "--config", config, "--out", str(out), "--format", "jpeg", "--max-side", "64"]
+    assert main(args) == 0
     victim = out / "images" / "00000001_000.jpg"
     victim.unlink()
-    again = prepare(config, out, "--format", "jpeg", "--max-side", "64")
+    assert main(args) == 0
+    again = json.loads((out / "prepare-images.json").read_text())
     assert again["skipped"] == again["files"] - 1 and again["converted"] == 1 and victim.is_file()
     assert not list(out.rglob(".*.jpg.*"))  # no temp file left behind
+    capsys.readouterr()
+    assert main(args[:-2]) == 2  # the same folder, another --max-side
+    assert "holds a copy made with max_side 64" in capsys.readouterr().err
     for data_root, formats, cpu in ((root, "png 100%", True), (out, "jpeg baseline 8-bit gray 100%", False)):
-        checked = run_cli("check-data", "--config", str(config), "--set", f"data.root={data_root}")
-        assert checked.returncode == 0 and f"image formats (from file headers): {formats}" in checked.stdout
-        assert ("decodes 100% of them on the CPU" in checked.stdout) == cpu
+        assert main(["check-data", "--config", config, "--set", f"data.root={data_root}"]) == 0
+        checked = capsys.readouterr().out
+        assert f"image formats (from file headers): {formats}" in checked
+        assert ("decodes 100% of them on the CPU" in checked) == cpu
 
 
 def write_places(root: Path) -> None:

@@ -239,6 +239,21 @@ class PrepareSummary:
     split_files: list[str]
     format: str
     max_side: int | None
+    quality: int
+
+
+def check_same_options(options: PrepareOptions) -> None:
+    """A rerun skips the files an earlier run finished, so it must ask for the same copy."""
+    record = options.out / "prepare-images.json"
+    if not record.is_file():
+        return
+    earlier = json.loads(record.read_text())
+    asked = {"format": options.format, "max_side": options.max_side, "quality": options.quality}
+    differ = [k for k, v in asked.items() if earlier.get(k) != v and not (k == "quality" and options.format != "jpeg")]
+    if differ:
+        was = ", ".join(f"{k} {earlier.get(k)}" for k in differ)
+        raise UserError(f"--out {options.out} holds a copy made with {was}; a rerun there skips finished files, "
+                        "so give the same options or a new --out folder")
 
 
 def _run_parallel(tasks: list[tuple[Path, str, PrepareOptions]], workers: int, console: Console) -> list[FileResult]:
@@ -277,7 +292,7 @@ def prepare_images(dataset: LongTailedDataset, root: Path, options: PrepareOptio
         min_psnr_db=min(lossy) if lossy else None,
         verified_lossless=len(fresh) if options.format in LOSSLESS else 0,
         verified_by=verifiers if options.format in LOSSLESS else [], split_files=written,
-        format=options.format, max_side=options.max_side,
+        format=options.format, max_side=options.max_side, quality=options.quality,
     )
 
 
@@ -316,6 +331,7 @@ def run_prepare(dataset: LongTailedDataset, root: Path, options: PrepareOptions,
     """The command: prepare, show the table (and the CPU note), write DIR/prepare-images.json."""
     if options.out.resolve() == root.resolve():
         raise UserError(f"--out {options.out} is data.root itself; give a new folder for the copy")
+    check_same_options(options)
     summary = prepare_images(dataset, root, options, max(1, workers), console)
     console.print(summary_table(summary))
     if (note := cpu_slowdown_note(summary)) is not None:
