@@ -129,6 +129,8 @@ def test_a_sof_beyond_a_large_exif_block_is_found(tmp_path: Path) -> None:
     path = tmp_path / "big_exif.jpg"
     path.write_bytes(frame[:2] + exif + frame[2:])
     assert read_format(path).label == "jpeg progressive 8-bit ycbcr"
+    path.write_bytes(frame[:2] + exif)  # cut off before its frame header
+    assert read_format(path).label == "jpeg without a frame header" and decode_placement(read_format(path)) == CPU
 
 
 def test_extensions_are_not_trusted(tmp_path: Path) -> None:

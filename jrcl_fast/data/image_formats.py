@@ -41,7 +41,8 @@ from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.errors import UserError
 
 GPU, CPU = "gpu", "cpu"
-HEADER_BYTES = 1 << 16  # past a large EXIF block (APP1 is at most 64 KiB) to the SOF marker
+FIRST_READ = 4096  # the signature, and the SOF of a JPEG without a large EXIF or ICC block
+HEADER_BYTES = 1 << 16  # then a JPEG is read on in steps of at least this (an APPn segment is at most 64 KiB)
 
 # SOFn marker -> JPEG coding process (ITU-T T.81, Table B.1).
 SOF_PROCESS = {
@@ -70,6 +71,8 @@ class ImageFormat:
     def label(self) -> str:
         if self.name != "jpeg":
             return self.name
+        if self.process == "unknown":
+            return "jpeg without a frame header"  # truncated or corrupt: check-data lists it
         return f"jpeg {self.process} {self.precision}-bit {self.color}"
 
 
@@ -134,13 +137,15 @@ def sniff(data: bytes) -> ImageFormat:
 
 
 def read_format(path: Path) -> ImageFormat:
-    """The format of the file at `path` from its header bytes, whatever its extension;
-    a JPEG whose SOF lies past HEADER_BYTES is read whole."""
+    """The format of the file at `path` from its header bytes, whatever its extension.
+    Reads FIRST_READ bytes, and more only for a JPEG whose SOF lies further (past a
+    large EXIF or ICC block): check-data reads the header of every file of a data set."""
     with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
+        head = f.read(FIRST_READ)
         found = sniff(head)
-        if found.name == "jpeg" and found.process == "unknown" and len(head) == HEADER_BYTES:
-            found = sniff(head + f.read())
+        while found.name == "jpeg" and found.process == "unknown" and (more := f.read(max(len(head), HEADER_BYTES))):
+            head += more
+            found = sniff(head)
     return found
 
 
