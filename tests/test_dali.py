@@ -145,10 +145,14 @@ def test_train_views_are_independent_and_epochs_differ(tmp_path: Path) -> None:
 
 def test_dali_reads_the_image_files_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No image byte passes through Python on the DALI path: its file reader reads them.
-    Every way Python opens or reads a file is watched; the torchvision path shows the watch sees."""
+    Every way Python opens or reads a file is watched; the torchvision path shows the watch sees.
+    (Building the train loader reads the headers of a sample of files once, to say where
+    they decode: image_formats.decode_notice; that happens before the watch.)"""
     split = make_split(tmp_path, 6, "jpg")
     images = {str(tmp_path / path) for path in split.paths}
     opened = []
+    spec = train_spec(split, 16, NATURAL, 2, batch_size=2)
+    dali_train = DaliTrainLoader(spec)
 
     def watched(read):
         def call(file, *args, **kwargs):
@@ -160,8 +164,7 @@ def test_dali_reads_the_image_files_itself(tmp_path: Path, monkeypatch: pytest.M
     for owner, name in ((builtins, "open"), (io, "open"), (os, "open"), (np, "fromfile"), (Path, "open"),
                         (Path, "read_bytes")):
         monkeypatch.setattr(owner, name, watched(getattr(owner, name)))
-    spec = train_spec(split, 16, NATURAL, 2, batch_size=2)
-    train_images, _ = collect(DaliTrainLoader(spec).epoch(0))
+    train_images, _ = collect(dali_train.epoch(0))
     eval_images, _ = collect(dali_eval_loader(LoaderSpec(split=split, image_size=16, augmentation=NATURAL,
                                                          batch_size=4)))
     assert train_images.shape == (6, 2, 3, 16, 16) and eval_images.shape == (6, 3, 16, 16)
