@@ -85,6 +85,7 @@ def train_one_epoch(config: Path, root: Path) -> None:
     assert 0 <= results["balanced_accuracy"] <= 1 and results["selection"]
 
 
+@pytest.mark.slow  # two prepare runs and two training runs, each a fresh interpreter
 def test_nih_pngs_to_lossless_jpeg2000_and_256px_jpeg_train_on_dali(tmp_path: Path) -> None:
     root = tmp_path / "nih"
     pngs = nih_fixture(root, seed=int(np.random.default_rng().integers(1 << 30)))
