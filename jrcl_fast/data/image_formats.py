@@ -168,31 +168,26 @@ def hardware_decodable(fmt: ImageFormat) -> bool:
 
 @dataclass(frozen=True)
 class FormatCensus:
-    """Formats of `checked` files out of `total` (a sample when checked < total)."""
+    """Formats of the `checked` files that could be read."""
 
     counts: Counter  # ImageFormat.label -> files
     cpu_counts: Counter  # label -> files a GPU run decodes on the CPU
     checked: int
-    total: int
 
     @property
     def cpu_share(self) -> float:
         return sum(self.cpu_counts.values()) / max(self.checked, 1)
 
     def describe(self) -> str:
-        """'png 100%' or 'jpeg baseline 8-bit gray 90%, png 10% (of a sample of 512)'."""
-        parts = [f"{label} {100 * n / max(self.checked, 1):.0f}%" for label, n in self.counts.most_common()]
-        sample = f" (of a sample of {self.checked})" if self.checked < self.total else ""
-        return ", ".join(parts) + sample
+        """E.g. 'jpeg baseline 8-bit gray 90%, png 10%'."""
+        return ", ".join(f"{label} {100 * n / max(self.checked, 1):.0f}%" for label, n in self.counts.most_common())
 
 
-def census(paths: list[Path], gray_output: bool, sample: int | None = None, seed: int = 0) -> FormatCensus:
-    """Formats of the files at `paths`, or of a random `sample` of them (a start-up check
-    reads a few hundred headers, not 437k). Missing files are left to the loaders'
-    own check and not counted."""
-    chosen = paths if sample is None or sample >= len(paths) else random.Random(seed).sample(paths, sample)
+def census(paths: list[Path], gray_output: bool) -> FormatCensus:
+    """Formats of the files at `paths`, by their headers. Missing or unreadable files
+    are left to the loaders' own checks and check-data, and not counted."""
     counts, cpu_counts, checked = Counter(), Counter(), 0
-    for path in chosen:
+    for path in paths:
         try:
             fmt = read_format(path)
         except OSError:
@@ -201,7 +196,7 @@ def census(paths: list[Path], gray_output: bool, sample: int | None = None, seed
         counts[fmt.label] += 1
         if decode_placement(fmt, gray_output) == CPU:
             cpu_counts[fmt.label] += 1
-    return FormatCensus(counts, cpu_counts, checked, len(paths))
+    return FormatCensus(counts, cpu_counts, checked)
 
 
 STARTUP_SAMPLE = 256  # headers a run reads at start-up: a share to within a few percent
@@ -216,14 +211,14 @@ def decode_notice(root: Path, rel_paths: list[str], gpu: bool, gray_output: bool
     JPEG 2000 copy (an order of magnitude slower than PNG on the CPU). None when fine."""
     chosen = random.Random(0).sample(rel_paths, sample) if sample < len(rel_paths) else rel_paths
     found = census([root / rel for rel in chosen], gray_output)
-    of = f" (a sample of {found.checked} of {len(rel_paths)} files)" if found.checked < len(rel_paths) else ""
+    of = f" (a sample of {len(chosen)} of {len(rel_paths)} files)" if len(chosen) < len(rel_paths) else ""
     if gpu and found.cpu_share > 0:
         kinds = ", ".join(label for label, _ in found.cpu_counts.most_common())
         return (f"DALI decodes {found.cpu_share:.0%} of the training images on the CPU, not the GPU: {kinds}{of}; "
                 f"{PREPARE_FIX}")
     j2k = found.counts["jpeg2000"] / max(found.checked, 1)
     if not gpu and j2k > 0:
-        return (f"{j2k:.0%} of the training images are JPEG 2000{of}, which decodes on the CPU about 14x slower "
+        return (f"{j2k:.0%} of the training images are JPEG 2000{of}, which decodes on the CPU over 10x slower "
                 "than PNG (docs/BENCHMARKS.md): a JPEG 2000 copy is for GPU runs; on the CPU, train on the originals")
     return None
 
