@@ -115,7 +115,8 @@ def write_places_lt(root: Path, scale: float = 1.0, seed: int = 0) -> Path:
     (/a/abbey/00000001.jpg); returns root."""
     rng = np.random.default_rng(seed)
     counts = class_counts(PLACES_LT_TRAIN, scale)
-    scenes = [f"{letter}/{letter}scene{k:03d}" for k, letter in ((k, chr(ord("a") + k % 26)) for k in range(len(counts)))]
+    letters = [chr(ord("a") + k % 26) for k in range(len(counts))]  # Places365's first-letter folders
+    scenes = [f"{letter}/{letter}scene{k:03d}" for k, letter in enumerate(letters)]
     by_class = rng.permutation(len(counts))
     per_split = {"train": counts, "val": np.full(len(counts), PLACES_LT_VAL_PER_CLASS),
                  "test": np.full(len(counts), PLACES_LT_TEST_PER_CLASS)}
