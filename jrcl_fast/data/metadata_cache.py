@@ -9,7 +9,9 @@ read-only (np.memmap): no parse, and the ranks of a node share one copy of the p
 
 The 8 ranks of a node start at once: the first takes an exclusive fcntl.flock on the
 cache's lock file and parses; the others block on the lock, then read what it wrote
-(atomically, jrcl_fast/atomic.py: a rank never maps a half-written file). The cache
+(atomically, jrcl_fast/atomic.py: a rank never maps a half-written file, and a rebuild
+replaces the file, so a running process keeps mapping the one it opened; a cache file
+must never be edited in place, which would fault its readers). The cache
 lives in data.root/.jrcl_fast_cache, or where data.root is read-only in
 $JRCL_FAST_CACHE, else $XDG_CACHE_HOME/jrcl_fast, else ~/.cache/jrcl_fast.
 """
