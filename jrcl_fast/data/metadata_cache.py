@@ -133,7 +133,9 @@ def read_cache(path: Path, stats: list[dict]) -> LongTailedDataset | None:
     for key, where in header["arrays"].items():
         begin = header["start"] + where["offset"]
         dtype = np.dtype(where["dtype"])
-        arrays[key] = mapped[begin:begin + where["count"] * dtype.itemsize].view(dtype)
+        # Plain read-only ndarrays over the mapping (not np.memmap, which fancy indexing and
+        # ufuncs would carry along into every result).
+        arrays[key] = np.asarray(mapped[begin:begin + where["count"] * dtype.itemsize]).view(dtype)
     splits = {name: Split(Path(s["root"]), PathTable(arrays[f"{name}.paths"], arrays[f"{name}.offsets"]),
                           arrays[f"{name}.labels"], s["source"]) for name, s in header["splits"].items()}
     meta = header["dataset"]
