@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from jrcl_fast.config import Config, load_config, parse_config
-from jrcl_fast.errors import CheckFailure, RankFailure, UserError
+from jrcl_fast.errors import CheckFailure, ConfigWarning, RankFailure, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,9 +155,29 @@ def _print_error(err: Exception) -> None:
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
 
 
+def _warnings_on(console: Console) -> None:
+    """ConfigWarnings as one line on the console (quiet on ranks other than 0), not
+    Python's file:line form; other warnings keep Python's handling."""
+    python_way = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, ConfigWarning):
+            console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        else:
+            python_way(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    with warnings.catch_warnings():  # restores Python's display when main returns
+        _warnings_on(console)
+        return _run(args, console)
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     try:
         COMMANDS[args.command](args, console)
     except UserError as err:

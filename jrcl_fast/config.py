@@ -318,6 +318,9 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
         raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
                         "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")
+    from jrcl_fast.config_checks import check_combinations  # it imports Config from here
+
+    check_combinations(config, source)
     return config
 
 

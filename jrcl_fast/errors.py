@@ -18,3 +18,8 @@ class RankFailure(Exception):
 
 class CheckFailure(Exception):
     """`jrcl-fast doctor` found a failing check (the table shows which): exit code 1."""
+
+
+class ConfigWarning(UserWarning):
+    """A config whose keys combine into less than they ask for (a setting that does
+    nothing, a warmup that outlasts training); the CLI prints it as one line."""

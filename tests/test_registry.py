@@ -35,6 +35,14 @@ def test_an_unknown_name_is_one_sentence_with_the_key_and_the_known_names(regist
     assert all(name in message for name in registry.names()) and message.count(".") == registry.key.count(".")
 
 
+@pytest.mark.parametrize("registry", [DATASETS, BACKBONES, OPTIMIZERS, DIVERGENCES], ids=lambda r: r.kind)
+def test_the_names_read_from_source_are_the_names_registered(registry):
+    fresh = Registry(registry.kind, registry.key, registry.home)  # nothing looked up yet: names from source
+    assert sorted(fresh.declared()) == sorted(fresh.names()) == sorted(registry._entries or registry.names())
+    registry.get(registry.names()[0])  # imports the home: every module has registered
+    assert sorted(fresh.declared()) == sorted(registry.names())
+
+
 def test_a_name_registered_twice_is_refused():
     registry = Registry("thing", "x.name", "jrcl_fast.errors")
     registry.register("a", 1)

@@ -128,8 +128,11 @@ def torchvision_backbone(name: str, small_input_stem: bool, norm: str) -> tuple[
     return net, width
 
 
-for _name in ("resnet18", "resnet50", "resnet152", "resnext50_32x4d"):
-    BACKBONES.register(_name, functools.partial(torchvision_backbone, _name))
+# One literal name per line: the registry reads the names from this source (registry.py).
+BACKBONES.register("resnet18", functools.partial(torchvision_backbone, "resnet18"))
+BACKBONES.register("resnet50", functools.partial(torchvision_backbone, "resnet50"))
+BACKBONES.register("resnet152", functools.partial(torchvision_backbone, "resnet152"))
+BACKBONES.register("resnext50_32x4d", functools.partial(torchvision_backbone, "resnext50_32x4d"))
 
 
 def imagenet_weights(name: str) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +19,7 @@ import numpy as np
 from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
 from jrcl_fast.data.datasets import DatasetEntry
 from jrcl_fast.data.filelist import read_file_list
+from jrcl_fast.data.metadata_cache import load_cached
 from jrcl_fast.errors import UserError
 from jrcl_fast.registry import DATASETS
 
@@ -203,6 +205,7 @@ def load_inat2018(root: Path) -> LongTailedDataset:
 
 
 PLACES_LT_CLASSES = 365
+PLACES_LT_FILES = [f"Places_LT_{split}.txt" for split in ("train", "val", "test")]
 
 
 def places_class_names(train: Split) -> list[str]:
@@ -221,21 +224,31 @@ def places_class_names(train: Split) -> list[str]:
 
 
 def load_places_lt(root: Path) -> LongTailedDataset:
-    lists = {split: f"Places_LT_{split}.txt" for split in ("train", "val", "test")}
-    require_files(root, list(lists.values()), "the Places-LT list files")
-    train = read_file_list(root / lists["train"], root)
+    require_files(root, PLACES_LT_FILES, "the Places-LT list files")
+    train = read_file_list(root / PLACES_LT_FILES[0], root)
     return LongTailedDataset(
         name="places_lt",
         class_names=places_class_names(train),
         train=train,
-        val=read_file_list(root / lists["val"], root),
-        test=read_file_list(root / lists["test"], root),
+        val=read_file_list(root / PLACES_LT_FILES[1], root),
+        test=read_file_list(root / PLACES_LT_FILES[2], root),
     )
 
 
-DATASETS.register("nih_cxr_lt", DatasetEntry(lambda root, cfg: load_cxr_lt(root, NIH_CXR_LT), "xray",
-                                             normal_classes=(CXR_NORMAL_CLASS,)))
-DATASETS.register("mimic_cxr_lt", DatasetEntry(lambda root, cfg: load_cxr_lt(root, MIMIC_CXR_LT), "xray",
-                                               normal_classes=(CXR_NORMAL_CLASS,)))
-DATASETS.register("inat2018", DatasetEntry(lambda root, cfg: load_inat2018(root), "natural"))
-DATASETS.register("places_lt", DatasetEntry(lambda root, cfg: load_places_lt(root), "natural"))
+def cached(name: str, files: list[str], load: Callable[[Path], LongTailedDataset]) -> Callable:
+    """A DatasetEntry's load: `load(root)` parsed once per node (data/metadata_cache.py),
+    keyed on the label files `files` under data.root."""
+    return lambda root, cfg: load_cached(name, root, [root / f for f in files], lambda: load(root))
+
+
+CXR_FILES = {name: [spec.csv_name(split) for split in CXR_SPLITS] for name, spec in CXR_SPECS.items()}
+
+DATASETS.register("nih_cxr_lt", DatasetEntry(cached("nih_cxr_lt", CXR_FILES["nih_cxr_lt"],
+                                                    lambda root: load_cxr_lt(root, NIH_CXR_LT)),
+                                             "xray", normal_classes=(CXR_NORMAL_CLASS,)))
+DATASETS.register("mimic_cxr_lt", DatasetEntry(cached("mimic_cxr_lt", CXR_FILES["mimic_cxr_lt"],
+                                                      lambda root: load_cxr_lt(root, MIMIC_CXR_LT)),
+                                               "xray", normal_classes=(CXR_NORMAL_CLASS,)))
+DATASETS.register("inat2018", DatasetEntry(cached("inat2018", ["train2018.json", "val2018.json"], load_inat2018),
+                                           "natural"))
+DATASETS.register("places_lt", DatasetEntry(cached("places_lt", PLACES_LT_FILES, load_places_lt), "natural"))
