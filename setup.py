@@ -27,7 +27,7 @@ setup(
         "mlxtend",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.17", "opencv-python-headless==5.1.0.95"],
+        "test": ["pytest>=7", "ruff>=0.17", "opencv-python-headless==5.1.0.95", "tensorboard==2.21.0"],
         # The peers of the loss kernels, for `benchmarks/bench_losses.py --peers` and
         # tests/test_peers.py: pure Python + Triton wheels, pinned to the versions the peer
         # rows were written and checked against. Their own requirements (torch, triton,
@@ -37,6 +37,9 @@ setup(
         # prepare-images checks a lossless copy with a second decoder, OpenCV, where installed
         # (the version its tests ran with).
         "prepare": ["opencv-python-headless==5.1.0.95"],
+        # train.loggers: [tensorboard] writes through torch.utils.tensorboard, which needs the
+        # tensorboard package (the version tested); the tests exercise it, so [test] has it too.
+        "tensorboard": ["tensorboard==2.21.0"],
     },
     entry_points={"console_scripts": ["jrcl-fast=jrcl_fast.cli:main"]},
 )

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from jrcl_fast.errors import UserError
-from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, OPTIMIZERS, Registry
+from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, LOGGERS, OPTIMIZERS, Registry
 
 BDC_STOP_GRADS = ("none", "classifier", "binary")
 LOSS_BACKENDS = ("auto", "torch", "triton")
@@ -143,6 +143,10 @@ class TrainConfig:
     # With select_on=val_balanced_accuracy: stop after this many epochs without a better
     # validation score; 0 trains every epoch.
     early_stop_patience: int = 0
+    # Record sinks besides metrics.jsonl and steps.jsonl, written by rank 0: tensorboard
+    # (events in output_dir/tensorboard/, pip install "jrcl_fast[tensorboard]"), csv
+    # (output_dir/metrics.csv); names in the LOGGERS registry (engine/records/).
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +176,7 @@ CHOICES: dict[str, tuple[str, ...] | Registry] = {
     "train.engine": ("auto", "local", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_on": ("last", "val_balanced_accuracy"),
+    "train.loggers": LOGGERS,
     "loss.divergence": DIVERGENCES,
     "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
@@ -232,19 +237,24 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{source}: missing required key '{dotted}'")
-            continue
-        if dataclasses.is_dataclass(hints[name]):
+        elif dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], raw[name], source, f"{dotted}.")
-            continue
-        value = _coerce(raw[name], hints[name], source, dotted)
-        if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise UserError(f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
-        if dotted in POSITIVE and not value > 0:
-            raise UserError(f"{source}: key '{dotted}' must be positive, got {value!r}")
-        if dotted in NON_NEGATIVE and value < 0:
-            raise UserError(f"{source}: key '{dotted}' must not be negative, got {value!r}")
-        values[name] = value
+        else:
+            values[name] = _check_value(_coerce(raw[name], hints[name], source, dotted), source, dotted)
     return cls(**values)
+
+
+def _check_value(value: Any, source: str, dotted: str) -> Any:
+    """`value` of key `dotted`, once it is one of the key's choices (each item of a list)
+    and has the key's sign."""
+    for item in value if isinstance(value, list) else [value]:
+        if dotted in CHOICES and item not in CHOICES[dotted]:
+            raise UserError(f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {item!r}")
+    if dotted in POSITIVE and not value > 0:
+        raise UserError(f"{source}: key '{dotted}' must be positive, got {value!r}")
+    if dotted in NON_NEGATIVE and value < 0:
+        raise UserError(f"{source}: key '{dotted}' must not be negative, got {value!r}")
+    return value
 
 
 def apply_override(raw: dict, assignment: str) -> None:

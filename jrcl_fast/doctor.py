@@ -170,31 +170,26 @@ def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[
     the default config (bf16, BatchNorm), the set-up that crashed on the first GPU run, or
     fp16 with loss scaling, whose first steps overflow and are skipped until the scale fits."""
     from jrcl_fast.config import parse_config
-    from jrcl_fast.engine.backends import FP16_DEEPSPEED_CONFIG, build_engine
-    from jrcl_fast.engine.optim import build_optimizer, build_scheduler
+    from jrcl_fast.engine.backends import FP16_DEEPSPEED_CONFIG
+    from jrcl_fast.engine.run_setup import build_training_stack
     from jrcl_fast.engine.trainer import train_step
-    from jrcl_fast.losses.objective import JRCLObjective
-    from jrcl_fast.models import JRCLNet
     from jrcl_fast.runtime import Ranks
 
     gpu = device.type == "cuda"
     # ResNet-50 at 64 px on a GPU; ResNet-18 at 16 px keeps the CPU part short.
     backbone, size, batch, classes = ("resnet50", 64, 16, 20) if gpu else ("resnet18", 16, 8, 20)
-    train = {"engine": "deepspeed", "batch_size": batch}
+    train = {"engine": "deepspeed", "batch_size": batch, "epochs": 1}
     if precision == "fp16":
         train["deepspeed_config"] = str(folder / "ds_fp16.json")
         Path(train["deepspeed_config"]).write_text(json.dumps(FP16_DEEPSPEED_CONFIG))
     cfg = parse_config({"data": {"name": "nih_cxr_lt", "root": "unused", "image_size": size},
                         "model": {"backbone": backbone, "small_input_stem": not gpu}, "train": train},
                        "jrcl-fast doctor")
-    torch.manual_seed(0)
-    model = JRCLNet(cfg.model, classes).to(device)
-    optimizer = build_optimizer(cfg.optim, model)
-    engine, description = build_engine(cfg, Ranks(), device, model, optimizer,
-                                       build_scheduler(cfg.optim, optimizer, 1, 1))
+    # The trainer's own set-up of model, optimizer, schedule, engine and objective.
+    stack = build_training_stack(cfg, Ranks(), device, classes, np.linspace(1000, 10, classes).astype(int),
+                                 np.arange(classes) == 0, steps_per_epoch=1)
+    engine, description, objective = stack.engine, stack.description, stack.objective
     before = [p.detach().float().clone() for p in engine.module.parameters()]
-    counts = np.linspace(1000, 10, classes).astype(int)
-    objective = JRCLObjective(cfg.loss, counts, np.arange(classes) == 0, device)
     images = torch.randn(batch, cfg.data.num_views, 3, size, size)
     labels = torch.arange(batch) % classes
     start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Registries of the plug-ins a config names: data sets, backbones, optimizers and
-divergences.
+"""Registries of the plug-ins a config names: data sets, backbones, optimizers,
+divergences and record sinks (train.loggers).
 
 Each plug-in registers itself in the module that defines it (`DATASETS.register(...)`
 beside its loader, as timm's `register_model` does), so adding one touches one code
@@ -101,3 +101,4 @@ DATASETS: Registry = Registry("data set", "data.name", "jrcl_fast.data.sets")
 BACKBONES: Registry = Registry("backbone", "model.backbone", "jrcl_fast.models")
 OPTIMIZERS: Registry = Registry("optimizer", "optim.name", "jrcl_fast.engine.optim")
 DIVERGENCES: Registry = Registry("divergence", "loss.divergence", "jrcl_fast.losses.reference")
+LOGGERS: Registry = Registry("logger", "train.loggers", "jrcl_fast.engine.records")

@@ -174,13 +174,13 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
 
     from jrcl_fast.config import load_config
     from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.engine import trainer
+    from jrcl_fast.engine import run_setup, trainer
     from jrcl_fast.errors import RankFailure
     from jrcl_fast.runtime import Ranks
 
     # CPU ranks, said explicitly: on a machine with one GPU, rank 1 would otherwise be refused
     cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "device": "cpu"}))
-    monkeypatch.setattr(trainer, "build_engine", lambda *_: raise_(LOST_PEER[0]))  # as deepspeed.initialize's broadcast
+    monkeypatch.setattr(run_setup, "build_engine", lambda *_: raise_(LOST_PEER[0]))  # as deepspeed.initialize's broadcast
     with pytest.raises(RankFailure, match="^rank 1 of 2"):
         trainer.train(cfg, load_dataset(cfg.data), False, False, Console(quiet=True), Ranks(1, 2, 1))
 

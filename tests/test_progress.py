@@ -11,7 +11,7 @@ from helpers import tiny_config
 from rich.console import Console
 
 from jrcl_fast.engine import trainer
-from jrcl_fast.engine.trainer import PlainProgress, _progress
+from jrcl_fast.engine.records.progress import PlainProgress, progress_display
 from jrcl_fast.errors import UserError
 
 LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) (\d+) img/s loss (\d+\.\d{4}|-) ETA (\d+):(\d\d):(\d\d)$")
@@ -54,8 +54,8 @@ def test_a_log_file_gets_plain_lines_at_an_interval_and_at_each_epoch_end():
 def test_a_terminal_keeps_the_live_bar():
     from rich.progress import Progress
 
-    assert isinstance(_progress(Console(file=io.StringIO(), force_terminal=True), 5, 2), Progress)
-    assert isinstance(_progress(Console(file=io.StringIO(), force_terminal=False), 5, 2), PlainProgress)
+    assert isinstance(progress_display(Console(file=io.StringIO(), force_terminal=True), 5, 2), Progress)
+    assert isinstance(progress_display(Console(file=io.StringIO(), force_terminal=False), 5, 2), PlainProgress)
 
 
 def test_step_losses_are_read_once_per_interval_and_every_step_is_logged(tmp_path, digits_root, monkeypatch):

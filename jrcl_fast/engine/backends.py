@@ -1,8 +1,7 @@
 """The engine the training loop drives: DeepSpeed, or a local stand-in with its API.
 
-The loop calls `engine(images)`, `engine.backward(loss)`, `engine.step()`,
-`engine.get_lr()`, `engine.save_checkpoint(...)` and `engine.load_checkpoint(...)` only,
-so one loop serves both. DeepSpeed runs whenever the job is launched with several
+The loop uses only what the engine contract (contract.py: TrainingEngine) lists, so one
+loop serves both. DeepSpeed runs whenever the job is launched with several
 ranks or the rank's device is a GPU (train.engine: auto; train.device picks it). A
 plain one-process CPU run uses LocalEngine instead: it has nothing to communicate.
 LocalEngine follows DeepSpeed's semantics (loss divided by the accumulation steps, an
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
 from jrcl_fast.config import Config
+from jrcl_fast.engine.contract import TrainingEngine
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet
 from jrcl_fast.runtime import Ranks, init_process_group
@@ -52,13 +52,16 @@ ZERO_STAGES = (0, 1, 2)
 
 
 class LocalEngine:
-    """One process, fp32, no DeepSpeed: the subset of DeepSpeedEngine the loop uses."""
+    """One process, fp32, no DeepSpeed: the engine contract (TrainingEngine) with
+    DeepSpeedEngine's semantics."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, accumulation_steps: int, clip: float):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, scheduler
         self.accumulation_steps, self.clip = accumulation_steps, clip
         self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0  # fp32 has no overflow to skip
 
     def __call__(self, *args: Any) -> Any:
         return self.module(*args)
@@ -70,6 +73,7 @@ class LocalEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation_steps:
             return
+        self.global_steps += 1
         if self.clip > 0:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
         self.optimizer.step()
@@ -83,7 +87,7 @@ class LocalEngine:
                         save_latest: bool = False) -> None:
         save_model_states(Path(save_dir) / tag / MODEL_STATES, {
             "module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(), **client_state})
+            "lr_scheduler": self.lr_scheduler.state_dict(), "global_steps": self.global_steps, **client_state})
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
         path = Path(load_dir) / tag / MODEL_STATES
@@ -91,6 +95,7 @@ class LocalEngine:
         self.module.load_state_dict(state.pop("module"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
+        self.global_steps = state.pop("global_steps", 0)  # absent from checkpoints before the contract
         self.micro_steps = 0
         return str(path), state
 
@@ -188,7 +193,7 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
 
 def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet,
                  optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[Any, str]:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[TrainingEngine, str]:
     """The engine for this run, and a one-line description of it for the log."""
     ds = deepspeed_config(cfg, ranks.world_size, device)
     if not use_deepspeed(cfg, ranks, device):
