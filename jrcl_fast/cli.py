@@ -58,11 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_loss_backend(cfg: Config) -> None:
     """loss.backend=triton without a GPU fails deep in Triton ("0 active drivers") unless
-    the kernels run under the interpreter (Triton reads TRITON_INTERPRET as on/true/1)."""
+    the kernels run under the interpreter."""
+    from jrcl_fast.kernels._common import interpreter_enabled
     from jrcl_fast.runtime import runs_on_cpu
 
-    interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
-    if cfg.loss.backend == "triton" and runs_on_cpu(cfg.train.device) and not interpreted:
+    if cfg.loss.backend == "triton" and runs_on_cpu(cfg.train.device) and not interpreter_enabled():
         raise UserError("loss.backend=triton needs a CUDA GPU and this run has none; use --set "
                         "loss.backend=torch (or auto, which takes the kernels only on a GPU), or set "
                         "TRITON_INTERPRET=1 to run the kernels under the Triton interpreter (slow)")

@@ -4,7 +4,6 @@ streaming log-sum-exp and a flush-to-zero exp2."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -13,8 +12,17 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
+
+def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter, by Triton's own rule
+    (its knob, read as @triton.jit reads it: 1, true, on and, from Triton 3.8, yes, in any
+    case). The one reading of the variable in the package: cli.py asks here too."""
+    return bool(triton.knobs.runtime.interpret)
+
+
 # Whether @triton.jit builds interpreted functions (decided at import, as here).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = interpreter_enabled()
 _INTERPRETED: tl.constexpr = tl.constexpr(INTERPRETED)
 LOG2E: tl.constexpr = tl.constexpr(1.0 / math.log(2.0))
 

@@ -339,3 +339,46 @@ def test_setup_declares_the_lowest_torch_ci_runs():
 
     floor = re.search(r'"torch>=([\d.]+)"', (REPO / "setup.py").read_text()).group(1)
     assert f"torch=={floor}" in (REPO / ".ci" / "run").read_text()
+
+
+# ---------------------------------------------------------------- the interpreter switch
+
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("true", True), ("TRUE", True), ("on", True),
+                                               ("0", False), ("false", False), ("", False)])
+def test_triton_interpret_is_read_by_tritons_rule(value, interpreted, monkeypatch):
+    """kernels/_common.py reads TRITON_INTERPRET as Triton's @triton.jit does (its knob);
+    `true` was once taken for "interpret" by Triton and the CLI but not by the kernels."""
+    import triton
+
+    from jrcl_fast.kernels._common import interpreter_enabled
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_enabled() is interpreted is bool(triton.knobs.runtime.interpret)
+
+
+INTERPRETED_KERNELS = """
+import json, torch
+from triton.runtime.autotuner import Autotuner
+from jrcl_fast.doctor import ce_bdc_case, compare, o2a_case
+from jrcl_fast.kernels import _common, o2a
+cpu = torch.device("cpu")
+checks = [compare(case(37, 24, 5, torch.float32, cpu), torch.float32) for case in (o2a_case, ce_bdc_case)]
+print(json.dumps({"interpreted": _common.INTERPRETED, "autotuned": isinstance(o2a._o2a_fwd_kernel, Autotuner),
+                  "checks": checks}))
+"""
+
+
+@pytest.mark.parametrize("value", ["true", "1"])
+def test_triton_interpret_true_runs_the_kernels_on_the_cpu_like_1(value):
+    """With TRITON_INTERPRET=true the kernels take the interpreter's path too (no GPU
+    autotuner, which fails without a GPU: "0 active drivers") and match the reference."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": value, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_KERNELS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["interpreted"] and not got["autotuned"], got
+    assert [ok for ok, _detail in got["checks"]] == [True, True], got
