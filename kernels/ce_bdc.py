@@ -368,8 +368,9 @@ class _CEBDCFunction(torch.autograd.Function):
         compute_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         per_row = [new_buffer((batch,), torch.float32, device) for _ in range(3)]
         # Without a gradient the kernel never touches these; the pointers are placeholders.
-        # The logits' gradient takes their row stride (a classifier padded to a multiple
-        # of 16 classes hands over an aligned view), so both are read and written in vectors.
+        # The logits' gradient takes their row stride (the classifier pads its rows to a
+        # multiple of LOGIT_ROW_ALIGNMENT = 8 classes, models/jrcl_net.py, and hands over an
+        # aligned view), so both are read and written in 16-byte vectors.
         grad_logits = logits
         if compute_grad:
             # (At least C: an expanded batch of one row has row stride 0.)
@@ -380,12 +381,15 @@ class _CEBDCFunction(torch.autograd.Function):
         adjustment = logit_adjustment.float().contiguous() if has_adj else logits
         config = _launch_config(num_classes, logits.element_size())
         if batch:
+            abnormal_bias, normal_idx, n_normal = _class_groups(args.normal_mask, config["NORMAL_BLOCK"])
             _ce_bdc_kernel[(triton.cdiv(batch, config["ROWS"]),)](
-                logits, binary_logits, labels, *_class_groups(args.normal_mask, config["NORMAL_BLOCK"]), adjustment,
-                *per_row, grad_logits, grad_binary,
-                batch, num_classes, logits.stride(0), binary_logits.stride(0), grad_logits.stride(0),
-                grad_binary.stride(0), lambda_bin, lambda_bdc if args.bdc_grad_to_logits else 0.0,
-                lambda_bdc if args.bdc_grad_to_binary else 0.0, 1.0 / batch,
+                z_ptr=logits, b_ptr=binary_logits, y_ptr=labels, abnormal_bias_ptr=abnormal_bias,
+                normal_idx_ptr=normal_idx, n_normal_ptr=n_normal, adj_ptr=adjustment,
+                ce_ptr=per_row[0], bce_ptr=per_row[1], bdc_ptr=per_row[2], dz_ptr=grad_logits, db_ptr=grad_binary,
+                B=batch, C=num_classes, stride_z=logits.stride(0), stride_b=binary_logits.stride(0),
+                stride_dz=grad_logits.stride(0), stride_db=grad_binary.stride(0), lambda_bin=lambda_bin,
+                lambda_bdc_z=lambda_bdc if args.bdc_grad_to_logits else 0.0,
+                lambda_bdc_b=lambda_bdc if args.bdc_grad_to_binary else 0.0, inv_batch=1.0 / batch,
                 HAS_ADJ=has_adj, SYM_KL=bool(args.sym_kl), COMPUTE_GRAD=compute_grad, **config,
             )
         # These means over no rows (B = 0 launches nothing) are NaN, as the reference's are.

@@ -155,8 +155,14 @@ def _autotuned(pass_name: str):
     # then arbitrary, its result exact.)
     key = ["n", "M", "D", "DOT_PRECISION", "STORE_O"]
     return triton.autotune(list(GPU_CONFIGS[pass_name].values()), key=key, prune_configs_by={
-        "early_config_prune": lambda _configs, nargs, **_: gpu_configs(pass_name, nargs["D"],
-                                                                        nargs["a_ptr"].element_size())})
+        "early_config_prune": lambda _configs, nargs, **kwargs: _prune(pass_name, {**nargs, **kwargs})})
+
+
+def _prune(pass_name: str, launch_args: dict[str, object]) -> list[triton.Config]:
+    """The autotuner's candidates for one launch. Triton's autotuner hands the arguments
+    passed by position as a dict and those passed by keyword (every one, at the launches
+    here) as keywords: both are read."""
+    return gpu_configs(pass_name, launch_args["D"], launch_args["a_ptr"].element_size())
 
 
 def launch_tile(dim: int, elem_size: int, pass_name: str) -> dict[str, int]:
@@ -385,11 +391,12 @@ class _LogDenominator(torch.autograd.Function):
         # Each launch takes its own blocks (fixed_references' groups).
         for fixed in (True, False) if anchors.dtype in FIXED_REFERENCE_DTYPES else (False,):
             _o2a_fwd_kernel[lambda tile: (triton.cdiv(n, tile["BLOCK_N"]),)](
-                anchors, anchor_slots, keys, key_slots, bias_other, bias_same, fixed_refs, log2_den, weighted_keys,
-                n, m, dim, anchor_offset, scale, anchors.stride(0), keys.stride(0),
-                weighted_keys.stride(0) if store_o else 0, CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision,
-                STORE_O=store_o, FIXED_REF=fixed, BLOCK_D=block_d(dim),
-                **launch_tile(dim, anchors.element_size(), "fwd"),
+                a_ptr=anchors, ya_ptr=anchor_slots, k_ptr=keys, yk_ptr=key_slots, bias_other_ptr=bias_other,
+                bias_same_ptr=bias_same, ref_ptr=fixed_refs, log2_den_ptr=log2_den, o_ptr=weighted_keys,
+                n=n, M=m, D=dim, anchor_offset=anchor_offset, scale=scale, stride_a=anchors.stride(0),
+                stride_k=keys.stride(0), stride_o=weighted_keys.stride(0) if store_o else 0,
+                CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, STORE_O=store_o, FIXED_REF=fixed,
+                BLOCK_D=block_d(dim), **launch_tile(dim, anchors.element_size(), "fwd"),
             )
         ctx.save_for_backward(anchors, keys, anchor_slots, key_slots, bias_other, bias_same, log2_den,
                               weighted_keys if store_o else None)
@@ -412,9 +419,11 @@ class _LogDenominator(torch.autograd.Function):
             log2_den = torch.where(torch.isfinite(log2_den), log2_den, 0.0)
             grad_keys = new_buffer((m, dim), keys.dtype, keys.device)
             _o2a_bwd_keys_kernel[lambda tile: (triton.cdiv(m, tile["BLOCK_M"]),)](
-                anchors, anchor_slots, keys, key_slots, bias_other, bias_same, log2_den, coef, grad_keys,
-                n, m, dim, anchor_offset, LOG2E.value / temperature, anchors.stride(0), keys.stride(0),
-                grad_keys.stride(0), CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, BLOCK_D=block_d(dim),
+                a_ptr=anchors, ya_ptr=anchor_slots, k_ptr=keys, yk_ptr=key_slots, bias_other_ptr=bias_other,
+                bias_same_ptr=bias_same, log2_den_ptr=log2_den, coef_ptr=coef, dk_ptr=grad_keys,
+                n=n, M=m, D=dim, anchor_offset=anchor_offset, scale=LOG2E.value / temperature,
+                stride_a=anchors.stride(0), stride_k=keys.stride(0), stride_dk=grad_keys.stride(0),
+                CLASS_AVERAGE=class_average, DOT_PRECISION=dot_precision, BLOCK_D=block_d(dim),
                 **launch_tile(dim, anchors.element_size(), "bwd_keys"),
             )
         return grad_anchors, grad_keys, *([None] * 8)

@@ -159,7 +159,7 @@ def test_padded_logits_view_keeps_its_stride(device: str, monkeypatch: pytest.Mo
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append((args[0], args[10]))
+                launched.append((kwargs["z_ptr"], kwargs["dz_ptr"]))
                 return kernel[grid](*args, **kwargs)
             return launch
 

@@ -370,7 +370,9 @@ def test_the_gpu_autotuner_times_the_listed_tiles_in_order(dim: int, elem_size: 
 
 def test_on_a_gpu_each_pass_is_autotuned_over_its_listed_tiles() -> None:
     """Imported without the interpreter, as on a GPU, each kernel is a Triton autotuner
-    keyed per shape and variant, whose prune hands it gpu_configs' list for the launch."""
+    keyed per shape and variant, whose prune hands it gpu_configs' list for the launch:
+    through Triton's own prune_configs too, as a launch whose arguments are all keywords
+    (as o2a's are) reaches it, with nothing passed by position."""
     script = """
 import json, torch
 from triton.runtime.autotuner import Autotuner
@@ -380,7 +382,9 @@ for name, kernel in (("fwd", o2a._o2a_fwd_kernel), ("bwd_keys", o2a._o2a_bwd_key
     for dtype, dim in ((torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)):
         nargs = {"D": dim, "a_ptr": torch.empty(0, dtype=dtype)}
         same = kernel.early_config_prune(kernel.configs, nargs) == o2a.gpu_configs(name, dim, dtype.itemsize)
-        found[f"{name} {dtype} {dim}"] = [isinstance(kernel, Autotuner), kernel.keys, same]
+        kernel.nargs = {}  # Autotuner.run's dict of the positional arguments
+        same_by_keyword = kernel.prune_configs(nargs) == o2a.gpu_configs(name, dim, dtype.itemsize)
+        found[f"{name} {dtype} {dim}"] = [isinstance(kernel, Autotuner), kernel.keys, same and same_by_keyword]
 print(json.dumps(found))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
