@@ -72,6 +72,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     import torch
     import torch.distributed as dist
 
+    from jrcl_fast.data.class_groups import ClassGroups
     from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.engine.trainer import train
     from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
@@ -84,12 +85,13 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     cfg = load_config(args.config, args.overrides)
     _check_loss_backend(cfg)
     dataset = load_dataset(cfg.data)
+    groups = ClassGroups(dataset, cfg.data)  # one derivation for the objective and every evaluation
 
     def validate(model: JRCLNet, device: torch.device) -> float:
-        return evaluate(model, dataset, cfg, device, ranks, "val")["balanced_accuracy"]
+        return evaluate(model, dataset, cfg, device, ranks, "val", groups)["balanced_accuracy"]
 
-    model, device, selection = train(cfg, dataset, args.resume, args.overwrite, console, ranks, validate)
-    results = {**evaluate_for_report(model, dataset, cfg, device, ranks), "selection": selection}
+    model, device, selection = train(cfg, dataset, args.resume, args.overwrite, console, ranks, validate, groups)
+    results = {**evaluate_for_report(model, dataset, cfg, device, ranks, groups), "selection": selection}
     if ranks.is_main:
         publish(results, Path(cfg.train.output_dir), dataset.name, console)
     if dist.is_initialized():

@@ -26,8 +26,6 @@ from torch import Tensor
 
 from jrcl_fast.errors import RankFailure, UserError
 
-DEVICES = ("auto", "cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class Ranks:

@@ -168,3 +168,27 @@ def test_cxr_results_report_the_balanced_test_split_with_the_published_groups(tm
     assert [len(balanced["shot_classes"][g]) for g in ("many", "medium", "few")] == [7, 10, 3]
     assert all(balanced["shot_accuracy"][g] is not None for g in ("many", "medium", "few"))
     assert results["normal_vs_abnormal_accuracy"] is not None  # No Finding is named: reported
+
+
+def test_a_runs_class_groups_are_derived_once_and_agree_with_the_functions(monkeypatch):
+    """ClassGroups: the objective's G and every evaluation's groups come from one
+    derivation per run (validation runs every epoch); the values are shot_groups' and
+    normal_class_mask's, and G is only derived when read (no error for a data set whose
+    many-shot stand-in is degenerate until someone needs it)."""
+    from jrcl_fast.data import class_groups
+
+    calls = []
+    shots = class_groups.shot_groups
+    monkeypatch.setattr(class_groups, "shot_groups", lambda *args: calls.append(1) or shots(*args))
+    cfg = DataConfig(name="digits_lt", root="x", many_shot_min=100, few_shot_max=20)
+    data = dataset_with_counts([150, 101, 100, 20, 19, 1])
+    groups = class_groups.ClassGroups(data, cfg)
+    for _ in range(3):
+        assert groups.shots == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+        assert groups.normal_mask.tolist() == [True, True, False, False, False, False]
+    assert len(calls) == 1 and not groups.normal_named
+    assert class_groups.ClassGroups(dataset_with_counts([150, 50, 5], normal=[2]), cfg).normal_named
+    degenerate = class_groups.ClassGroups(dataset_with_counts([4, 4, 4]), cfg)
+    assert degenerate.shots["few"] == [0, 1, 2]
+    with pytest.raises(UserError, match="data.normal_classes: the normal group"):
+        _ = degenerate.normal_mask

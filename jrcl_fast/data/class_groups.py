@@ -3,6 +3,8 @@ and the normal group G of the BDC loss."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from jrcl_fast.config import DataConfig
@@ -10,6 +12,30 @@ from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.errors import UserError
 
 SHOT_GROUPS = ("many", "medium", "few")
+
+
+class ClassGroups:
+    """The class groups of one data set under its config, each derived once, when first
+    read: a run makes one and its objective and every evaluation (each epoch's
+    validation, the test splits) read the same groups."""
+
+    def __init__(self, dataset: LongTailedDataset, cfg: DataConfig):
+        self.dataset, self.cfg = dataset, cfg
+
+    @cached_property
+    def shots(self) -> dict[str, list[int]]:
+        return shot_groups(self.dataset, self.cfg)
+
+    @cached_property
+    def normal_mask(self) -> np.ndarray:
+        return normal_class_mask(self.dataset, self.cfg, self.shots)
+
+    @property
+    def normal_named(self) -> bool:
+        """Whether G names normal classes (data.normal_classes, or the data set's own,
+        such as CXR-LT's No Finding), not the many-shot stand-in: evaluation reports
+        normal vs abnormal only then."""
+        return self.dataset.normal_classes is not None or self.cfg.normal_classes is not None
 
 
 def shot_groups(dataset: LongTailedDataset, cfg: DataConfig) -> dict[str, list[int]]:
@@ -25,9 +51,11 @@ def shot_groups(dataset: LongTailedDataset, cfg: DataConfig) -> dict[str, list[i
     }
 
 
-def normal_class_mask(dataset: LongTailedDataset, cfg: DataConfig) -> np.ndarray:
+def normal_class_mask(dataset: LongTailedDataset, cfg: DataConfig,
+                      shots: dict[str, list[int]] | None = None) -> np.ndarray:
     """Boolean mask of G over the classes: data.normal_classes by name, else the data
-    set's normal class (No Finding), else the many-shot classes."""
+    set's normal class (No Finding), else the many-shot classes (of `shots` when given,
+    shot_groups' otherwise)."""
     if cfg.normal_classes is not None:
         unknown = [name for name in cfg.normal_classes if name not in dataset.class_names]
         if unknown:
@@ -37,7 +65,7 @@ def normal_class_mask(dataset: LongTailedDataset, cfg: DataConfig) -> np.ndarray
     elif dataset.normal_classes is not None:
         normal = dataset.normal_classes
     else:
-        normal = shot_groups(dataset, cfg)["many"]
+        normal = (shots or shot_groups(dataset, cfg))["many"]
     mask = np.zeros(dataset.num_classes, dtype=bool)
     mask[normal] = True
     if mask.all() or not mask.any():

@@ -32,7 +32,7 @@ from jrcl_fast.checkpoint import (
     read_model_states,
 )
 from jrcl_fast.config import Config, config_to_dict, parse_config
-from jrcl_fast.data.class_groups import normal_class_mask
+from jrcl_fast.data.class_groups import ClassGroups
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loader_contract import TrainLoader
 from jrcl_fast.data.loaders import build_train_loader
@@ -153,8 +153,9 @@ def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_cl
 
 
 def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
-               ranks: Ranks, validate: Validate | None) -> Run:
-    """Checks, device, data, training stack and resume, in that order (module docstring)."""
+               ranks: Ranks, validate: Validate | None, groups: ClassGroups) -> Run:
+    """Checks, device, data, training stack and resume, in that order (module docstring);
+    the objective's normal group is `groups`' (the run's class groups)."""
     out_dir = Path(cfg.train.output_dir)
     check_output_dir(out_dir, resume, overwrite, cfg.train.epochs)
     selection = check_selection(cfg, dataset, validate)
@@ -169,7 +170,7 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
 
     loader, steps = build_train_data(cfg, dataset, ranks)
     stack = build_training_stack(cfg, ranks, device, dataset.num_classes, dataset.train_counts,
-                                 normal_class_mask(dataset, cfg.data), steps)
+                                 groups.normal_mask, steps)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
               epochs_done=saved.get("epochs_done", 0), resumed=resume)
     resume_or_start_over(run, console)

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, commit_latest, epoch_tag, fsync_tree, read_model_states
 from jrcl_fast.config import Config, config_to_dict
+from jrcl_fast.data.class_groups import ClassGroups
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.engine.contract import TrainingEngine
 from jrcl_fast.engine.records import Record, Records, RunInfo, build_records
@@ -40,14 +41,17 @@ LOSS_READ_INTERVAL = 25
 
 @collective_failures()
 def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
-          ranks: Ranks = Ranks(), validate: Validate | None = None) -> tuple[JRCLNet, torch.device, dict]:
+          ranks: Ranks = Ranks(), validate: Validate | None = None,
+          groups: ClassGroups | None = None) -> tuple[JRCLNet, torch.device, dict]:
     """Train `cfg` on `dataset` as rank `ranks.rank`. Returns the selected weights
     (train.select_on) in an fp32 model, the device it lives on, and how they were selected
     (Selection.summary). `validate(model, device)` scores a model on the validation split;
-    the caller supplies it (evaluation sits above the engine). Checkpoints go to
-    train.output_dir/checkpoints."""
+    the caller supplies it (evaluation sits above the engine), and `groups`, the run's
+    class groups, which it evaluates with too (derived here when not given). Checkpoints
+    go to train.output_dir/checkpoints."""
     records = build_records(cfg.train.loggers, console, ranks.is_main)  # a logger that cannot run fails here
-    run = set_up_run(cfg, dataset, resume, overwrite, console, ranks, validate)
+    run = set_up_run(cfg, dataset, resume, overwrite, console, ranks, validate,
+                     groups or ClassGroups(dataset, cfg.data))
     with records.opened(run_info(run)):
         for epoch in range(run.epochs_done, cfg.train.epochs):
             record = train_epoch(run, epoch, records)

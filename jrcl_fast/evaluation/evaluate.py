@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from jrcl_fast.config import Config
-from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
+from jrcl_fast.data.class_groups import ClassGroups
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_eval_loader
 from jrcl_fast.data.sampling import eval_indices
@@ -28,12 +28,14 @@ PLOT_NAME = "per_class_accuracy.png"
 
 
 def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
-             ranks: Ranks = Ranks(), split: str = "test") -> dict[str, Any]:
+             ranks: Ranks = Ranks(), split: str = "test", groups: ClassGroups | None = None) -> dict[str, Any]:
     """Metrics on one split (dataset.splits() names them). Under several ranks each
     evaluates its shard (sampling.eval_indices) and the predictions are gathered in sample
     order, so every image counts exactly once; every rank returns the same results. The
     files are not checked here: the trainer checks every split before step 1, and
-    evaluate_for_report before it reports (validation runs every epoch)."""
+    evaluate_for_report before it reports (validation runs every epoch). `groups`: the
+    run's class groups (derived here when not given)."""
+    groups = groups or ClassGroups(dataset, cfg.data)
     data = dataset.splits()[split]
     positions = [eval_indices(len(data), r, ranks.world_size) for r in range(ranks.world_size)]
     loader = build_eval_loader(data, dataset.name, cfg.data, cfg.eval.batch_size, ranks.rank, ranks.world_size)
@@ -41,21 +43,20 @@ def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: to
     preds = gather_shards(predict(model, loader, device), positions)
     # Normal vs abnormal where a normal class is named (CXR-LT's No Finding, mnist-lt's
     # normal digit, data.normal_classes), not where G falls back to the many-shot classes.
-    named = dataset.normal_classes is not None or cfg.data.normal_classes is not None
-    return classification_metrics(preds, data.labels, dataset.train_counts, shot_groups(dataset, cfg.data),
-                                  dataset.class_names, dataset.class_ids,
-                                  normal_class_mask(dataset, cfg.data) if named else None)
+    return classification_metrics(preds, data.labels, dataset.train_counts, groups.shots, dataset.class_names,
+                                  dataset.class_ids, groups.normal_mask if groups.normal_named else None)
 
 
 def evaluate_for_report(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
-                        ranks: Ranks = Ranks()) -> dict[str, Any]:
+                        ranks: Ranks = Ranks(), groups: ClassGroups | None = None) -> dict[str, Any]:
     """The test split's metrics, with every further published evaluation split's under
     `other_splits`. Every split's files (this rank's share) are checked first, so a
     missing image is named before any evaluation, not after the test split's."""
     dataset.check_files_exist(("test", *dataset.extra_splits), ranks.rank, ranks.world_size)
-    results = evaluate(model, dataset, cfg, device, ranks)
+    groups = groups or ClassGroups(dataset, cfg.data)
+    results = evaluate(model, dataset, cfg, device, ranks, groups=groups)
     if dataset.extra_splits:
-        results["other_splits"] = {name: evaluate(model, dataset, cfg, device, ranks, name)
+        results["other_splits"] = {name: evaluate(model, dataset, cfg, device, ranks, name, groups)
                                    for name in dataset.extra_splits}
     return results
 
