@@ -77,7 +77,8 @@ missing deepspeed && ENGINE=(--set train.engine=local)
 step doctor 90 jrcl-fast doctor --out "$OUT/doctor.json"
 step bench_losses_16k 150 python benchmarks/bench_losses.py --quick --sizes 16384 --classes 8142 \
     --impls eager triton --out "$OUT/bench_losses_16k.json"
-step tests_kernels 150 python -m pytest -q -p no:cacheprovider tests/test_kernel_o2a.py tests/test_kernel_ce_bdc.py
+step tests_kernels 150 python -m pytest -q -p no:cacheprovider tests/test_kernel_o2a.py tests/test_kernel_ce_bdc.py \
+    tests/test_speed_contracts.py
 step bench_o2a_131k 60 python benchmarks/bench_losses.py --quick --sizes 131072 --classes 8142 --dtypes bf16 \
     --losses o2a --impls triton --repeats 5 --out "$OUT/bench_o2a_131k.json"
 train_digits() {  # the digits-lt runs side by side on the one GPU (each took ~1 minute alone on an H100)

@@ -161,3 +161,37 @@ def test_logger_names_are_checked_and_a_missing_package_is_one_line(tmp_path, mo
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the package
     with pytest.raises(UserError, match=r"^train.loggers: tensorboard needs the tensorboard package"):
         build_records(["tensorboard"], Console(quiet=True), is_main=True)
+
+
+def test_resume_may_turn_loggers_on_but_not_change_the_training(tmp_path, digits_root, monkeypatch):
+    """train.loggers chooses what is recorded, not what is trained: a run stopped after
+    epoch 1 resumes with TensorBoard and CSV turned on (they record from epoch 2), while
+    another learning rate is still refused."""
+    from jrcl_fast.config import load_config
+    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.engine import trainer
+
+    config = tiny_config(tmp_path, digits_root, train={"epochs": 2, "batch_size": 64, "threads": 1})
+    cfg = load_config(config)
+    dataset = load_dataset(cfg.data)
+    save_epoch = trainer.save_epoch
+
+    def stop_after_epoch_1(run, epochs_done):
+        save_epoch(run, epochs_done)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer, "save_epoch", stop_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg, dataset, False, False, Console(quiet=True))
+    with pytest.raises(UserError, match="--resume: the config differs"):
+        trainer.train(load_config(config, ["optim.lr=0.01"]), dataset, True, False, Console(quiet=True))
+    trainer.train(load_config(config, ["train.loggers=[csv, tensorboard]"]), dataset, True, False,
+                  Console(quiet=True))
+
+    run, per_epoch = tmp_path / "run", len(dataset.train) // 64
+    assert [e["epoch"] for e in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    rows = read_rows(run / CSV_NAME)
+    assert {int(r["epoch"]) for r in rows} == {2}
+    assert [int(r["step"]) for r in rows if r["scope"] == "step"] == list(range(per_epoch + 1, 2 * per_epoch + 1))
+    assert set(tensorboard_scalars(run / TENSORBOARD_DIR)["epoch/lr"]) == {2 * per_epoch}

@@ -51,18 +51,18 @@ class LaunchSpy:
         return launch
 
 
-def test_the_kernel_reads_the_models_bf16_logits_in_place_and_builds_the_groups_once(monkeypatch):
+def test_the_kernel_reads_the_models_bf16_logits_in_place_and_builds_the_groups_once(monkeypatch, device):
     """Three training steps of a bf16 model through train_step and the objective, as a
     bf16 engine runs them: every launch gets the model's own logits tensor (bf16, its
     aligned row stride, the same memory), a gradient buffer at that stride, and the
-    normal group built at the first step only."""
-    classes = 13
+    normal group built at the first step only. (On a GPU machine, on the GPU.)"""
+    classes, device = 13, torch.device(device)
     torch.manual_seed(0)
-    model = JRCLNet(ModelConfig(**SMALL), classes).to(torch.bfloat16)
+    model = JRCLNet(ModelConfig(**SMALL), classes).to(device, torch.bfloat16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = LocalEngine(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1, 0.0)
     counts = np.linspace(60, 2, classes).astype(int)
-    objective = JRCLObjective(LossConfig(backend="triton"), counts, np.arange(classes) < 3, torch.device("cpu"))
+    objective = JRCLObjective(LossConfig(backend="triton"), counts, np.arange(classes) < 3, device)
     handed_over = []
     model.register_forward_hook(lambda _module, _inputs, out: handed_over.append(out.logits))
     spy = LaunchSpy(ce_bdc._ce_bdc_kernel)
@@ -74,7 +74,7 @@ def test_the_kernel_reads_the_models_bf16_logits_in_place_and_builds_the_groups_
     batch = 6
     for step in range(3):
         images = torch.randn(batch, 2, 3, 8, 8)
-        terms = train_step(engine, objective, images, torch.arange(batch) % classes, torch.device("cpu"))
+        terms = train_step(engine, objective, images, torch.arange(batch) % classes, device)
         assert all(torch.isfinite(v) for v in terms.values()), (step, terms)
     assert len(spy.launches) == 3 and len(builds) == 1
     for launch, logits in zip(spy.launches, handed_over):

@@ -109,12 +109,23 @@ def check_selection(cfg: Config, dataset: LongTailedDataset, validate: Validate 
     return selection
 
 
+# Keys that choose what a run records, not what it trains: --resume may change them
+# (turn TensorBoard on halfway, say).
+RECORD_KEYS = {"train": ("loggers",)}
+
+
+def trained_config(cfg: Config) -> dict[str, Any]:
+    """`cfg` as a dict without RECORD_KEYS: what must match for a run to continue."""
+    return {section: {key: value for key, value in values.items() if key not in RECORD_KEYS.get(section, ())}
+            for section, values in config_to_dict(cfg).items()}
+
+
 def check_resume(cfg: Config, ckpt_dir: Path) -> dict[str, Any]:
     """The latest checkpoint's model states, once they are known to continue `cfg`:
     checked before anything is built, and before the engine loads the weights."""
     saved = read_model_states(ckpt_dir)
     # Parsed again, so that keys added since the checkpoint take their defaults.
-    if config_to_dict(parse_config(saved["config"], str(ckpt_dir))) != config_to_dict(cfg):
+    if trained_config(parse_config(saved["config"], str(ckpt_dir))) != trained_config(cfg):
         raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
                         "resume with the same config and --set overrides")
     check_architecture(saved.get(REVISION_KEY), cfg.model, f"--resume: {ckpt_dir}")
