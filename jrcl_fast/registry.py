@@ -4,10 +4,10 @@ divergences and record sinks (train.loggers).
 Each plug-in registers itself in the module that defines it (`DATASETS.register(...)`
 beside its loader, as timm's `register_model` does), so adding one touches one code
 file. This module sits at the bottom with config.py and imports nothing heavy: the
-config validates `data.name`, `model.backbone`, `optim.name` and `loss.divergence`
-against these registries, and a registry imports its plug-ins' home only when an entry
-is first looked up (`get`). That deferred import is the one edge from the lowest layer
-up to the plug-ins. To check a name, the registry reads the names its home registers
+config validates `data.name`, `model.backbone`, `optim.name`, `loss.divergence` and
+`train.loggers` against these registries, and a registry imports its plug-ins' home only
+when an entry is first looked up (`get`). That deferred import is the one edge from the
+lowest layer up to the plug-ins. To check a name, the registry reads the names its home registers
 from the home's source (`NAME.register("literal", ...)` calls, found with `ast`)
 without importing it, so loading a config or `jrcl-fast --help` never imports torch
 (tests/test_registry.py checks both, and that the names read equal those registered).
