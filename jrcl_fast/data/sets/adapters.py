@@ -78,6 +78,7 @@ MIMIC_CXR_LT = CxrSpec(
     shot_sizes=None,  # the benchmark's MIMIC group sizes are not in the published files
 )
 
+CXR_SPECS = {spec.name: spec for spec in (NIH_CXR_LT, MIMIC_CXR_LT)}
 CXR_NORMAL_CLASS = "No Finding"  # BDC's normal group G
 
 
