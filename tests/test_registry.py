@@ -10,13 +10,14 @@ import torch
 from jrcl_fast.data.augment import AUGMENTATIONS, augmentation_for
 from jrcl_fast.data.datasets import DatasetEntry
 from jrcl_fast.errors import UserError
-from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, OPTIMIZERS, Registry
+from jrcl_fast.registry import BACKBONES, DATASETS, DIVERGENCES, LOGGERS, OPTIMIZERS, Registry
 
 
 def test_each_registry_finds_the_plug_ins_of_its_home():
     assert {"digits_lt", "nih_cxr_lt", "mimic_cxr_lt", "inat2018", "places_lt"} <= set(DATASETS)
     assert {"resnet18", "resnet50", "resnet152", "resnext50_32x4d", "resnet32"} <= set(BACKBONES)
     assert set(OPTIMIZERS) == {"sgd", "adamw"} and set(DIVERGENCES) == {"js", "sym_kl"}
+    assert set(LOGGERS) == {"tensorboard", "csv"}
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
@@ -26,7 +27,7 @@ def test_every_data_set_names_an_augmentation_profile(name):
     assert augmentation_for(name) is AUGMENTATIONS[entry.augmentation]
 
 
-@pytest.mark.parametrize("registry", [DATASETS, BACKBONES, OPTIMIZERS, DIVERGENCES], ids=lambda r: r.kind)
+@pytest.mark.parametrize("registry", [DATASETS, BACKBONES, OPTIMIZERS, DIVERGENCES, LOGGERS], ids=lambda r: r.kind)
 def test_an_unknown_name_is_one_sentence_with_the_key_and_the_known_names(registry):
     with pytest.raises(UserError) as err:
         registry.get("nope")
@@ -35,7 +36,7 @@ def test_an_unknown_name_is_one_sentence_with_the_key_and_the_known_names(regist
     assert all(name in message for name in registry.names()) and message.count(".") == registry.key.count(".")
 
 
-@pytest.mark.parametrize("registry", [DATASETS, BACKBONES, OPTIMIZERS, DIVERGENCES], ids=lambda r: r.kind)
+@pytest.mark.parametrize("registry", [DATASETS, BACKBONES, OPTIMIZERS, DIVERGENCES, LOGGERS], ids=lambda r: r.kind)
 def test_the_names_read_from_source_are_the_names_registered(registry):
     fresh = Registry(registry.kind, registry.key, registry.home)  # nothing looked up yet: names from source
     assert sorted(fresh.declared()) == sorted(fresh.names()) == sorted(registry._entries or registry.names())
