@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jrcl_fast.errors import RankFailure, UserError
+from jrcl_fast.network import start_process_group
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -86,7 +87,8 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
     """Start the process group through DeepSpeed: nccl for GPU ranks, gloo for CPU ranks.
 
     The timeout bounds every collective: a dead or stuck rank ends the job instead of
-    hanging it forever.
+    hanging it forever. With several ranks it bounds the start-up too (jrcl_fast.network:
+    the interface each host uses, the rendezvous, the connections, a first all-reduce).
     """
     import deepspeed
 
@@ -97,6 +99,8 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type != "cuda":  # only DeepSpeed's CPU accelerator builds it; no op-table probe on GPUs
         skip_shared_memory_all_reduce()
+    if ranks.world_size > 1:  # started here, bounded and explained; DeepSpeed adopts the group
+        start_process_group(ranks.rank, ranks.local_rank, ranks.world_size, backend, device, timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
