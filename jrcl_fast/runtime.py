@@ -135,11 +135,25 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# How gloo and NCCL word a lost or silent peer when they raise a plain RuntimeError.
-# NCCL's own misconfigurations (no shared transport, wrong interface) are not a dead
-# rank: only its words for a vanished or aborted peer are listed.
-PEER_LOST = ("gloo", "Connection reset", "Connection closed", "timed out", "Timeout",
-             "NCCL communicator was aborted", "remote process exited", "ncclRemoteError")
+# How gloo and NCCL word a peer that closed its connections (it died or was stopped), a
+# wait that ran out, and any other failure of theirs. NCCL's own misconfigurations (no
+# shared transport, wrong interface) are not a dead rank: only its words for a vanished or
+# aborted peer are listed.
+PEER_CLOSED = ("Connection reset", "Connection closed", "remote process exited", "NCCL communicator was aborted",
+               "ncclRemoteError")
+TIMED_OUT = ("timed out", "Timeout", "timeout")
+PEER_LOST = ("gloo", *PEER_CLOSED, *TIMED_OUT)
+
+
+def what_the_peers_did(err: Exception) -> str:
+    """What the evidence in a failed collective's error says about the other ranks."""
+    text = str(err)
+    if any(m in text for m in PEER_CLOSED):
+        return "failed: another rank closed its connection, so it died or was stopped (see its log)"
+    if any(m in text for m in TIMED_OUT):
+        return ("waited longer than train.collective_timeout_s: another rank hangs, or died without closing its "
+                "connection (see the other ranks' logs)")
+    return "failed (see the other ranks' logs)"
 
 
 @contextmanager
@@ -157,9 +171,8 @@ def collective_failures() -> Iterator[None]:
         if ranks.world_size == 1 or not (isinstance(err, dist.DistError) or any(m in str(err) for m in PEER_LOST)):
             raise
         raise RankFailure(
-            f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks failed or waited "
-            "longer than train.collective_timeout_s, so another rank probably died or hangs "
-            f"(see its log); {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks {what_the_peers_did(err)}; "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
 
 
