@@ -141,8 +141,8 @@ def is_distributed() -> bool:
 # aborted peer are listed.
 PEER_CLOSED = ("Connection reset", "Connection closed", "remote process exited", "NCCL communicator was aborted",
                "ncclRemoteError")
-TIMED_OUT = ("timed out", "Timeout", "timeout")
-PEER_LOST = ("gloo", *PEER_CLOSED, *TIMED_OUT)
+TIMED_OUT = ("timed out", "timeout")  # compared in lower case
+PEER_LOST = ("gloo", *PEER_CLOSED, "timed out", "Timed out", "Timeout")
 
 
 def what_the_peers_did(err: Exception) -> str:
@@ -150,7 +150,7 @@ def what_the_peers_did(err: Exception) -> str:
     text = str(err)
     if any(m in text for m in PEER_CLOSED):
         return "failed: another rank closed its connection, so it died or was stopped (see its log)"
-    if any(m in text for m in TIMED_OUT):
+    if any(m in text.lower() for m in TIMED_OUT):
         return ("waited longer than train.collective_timeout_s: another rank hangs, or died without closing its "
                 "connection (see the other ranks' logs)")
     return "failed (see the other ranks' logs)"

@@ -144,9 +144,20 @@ def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
     from jrcl_fast.errors import RankFailure
     from jrcl_fast.runtime import collective_failures
 
-    message = r"^rank 1 of 2: a collective with the other ranks failed .*Connection closed"
+    message = (r"^rank 1 of 2: a collective with the other ranks failed: another rank closed its connection, so it "
+               r"died or was stopped .*Connection closed")
     with pytest.raises(RankFailure, match=message), collective_failures():
         raise err
+
+
+def test_a_timed_out_collective_says_so_without_claiming_a_death(rank_1_of_2):
+    from jrcl_fast.errors import RankFailure
+    from jrcl_fast.runtime import collective_failures
+
+    message = (r"^rank 1 of 2: a collective with the other ranks waited longer than train.collective_timeout_s: "
+               r"another rank hangs, or died without closing its connection")
+    with pytest.raises(RankFailure, match=message), collective_failures():
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation")
 
 
 def test_other_errors_pass_unchanged(rank_1_of_2, monkeypatch):
