@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import requires_gpu
 from helpers import REPO, equivalence_config, launch, read_jsonl, run_env
 
 from jrcl_fast.errors import UserError
@@ -390,3 +391,23 @@ def test_the_watchdog_ends_a_start_up_that_torch_does_not_bound():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.strip() == "error: the peers hung"
     assert time.time() - t0 < 30  # 2 s plus the interpreter's start on a loaded machine
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=requires_gpu)])
+def test_the_bounded_start_up_brings_up_each_backend(backend):
+    """The start-up path on its own, one rank: gloo on the CPU here, NCCL (bound to its
+    device, initialised by the first all-reduce) on a GPU machine (benchmarks/gpu_session.sh)."""
+    from jrcl_fast.runtime import free_port
+
+    device = "torch.device('cuda', 0)" if backend == "nccl" else "torch.device('cpu')"
+    code = ("import torch, torch.distributed as dist\nfrom jrcl_fast.network import start_process_group\n"
+            f"start_process_group(0, 0, 1, {backend!r}, {device}, 60)\nprint('backend', dist.get_backend())\n"
+            "dist.destroy_process_group()\n")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_WORLD_SIZE": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    env.pop("NCCL_SOCKET_IFNAME", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"backend {backend}" in done.stdout
+    assert re.search(r"network: node \? \(rank 0\) uses interface \S+ 127.0.0.1 and reaches the master at 127.0.0.1:",
+                     done.stdout)
