@@ -231,7 +231,8 @@ def explain_rendezvous(err: BaseException | None, rank: int, world: int, serves:
 
 def describe(peer: Advertised, peers: list[Advertised]) -> str:
     same = [p.rank for p in peers if p.host == peer.host]
-    return f"rank {peer.rank} (the host of ranks {min(same)}-{max(same)}, interface {peer.interface}, {peer.address})"
+    host = f", on the host of ranks {min(same)}-{max(same)}" if len(same) > 1 else ""
+    return f"rank {peer.rank} (interface {peer.interface}, {peer.address}{host})"
 
 
 def unreachable_peer(peers: list[Advertised]) -> str | None:
