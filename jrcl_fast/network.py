@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -145,11 +146,10 @@ def host_identity() -> str:
     """Processes that share a loopback share this: the machine's name and boot, and the
     network namespace (a container or a namespaced test host has its own loopback)."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/net"):
-        try:
-            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
-        except OSError:
-            pass
+    try:
+        parts += [Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(os.stat("/proc/self/ns/net").st_ino)]
+    except OSError:  # not Linux: the host name alone
+        pass
     return ":".join(parts)
 
 
