@@ -18,6 +18,8 @@ setup(
         # The DALI build for torch's CUDA 13 wheels; use nvidia-dali-cuda120 on CUDA 12 drivers.
         "nvidia-dali-cuda130>=2.4",
         "deepspeed>=0.19.8",
+        # the network interfaces of a host (jrcl_fast/network.py); DeepSpeed depends on it too
+        "psutil",
         "numpy",
         "pyyaml",
         "rich",

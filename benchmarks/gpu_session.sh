@@ -9,7 +9,8 @@
 # 11's rows (N = 16,384 and 131,072, C = 8,142), the GPU tests of the kernels and of the
 # GPU rules, digits-lt runs side by side, 30 epochs each: the default config (bf16
 # through DeepSpeed, or fp32 on the local engine where DeepSpeed does not import), group
-# norm, and, with DeepSpeed, fp16 at ZeRO stage 1; then the peers (Inf-CL, Liger-Kernel,
+# norm, and, with DeepSpeed, fp16 at ZeRO stage 1; NCCL through the bounded multi-node
+# start-up (tests_nccl_startup); then the peers (Inf-CL, Liger-Kernel,
 # CCE) beside ours at the same rows, bf16 and fp32 (bench_losses.py --peers); last, the
 # GPU decode rates (torchvision's decode_jpeg, then DALI's mixed decoder per format and
 # size, benchmarks/bench_decode.py). A step starts only if its time limit fits in what
@@ -100,6 +101,8 @@ train_digits() {  # the digits-lt runs side by side on the one GPU (each took ~1
 }
 step train_digits 180 train_digits
 step tests_gpu_rules 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_rules.py tests/test_doctor.py
+# NCCL through the bounded multi-node start-up (issue 20): device-bound init, first all-reduce.
+step tests_nccl_startup 60 python -m pytest -q -p no:cacheprovider tests/test_multinode.py -k bounded_start_up
 # The peers beside ours, each on its closest problem, after their correctness checks
 # (which run first and fail the step if a peer and ours disagree).
 step peers_16k 150 python benchmarks/bench_losses.py --peers --sizes 16384 --classes 8142 --dtypes bf16 fp32 \

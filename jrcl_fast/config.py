@@ -135,7 +135,8 @@ class TrainConfig:
     # DeepSpeed JSON (precision, ZeRO stage, clipping). None: the built-in default, the
     # same as configs/ds_config.json (bf16, ZeRO stage 0, no clipping).
     deepspeed_config: str | None = None
-    # A collective that waits longer than this (a rank died or hangs) fails the job.
+    # A collective that waits longer than this (a rank died or hangs) fails the job; so does a
+    # multi-rank start-up (rendezvous, connections, first collective) that takes longer.
     collective_timeout_s: float = 600.0
     # Which epoch's weights the run keeps and tests: the last, or the best balanced accuracy
     # on the data set's validation split (evaluated after every epoch; never the test split).

@@ -10,7 +10,9 @@ class UserError(Exception):
 
 
 class RankFailure(Exception):
-    """A collective with the other ranks failed or timed out: one died or hangs.
+    """The ranks could not start or go on together: the master was not reachable, a peer
+    could not be reached, or a collective failed or timed out because a rank died or hangs.
+    The message says which, from the evidence at hand.
 
     The CLI prints its message without a traceback and exits with code 1.
     """

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from jrcl_fast.errors import RankFailure, UserError
+from jrcl_fast.network import start_process_group
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
     """Start the process group through DeepSpeed: nccl for GPU ranks, gloo for CPU ranks.
 
     The timeout bounds every collective: a dead or stuck rank ends the job instead of
-    hanging it forever.
+    hanging it forever. With several ranks it bounds the start-up too (jrcl_fast.network:
+    the interface each host uses, the rendezvous, the connections, a first all-reduce).
     """
     import deepspeed
 
@@ -95,6 +97,8 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type != "cuda":  # only DeepSpeed's CPU accelerator builds it; no op-table probe on GPUs
         skip_shared_memory_all_reduce()
+    if ranks.world_size > 1:  # started here, bounded and explained; DeepSpeed adopts the group
+        start_process_group(ranks.rank, ranks.local_rank, ranks.world_size, backend, device, timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
@@ -129,11 +133,25 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# How gloo and NCCL word a lost or silent peer when they raise a plain RuntimeError.
-# NCCL's own misconfigurations (no shared transport, wrong interface) are not a dead
-# rank: only its words for a vanished or aborted peer are listed.
-PEER_LOST = ("gloo", "Connection reset", "Connection closed", "timed out", "Timeout",
-             "NCCL communicator was aborted", "remote process exited", "ncclRemoteError")
+# How gloo and NCCL word a peer that closed its connections (it died or was stopped), a
+# wait that ran out, and any other failure of theirs. NCCL's own misconfigurations (no
+# shared transport, wrong interface) are not a dead rank: only its words for a vanished or
+# aborted peer are listed.
+PEER_CLOSED = ("Connection reset", "Connection closed", "remote process exited", "NCCL communicator was aborted",
+               "ncclRemoteError")
+TIMED_OUT = ("timed out", "timeout")  # compared in lower case
+PEER_LOST = ("gloo", *PEER_CLOSED, "timed out", "Timed out", "Timeout")
+
+
+def what_the_peers_did(err: Exception) -> str:
+    """What the evidence in a failed collective's error says about the other ranks."""
+    text = str(err)
+    if any(m in text for m in PEER_CLOSED):
+        return "failed: another rank closed its connection, so it died or was stopped (see its log)"
+    if any(m in text.lower() for m in TIMED_OUT):
+        return ("waited longer than train.collective_timeout_s: another rank hangs, or died without closing its "
+                "connection (see the other ranks' logs)")
+    return "failed (see the other ranks' logs)"
 
 
 @contextmanager
@@ -151,9 +169,8 @@ def collective_failures() -> Iterator[None]:
         if ranks.world_size == 1 or not (isinstance(err, dist.DistError) or any(m in str(err) for m in PEER_LOST)):
             raise
         raise RankFailure(
-            f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks failed or waited "
-            "longer than train.collective_timeout_s, so another rank probably died or hangs "
-            f"(see its log); {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks {what_the_peers_did(err)}; "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
 
 

@@ -1,8 +1,9 @@
-"""Shared test helpers: a tiny digits-lt config and a CLI runner."""
+"""Shared test helpers: a tiny digits-lt config, a CLI runner, and deepspeed launcher runs."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+WORLD = 2  # ranks of the launcher runs
 
 # A few seconds per epoch on 2 CPU cores: 8 px digits, small heads.
 TINY_OVERRIDES = {
@@ -50,3 +52,49 @@ def tree_digest(folder: Path) -> str:
         h.update(str(path.relative_to(folder)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- launcher runs (CPU ranks, gloo)
+
+def run_env():
+    return {**os.environ, "COLUMNS": "160", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launcher_cmd(config, *extra, ranks=WORLD, port=None):
+    from jrcl_fast.runtime import free_port
+
+    # The launcher's module, not its console script: an environment installed with
+    # `pip --target` (as on the GPU machines) has no bin/deepspeed beside python.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(port or free_port()), "--module", "jrcl_fast", "train", "--config", str(config), *extra]
+
+
+def launch(config, *extra, timeout=600, port=None):
+    return subprocess.run(launcher_cmd(config, *extra, port=port), capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=run_env())
+
+
+def dist_config(tmp_path, name, ds=None, **sections):
+    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all),
+    on CPU ranks (gloo) whatever hardware the machine has."""
+    folder = tmp_path / name
+    folder.mkdir()
+    ds_path = folder / "ds.json"
+    base = json.loads((REPO / "configs" / "ds_config.json").read_text())
+    ds_path.write_text(json.dumps({**base, "bf16": {"enabled": False}, **(ds or {})}))
+    train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), "device": "cpu",
+             **sections.pop("train", {})}
+    model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}
+    return tiny_config(folder, sections.pop("digits_root"), model=model, train=train, **sections)
+
+
+def equivalence_config(tmp_path, name, digits_root, ds=None, **train):
+    """16 px, plain SGD at a small rate: a smooth trajectory. In a chaotic one (8 px,
+    momentum, lr 0.05) rounding differences, such as another summation order or even
+    another thread count in one process, grow past any tolerance within 20 steps."""
+    return dist_config(tmp_path, name, ds, digits_root=digits_root, data={"image_size": 16},
+                       optim={"lr": 0.0005, "momentum": 0.0, "warmup_epochs": 1}, train=train)

@@ -17,16 +17,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import REPO, TINY_OVERRIDES, run_cli, tiny_config
+from helpers import (
+    REPO,
+    TINY_OVERRIDES,
+    WORLD,
+    dist_config,
+    equivalence_config,
+    launch,
+    launcher_cmd,
+    read_jsonl,
+    run_cli,
+    run_env,
+    tiny_config,
+)
 
 from jrcl_fast.runtime import free_port
-
-WORLD = 2
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
 
 # ---------------------------------------------------------------- 2 processes, no launcher
 
@@ -139,9 +144,20 @@ def test_a_failed_collective_becomes_one_line(rank_1_of_2, err):
     from jrcl_fast.errors import RankFailure
     from jrcl_fast.runtime import collective_failures
 
-    message = r"^rank 1 of 2: a collective with the other ranks failed .*Connection closed"
+    message = (r"^rank 1 of 2: a collective with the other ranks failed: another rank closed its connection, so it "
+               r"died or was stopped .*Connection closed")
     with pytest.raises(RankFailure, match=message), collective_failures():
         raise err
+
+
+def test_a_timed_out_collective_says_so_without_claiming_a_death(rank_1_of_2):
+    from jrcl_fast.errors import RankFailure
+    from jrcl_fast.runtime import collective_failures
+
+    message = (r"^rank 1 of 2: a collective with the other ranks waited longer than train.collective_timeout_s: "
+               r"another rank hangs, or died without closing its connection")
+    with pytest.raises(RankFailure, match=message), collective_failures():
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation")
 
 
 def test_other_errors_pass_unchanged(rank_1_of_2, monkeypatch):
@@ -186,44 +202,6 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
 
 
 # ---------------------------------------------------------------- real runs (CLI, launcher)
-
-def run_env():
-    return {**os.environ, "COLUMNS": "160", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-def launcher_cmd(config, *extra, ranks=WORLD, port=None):
-    # The launcher's module, not its console script: an environment installed with
-    # `pip --target` (as on the GPU machines) has no bin/deepspeed beside python.
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(port or free_port()), "--module", "jrcl_fast", "train", "--config", str(config), *extra]
-
-
-def launch(config, *extra, timeout=600, port=None):
-    return subprocess.run(launcher_cmd(config, *extra, port=port), capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=run_env())
-
-
-def dist_config(tmp_path, name, ds=None, **sections):
-    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all),
-    on CPU ranks (gloo) whatever hardware the machine has."""
-    folder = tmp_path / name
-    folder.mkdir()
-    ds_path = folder / "ds.json"
-    base = json.loads((REPO / "configs" / "ds_config.json").read_text())
-    ds_path.write_text(json.dumps({**base, "bf16": {"enabled": False}, **(ds or {})}))
-    train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), "device": "cpu",
-             **sections.pop("train", {})}
-    model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}
-    return tiny_config(folder, sections.pop("digits_root"), model=model, train=train, **sections)
-
-
-def equivalence_config(tmp_path, name, digits_root, **train):
-    """16 px, plain SGD at a small rate: a smooth trajectory. In a chaotic one (8 px,
-    momentum, lr 0.05) rounding differences, such as another summation order or even
-    another thread count in one process, grow past any tolerance within 20 steps."""
-    return dist_config(tmp_path, name, digits_root=digits_root, data={"image_size": 16},
-                       optim={"lr": 0.0005, "momentum": 0.0, "warmup_epochs": 1}, train=train)
-
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, digits_root):
