@@ -322,7 +322,7 @@ def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digi
         with pytest.raises(UserError, match="fp16 with zero_optimization.stage 0 does not learn .*#8393.*stage to 1"):
             deepspeed_config(cfg, 1, torch.device("cuda", 0))
     else:
-        assert deepspeed_config(cfg, 1, torch.device("cuda", 0))["fp16"]["enabled"]
+        assert deepspeed_config(cfg, 1, torch.device("cuda", 0))[0]["fp16"]["enabled"]
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ same checkpoint layout) in fp32.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
     "bf16": {"enabled": True},
     "zero_optimization": {"stage": 0},
     "zero_allow_untested_optimizer": True,
+    "communication_data_type": "fp32",
     "gradient_clipping": 0.0,
     "steps_per_print": 1_000_000,
     "wall_clock_breakdown": False,
@@ -40,7 +43,8 @@ DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
 # loss unscaled, see deepspeed_config); what configs/ds_config_fp16.json holds (a test
 # keeps them equal), and what `jrcl-fast doctor` checks.
 FP16_DEEPSPEED_CONFIG: dict[str, Any] = {
-    **DEFAULT_DEEPSPEED_CONFIG,
+    # bf16's fp32 all-reduce left out: fp16 keeps DeepSpeed's default (fp16) until a GPU run tries it
+    **{key: value for key, value in DEFAULT_DEEPSPEED_CONFIG.items() if key != "communication_data_type"},
     "bf16": {"enabled": False},
     "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
              "hysteresis": 2, "min_loss_scale": 1},
@@ -49,6 +53,31 @@ FP16_DEEPSPEED_CONFIG: dict[str, Any] = {
 # ZeRO stage 3 partitions the parameters themselves, which the fp32 copy for evaluation
 # and the LocalEngine-compatible checkpoint layout do not handle.
 ZERO_STAGES = (0, 1, 2)
+# Every top-level key DeepSpeed 0.19.8 reads from its config: what DeepSpeedConfig looks up
+# (runtime/config.py and the section readers it calls: monitor, comms, profiling,
+# autotuning, activation checkpointing, aio, data efficiency, compression, nebula, ...)
+# and deepspeed.initialize's sequence_parallel_size / data_parallel_size.
+# tests/test_deepspeed_config.py records the keys DeepSpeed itself reads and keeps this
+# set equal to them. Keys DeepSpeed has removed (amp, elasticity, ...) are in it: DeepSpeed
+# refuses them with its own reason, which deepspeed_check passes on in one line.
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compile", "compression_training", "csv_monitor", "curriculum_learning",
+    "data_efficiency", "data_parallel_size", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sequence_parallel_size",
+    "sparse_attention", "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers",
+    "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+# Sections this module reads itself: each must be a JSON object.
+OWN_SECTIONS = ("zero_optimization", "bf16", "fp16", "data_types")
+# The DeepSpeed whose config reader DEEPSPEED_TOP_LEVEL_KEYS and the messages describe.
+DEEPSPEED_VERSION = "0.19.8"
 
 
 class LocalEngine:
@@ -108,32 +137,53 @@ def use_deepspeed(cfg: Config, ranks: Ranks, device: torch.device) -> bool:
         cfg.train.engine == "auto" and (ranks.world_size > 1 or device.type == "cuda"))
 
 
+def deepspeed_json_name(cfg: Config) -> str:
+    """What to call the DeepSpeed config in messages."""
+    return cfg.train.deepspeed_config or "the built-in DeepSpeed config"
+
+
 def read_deepspeed_json(cfg: Config) -> tuple[dict[str, Any], str]:
     """The DeepSpeed config as a dict, and what to call it in messages."""
     if cfg.train.deepspeed_config is None:
-        return dict(DEFAULT_DEEPSPEED_CONFIG), "the built-in DeepSpeed config"
+        return dict(DEFAULT_DEEPSPEED_CONFIG), deepspeed_json_name(cfg)
     path = Path(cfg.train.deepspeed_config)
     if not path.is_file():
         raise UserError(f"train.deepspeed_config {path} does not exist; point it at a DeepSpeed JSON config "
                         "such as configs/ds_config.json (a relative path is relative to the YAML file), or "
                         "leave the key out for the built-in default")
     try:
-        return json.loads(path.read_text()), str(path)
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"{path}: a DeepSpeed config is one JSON object {{...}}, not a {type(ds).__name__}")
+    if "bfloat16" in ds:  # DeepSpeed's other name for the bf16 section: one name below
+        if "bf16" in ds:
+            raise UserError(f"{path}: both 'bf16' and 'bfloat16' are set, which name the same section; keep 'bf16'")
+        ds["bf16"] = ds.pop("bfloat16")
+    return ds, deepspeed_json_name(cfg)
 
 
-def cpu_has_fp16() -> bool:
-    """Whether DeepSpeed's CPU backend runs fp16 here (CPUs with oneDNN fp16 only)."""
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+def check_known_keys(ds: dict[str, Any], path: str) -> None:
+    """Every top-level key is one DeepSpeed reads (a misspelt section is otherwise ignored)."""
+    for key in ds:
+        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, sorted(DEEPSPEED_TOP_LEVEL_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"{path}: unknown top-level key '{key}' (DeepSpeed {DEEPSPEED_VERSION} does not read "
+                            f"it); {hint}fix or remove it")
+    for key in OWN_SECTIONS:
+        if not isinstance(ds.get(key, {}), dict):
+            raise UserError(f"{path}: '{key}' must be a JSON object such as {{\"enabled\": true}}, "
+                            f"not {json.dumps(ds[key])}")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UserError(f"{path}: gradient_clipping must be a number >= 0 (0 turns clipping off), not "
+                        f"{json.dumps(clip)}")
 
-    return bool(CPU_Accelerator().is_fp16_supported())
 
-
-def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
-    """train.deepspeed_config with the batch keys filled from the YAML config; a
-    batch key the file sets must agree with it."""
-    ds, path = read_deepspeed_json(cfg)
+def check_batch_keys(ds: dict[str, Any], path: str, cfg: Config, world_size: int) -> dict[str, int]:
+    """The batch keys the YAML config gives; a batch key the file sets must agree with them."""
     micro, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
     wanted = dict(zip(BATCH_KEYS, (micro, accum, micro * accum * world_size)))
     for key, value in wanted.items():
@@ -145,7 +195,10 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove the '{key}' section; the {key} comes from the YAML optim section")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    return wanted
+
+
+def check_precision(ds: dict[str, Any], path: str, stage: Any, device: torch.device) -> None:
     if ds.get("fp16", {}).get("enabled"):
         if device.type != "cuda" and not cpu_has_fp16():
             raise UserError(f"{path}: DeepSpeed's CPU backend has no fp16 on this CPU; set fp16.enabled to false "
@@ -162,7 +215,97 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
     if stage not in ZERO_STAGES:
         raise UserError(f"{path}: zero_optimization.stage {stage} is not supported; use 0, 1 or 2 (stage 3 "
                         "partitions the weights, which evaluation and the checkpoints here do not handle)")
-    return {**ds, **wanted}
+    accum_dtype = ds.get("data_types", {}).get("grad_accum_dtype")
+    if stage == 0 and precision_of(ds) == "bf16" and accum_dtype not in (None, "bf16", "bfloat16"):
+        # DeepSpeed's engine raises NotImplementedError("unsupported mix ...") for it, after
+        # the ranks have met.
+        raise UserError(f"{path}: data_types.grad_accum_dtype {accum_dtype} with bf16 needs zero_optimization.stage "
+                        "1 or 2 (DeepSpeed accumulates in the weights' dtype at stage 0); remove it or raise the "
+                        "stage")
+
+
+def fill_required_keys(ds: dict[str, Any], path: str, stage: Any) -> tuple[dict[str, Any], str]:
+    """`ds` with the keys this trainer needs and the file lacks, and a note naming them.
+
+    The optimizer is a torch one from the YAML config, which ZeRO accepts only with
+    zero_allow_untested_optimizer. In bf16, gradients are accumulated (ZeRO 1 and 2; stage
+    0 does not allow it) and all-reduced in fp32 rather than bf16 (docs/PRECISION.md).
+    """
+    if stage and ds.get("zero_allow_untested_optimizer") is False:
+        raise UserError(f"{path}: zero_allow_untested_optimizer is false, but at ZeRO stage {stage} DeepSpeed then "
+                        "refuses the torch optimizer the YAML optim section builds; set it to true or remove it")
+    filled, named = dict(ds), []
+    if stage and "zero_allow_untested_optimizer" not in ds:
+        filled["zero_allow_untested_optimizer"] = True
+        named.append("zero_allow_untested_optimizer=true")
+    if precision_of(ds) == "bf16" and "communication_data_type" not in ds:
+        filled["communication_data_type"] = "fp32"
+        named.append('communication_data_type="fp32"')
+    if precision_of(ds) == "bf16" and stage and "grad_accum_dtype" not in ds.get("data_types", {}):
+        filled["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
+        named.append('data_types.grad_accum_dtype="fp32"')
+    return filled, f"filled in for {path}: {', '.join(named)}" if named else ""
+
+
+def cpu_has_fp16() -> bool:
+    """Whether DeepSpeed's CPU backend runs fp16 here (CPUs with oneDNN fp16 only)."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> tuple[dict[str, Any], str]:
+    """train.deepspeed_config checked, with the batch keys from the YAML config and the keys
+    this trainer needs filled in; and a one-line note of what was filled ("" if nothing)."""
+    ds, path = read_deepspeed_json(cfg)
+    check_known_keys(ds, path)
+    wanted = check_batch_keys(ds, path, cfg, world_size)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    check_precision(ds, path, stage, device)
+    ds, note = fill_required_keys(ds, path, stage)
+    return {**ds, **wanted}, note
+
+
+def deepspeed_check(ds: dict[str, Any], path: str) -> None:
+    """Run DeepSpeed's own config reader on `ds`, so that a value it refuses (a pydantic
+    validation error, a bad dtype name, a removed feature) is one line naming the file and
+    key before any rank waits on another, not a traceback from deepspeed.initialize."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # Read as one rank: train_batch_size, which counts the ranks, was checked above.
+    base = {key: ds[key] for key in BATCH_KEYS[:2]}
+    try:
+        DeepSpeedConfig({**base, **{k: v for k, v in ds.items() if k != "train_batch_size"}})
+        return
+    except Exception as err:  # noqa: BLE001 - whatever DeepSpeed raises, the cause is this config
+        failure = err
+    for key in ds.keys() - set(BATCH_KEYS):  # the one section that fails on its own
+        try:
+            DeepSpeedConfig({**base, key: ds[key]})
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{path}: {deepspeed_complaint(err, key)}; fix it (DeepSpeed {DEEPSPEED_VERSION}'s "
+                            "config reference: https://www.deepspeed.ai/docs/config-json/)") from None
+    raise UserError(f"{path}: DeepSpeed {DEEPSPEED_VERSION} refuses this config: {one_line(str(failure))}") from None
+
+
+def deepspeed_complaint(err: Exception, key: str) -> str:
+    """'key.sub: what is wrong' from an exception DeepSpeed's config reader raised for `key`."""
+    errors = getattr(err, "errors", None)  # pydantic's ValidationError
+    if callable(errors):
+        first, *rest = errors()
+        loc = [str(part) for part in first["loc"]]
+        where = ".".join(loc if loc[:1] == [key] else [key, *loc])  # the monitor sections carry their own name
+        got = f" (got {json.dumps(first['input'], default=str)})" if "input" in first else ""
+        more = f" (and {len(rest)} more)" if rest else ""
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}{got}{more}"
+    mapping = re.search(r"argument after \*\* must be a mapping, not (\w+)", str(err))
+    if mapping:
+        return f"{key} must be a JSON object {{...}}, not a {mapping.group(1)}"
+    return f"{key}: {one_line(str(err))}"
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def precision_of(ds: dict[str, Any]) -> str:
@@ -195,12 +338,13 @@ def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[TrainingEngine, str]:
     """The engine for this run, and a one-line description of it for the log."""
-    ds = deepspeed_config(cfg, ranks.world_size, device)
+    ds, filled = deepspeed_config(cfg, ranks.world_size, device)
     if not use_deepspeed(cfg, ranks, device):
         return (LocalEngine(model, optimizer, scheduler, cfg.train.gradient_accumulation_steps,
                             float(ds.get("gradient_clipping", 0.0))), "local engine, 1 process, fp32")
     import deepspeed
 
+    deepspeed_check(ds, deepspeed_json_name(cfg))
     init_process_group(ranks, device, cfg.train.collective_timeout_s)
     if cfg.model.norm == "sync_batch" and ranks.world_size > 1:
         if device.type != "cuda":
@@ -210,4 +354,12 @@ def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     match_buffers_to_parameters(engine.module)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    return engine, f"DeepSpeed, {ranks.world_size} rank(s), {precision_of(ds)}, ZeRO stage {stage}"
+    return engine, (f"DeepSpeed, {ranks.world_size} rank(s), {precision_of(ds)}, ZeRO stage {stage}, "
+                    f"{gradient_dtypes(engine)}{f' ({filled})' if filled else ''}")
+
+
+def gradient_dtypes(engine: Any) -> str:
+    """What the engine itself reports: the dtype gradients accumulate and are all-reduced in."""
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    accumulate, reduce = engine.get_data_types()[1], engine.communication_data_type
+    return f"gradients accumulated in {short[accumulate]}, all-reduced in {short[reduce]}"
