@@ -73,6 +73,10 @@ def _check_loss_backend(cfg: Config) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.startup import phase
+
+    if os.environ.get("RANK", "0") == "0":  # before torch loads (seconds): rank 0 speaks for the job
+        console.print(f"Setting up {args.config}", highlight=False, markup=False)
     import torch
     import torch.distributed as dist
 
@@ -87,7 +91,9 @@ def _train(args: argparse.Namespace, console: Console) -> None:
         console.quiet = True  # rank 0 speaks for the job
     cfg = load_config(args.config, args.overrides)
     _check_loss_backend(cfg)
-    dataset = load_dataset(cfg.data)
+    with phase(console, "metadata") as shown:
+        dataset = load_dataset(cfg.data)
+        shown.detail = dataset.describe()
 
     def validate(model: JRCLNet, device: torch.device) -> float:
         return evaluate(model, dataset, cfg, device, ranks, "val")["balanced_accuracy"]

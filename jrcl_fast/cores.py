@@ -33,7 +33,7 @@ def workers_per_rank(requested: int | None) -> tuple[int, str]:
     the cores available per local rank (each rank's loader then has its share of the
     node, never more than the cores). Returns (workers, the reason in words)."""
     cores, ranks = available_cores(), local_ranks()
-    share = f"{cores} cores available" + (f" / {ranks} local ranks" if ranks > 1 else "")
+    share = f"{cores} cores" + (f" / {ranks} local ranks" if ranks > 1 else "")
     if requested is not None:
-        return requested, f"data.num_workers={requested}; {share}"
-    return cores // ranks, f"the default: {share}"
+        return requested, f"data.num_workers; {share}"
+    return cores // ranks, f"default: {share}"

@@ -145,6 +145,11 @@ class LongTailedDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def describe(self) -> str:
+        """E.g. 'inat2018: 8,142 classes; 437,513 train, 24,426 test images'."""
+        sizes = ", ".join(f"{len(split):,} {name}" for name, split in self.splits().items())
+        return f"{self.name}: {self.num_classes:,} classes; {sizes} images"
+
     def splits(self) -> dict[str, Split]:
         """Every split a config can read, by name: what check-data decodes and what a
         run checks for missing files before its first step."""

@@ -36,6 +36,7 @@ from jrcl_fast.checkpoint import (
     read_model_states,
 )
 from jrcl_fast.config import Config, config_to_dict, parse_config
+from jrcl_fast.cores import workers_per_rank
 from jrcl_fast.data.class_groups import normal_class_mask
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
@@ -44,9 +45,11 @@ from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
 from jrcl_fast.losses.checks import NonFiniteError
+from jrcl_fast.losses.dispatch import load_implementations
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import ARCHITECTURE_REVISION, JRCLNet, check_architecture
 from jrcl_fast.runtime import Ranks, collective_failures, is_distributed, mean_over_ranks, select_device
+from jrcl_fast.startup import phase
 
 METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
@@ -192,27 +195,38 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
         if selection.stopped_early:
             raise UserError(f"--resume: the run in {out_dir} is complete (stopped early after epoch "
                             f"{selection.epochs_trained}); evaluate it with 'jrcl-fast eval --checkpoint {ckpt_dir}'")
-    # every split the run and check-data read, not at hour 9
-    dataset.check_files_exist(dataset.splits(), ranks.rank, ranks.world_size)
+    with phase(console, "files") as shown:  # every split the run and check-data read, not at hour 9
+        dataset.check_files_exist(dataset.splits(), ranks.rank, ranks.world_size)
+        shown.detail = f"every image of {', '.join(dataset.splits())} is there"
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = select_device(cfg.train.device, ranks)
 
     torch.manual_seed(cfg.train.seed)
-    model = JRCLNet(cfg.model, dataset.num_classes).to(device)
-    loader = build_train_loader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, ranks.rank,
-                                ranks.world_size)
+    with phase(console, "model") as shown:
+        model = JRCLNet(cfg.model, dataset.num_classes).to(device)
+        shown.detail = (f"{cfg.model.backbone}, {dataset.num_classes:,} classes, "
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}")
+    with phase(console, "loaders") as shown:
+        loader = build_train_loader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, ranks.rank,
+                                    ranks.world_size)
+        workers, why = workers_per_rank(cfg.data.num_workers)
+        shown.detail = f"{cfg.data.loader}, {workers} workers per rank ({why})"
     accum = cfg.train.gradient_accumulation_steps
     # Whole accumulation cycles per epoch, so that an epoch's checkpoint holds no partial gradient.
     micro_steps = len(loader) // accum * accum
     if micro_steps == 0:
         raise UserError(f"train.gradient_accumulation_steps {accum} exceeds the {len(loader)} steps of an epoch; "
                         "lower it or train.batch_size")
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, micro_steps // accum, cfg.train.epochs)
-    engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
-    objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
+    with phase(console, "engine") as shown:
+        optimizer = build_optimizer(cfg.optim, model)
+        scheduler = build_scheduler(cfg.optim, optimizer, micro_steps // accum, cfg.train.epochs)
+        engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
+        shown.detail = description
+    with phase(console, "kernels") as shown:
+        objective = JRCLObjective(cfg.loss, dataset.train_counts, normal_class_mask(dataset, cfg.data), device)
+        shown.detail = load_implementations(cfg.loss.backend, device)
 
     epochs_done = 0
     if resume:
