@@ -21,6 +21,7 @@ ALL_CLASSES_UP_TO = 20  # up to this many classes the screen lists them all
 EXTREMES_SHOWN = 10  # beyond it, the worst and the best this many
 NAME_WIDTH = 28  # characters of a class name on screen (iNat names are binomials)
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+SMOOTHING = 25  # a group's running mean spans 1/25 of its classes (one class below 50)
 PER_CLASS_FIELDS = ("class", "id", "name", "shot_group", "train_count", "test_count", "accuracy")
 
 
@@ -164,14 +165,16 @@ def plot_per_class(results: dict[str, Any], path: Path, title: str) -> None:
         jitter = (rng.uniform(-0.04, 0.04, x.size), rng.uniform(-2.0, 2.0, y.size)) if many else (0.0, 0.0)
         ax.scatter(x * 10 ** jitter[0], y + jitter[1], color=GROUP_COLOURS[group], s=3 if many else 22,
                    alpha=0.15 if many else 0.8, linewidths=0)
-        xs, mean = running_mean(x, y, max(5, len(rows) // 25))
-        ax.plot(xs, mean, color=GROUP_COLOURS[group], lw=2.2,
-                label=f"{group}-shot: {len(rows):,} classes, mean {np.mean(y):.1f}%")
+        xs, mean = running_mean(x, y, max(1, len(rows) // SMOOTHING))
+        classes = "1 class" if len(rows) == 1 else f"{len(rows):,} classes"
+        ax.plot(xs, mean, color=GROUP_COLOURS[group], lw=2.2 if many else 1.2,
+                label=f"{group}-shot: {classes}, mean {np.mean(y):.1f}%")
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)" + (", points jittered" if many else ""))
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(-4, 104)
-    ax.set_title(f"{title}: {len(tested):,} classes, lines: running mean", fontsize=10)
+    lines = f"running mean over 1/{SMOOTHING} of the group's classes" if many else "join each group's classes"
+    ax.set_title(f"{title}: {len(tested):,} classes; lines: {lines}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False, fontsize=8)
     fig.tight_layout()
