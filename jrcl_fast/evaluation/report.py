@@ -61,7 +61,7 @@ def _shot_table(results: dict[str, Any]) -> Table:
     for group in SHOT_GROUPS:
         members = [rows[c] for c in results["shot_classes"][group]]
         counts = [r["train_count"] for r in members]
-        span = f"{min(counts):,}-{max(counts):,}" if counts else "-"
+        span = "-" if not counts else f"{min(counts):,}" + (f"-{max(counts):,}" if max(counts) > min(counts) else "")
         table.add_row(group, f"{len(members):,}", span, f"{sum(r['test_count'] for r in members):,}",
                       _pct(results["shot_accuracy"][group]))
     return table
@@ -97,8 +97,9 @@ def _per_class_table(results: dict[str, Any]) -> Table:
         return _class_table("Per-class accuracy", [rows], group_of)
     worst, best = extremes(rows)
     tested = [r["accuracy"] for r in rows if r["accuracy"] is not None]
-    ties = f"{tested.count(worst[0]['accuracy']):,} at {_pct(worst[0]['accuracy'])}%, " \
-           f"{tested.count(best[0]['accuracy']):,} at {_pct(best[0]['accuracy'])}%"
+    low, high = worst[0]["accuracy"], best[0]["accuracy"]
+    ties = f"all at {_pct(low)}%" if low == high else \
+        f"{tested.count(low):,} at {_pct(low)}%, {tested.count(high):,} at {_pct(high)}%"
     return _class_table(f"The {len(worst)} worst and {len(best)} best of {len(rows):,} classes ({ties})",
                         [worst, best], group_of)
 
