@@ -75,21 +75,22 @@ def _check_loss_backend(cfg: Config) -> None:
 def _train(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.startup import phase
 
-    if os.environ.get("RANK", "0") == "0":  # before torch loads (seconds): rank 0 speaks for the job
-        console.print(f"Setting up {args.config}", highlight=False, markup=False)
-    import torch
-    import torch.distributed as dist
+    # Rank 0 speaks for the job (RANK, as launched_ranks reads it: known before torch loads).
+    console.quiet = os.environ.get("RANK", "0") != "0"
+    console.print(f"Setting up {args.config}", highlight=False, markup=False)
+    cfg = load_config(args.config, args.overrides)  # torch-free: a config mistake is reported at once
+    with phase(console, "imports") as shown:
+        import torch
+        import torch.distributed as dist
 
-    from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.engine.trainer import train
-    from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
-    from jrcl_fast.models import JRCLNet
-    from jrcl_fast.runtime import launched_ranks
+        from jrcl_fast.data.datasets import load_dataset
+        from jrcl_fast.engine.trainer import train
+        from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
+        from jrcl_fast.models import JRCLNet
+        from jrcl_fast.runtime import launched_ranks
 
+        shown.detail = f"torch {torch.__version__}"
     ranks = launched_ranks(args.local_rank)
-    if not ranks.is_main:
-        console.quiet = True  # rank 0 speaks for the job
-    cfg = load_config(args.config, args.overrides)
     _check_loss_backend(cfg)
     with phase(console, "metadata") as shown:
         dataset = load_dataset(cfg.data)

@@ -28,7 +28,7 @@ from tests.helpers import REPO
 
 NUM_CLASSES = 8142  # iNaturalist 2018
 SUPERCATEGORIES = ("Plantae", "Insecta", "Aves", "Reptilia", "Mammalia", "Fungi")
-PHASES = ("metadata", "files", "model", "loaders", "engine", "kernels")
+PHASES = ("imports", "metadata", "files", "model", "loaders", "engine", "kernels")
 COLUMNS = 80
 RESULT_LINES = 40  # the tables after training: overall, shot groups, 10 worst and 10 best
 
