@@ -105,7 +105,7 @@ def test_one_epoch_at_8142_classes_reads_on_an_80_column_screen(inat_root, tmp_p
     assert re.search(rf"  loaders .* {loader}, \d+ workers per rank \(default: \d+ cores\)", done.stdout)
     training = next(k for k, line in enumerate(screen) if line.startswith("Training with"))
     assert starts[-1] < training < next(k for k, line in enumerate(screen) if line.startswith("epoch 1/1"))
-    assert f"{NUM_CLASSES:,} classes; {counts.sum():,} train, {NUM_CLASSES:,} test images" in screen[starts[0]]
+    assert f"{NUM_CLASSES:,} classes; {counts.sum():,} train, {NUM_CLASSES:,} test images" in screen[starts[PHASES.index("metadata")]]
 
     # the screen after training: 80 columns, few lines, the worst and best classes
     wide = [line for line in screen if len(line) > COLUMNS and not line.startswith("Results in ")]

@@ -39,13 +39,18 @@ def _group_of(results: dict[str, Any]) -> dict[int, str]:
     return {c: g for g in SHOT_GROUPS for c in results["shot_classes"][g]}
 
 
+def _table(title: str) -> Table:
+    """A borderless table at least as wide as its title, which therefore stays on one line."""
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left", min_width=len(title))
+
+
 def _overall_table(results: dict[str, Any], title: str) -> Table:
     columns = {"top-1": _pct(results["top1"]), "balanced acc": _pct(results["balanced_accuracy"]),
                "macro-F1": _pct(results["macro_f1"])}
     if results.get("normal_vs_abnormal_accuracy") is not None:
         columns["normal vs abnormal"] = _pct(results["normal_vs_abnormal_accuracy"])
     columns["majority (bal.)"] = _pct_fine(results["majority_baseline_balanced_accuracy"])
-    table = Table(title=f"{title} (%), {results['num_test_images']:,} images", box=box.SIMPLE_HEAD, show_edge=False)
+    table = _table(f"{title} (%), {results['num_test_images']:,} images")
     for column in columns:
         table.add_column(column, justify="right")
     table.add_row(*columns.values())
@@ -54,7 +59,7 @@ def _overall_table(results: dict[str, Any], title: str) -> Table:
 
 def _shot_table(results: dict[str, Any]) -> Table:
     rows = results["per_class"]
-    table = Table(title="Shot groups (by training images per class)", box=box.SIMPLE_HEAD, show_edge=False)
+    table = _table("Shot groups (by training images per class)")
     table.add_column("group")
     for column in ("classes", "train images", "test images", "accuracy %"):
         table.add_column(column, justify="right")
@@ -78,7 +83,7 @@ def extremes(rows: list[dict[str, Any]], n: int = EXTREMES_SHOWN) -> tuple[list[
 
 
 def _class_table(title: str, sections: list[list[dict[str, Any]]], group_of: dict[int, str]) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    table = _table(title)
     table.add_column("id", justify="right")
     table.add_column("name", max_width=NAME_WIDTH, no_wrap=True, overflow="ellipsis")
     for column in ("group", "train", "test", "accuracy %"):
