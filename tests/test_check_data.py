@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from helpers import REPO, run_cli
 from PIL import Image
 from rich.console import Console
 
@@ -17,7 +18,6 @@ from jrcl_fast.cli import main
 from jrcl_fast.data.check_data import BAD_SHOWN, check_data
 from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.fixtures import write_inat2018
-from tests.helpers import REPO, run_cli
 
 PLACES = str(REPO / "configs" / "places_lt.yaml")
 MAX_LINES = 40

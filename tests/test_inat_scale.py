@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO
 from PIL import Image
-
-from tests.helpers import REPO
 
 NUM_CLASSES = 8142  # iNaturalist 2018
 SUPERCATEGORIES = ("Plantae", "Insecta", "Aves", "Reptilia", "Mammalia", "Fungi")
