@@ -144,7 +144,7 @@ def _check_data(args: argparse.Namespace, console: Console) -> None:
     for line in report.lines(bad_list) + format_lines(report.formats):
         console.print(line, highlight=False, soft_wrap=True, markup=False)
     if not report.ok:
-        raise UserError(f"{report.missing} missing and {report.corrupt} corrupt of {report.checked} images "
+        raise UserError(f"{report.missing:,} missing and {report.corrupt:,} corrupt of {report.checked:,} images "
                         f"(listed in {bad_list}); replace them or remove their entries from the split files")
 
 

@@ -68,17 +68,17 @@ class DataReport:
         return len(self.bad) - self.missing
 
     def summary(self) -> str:
-        return f"{self.checked - len(self.bad)} decoded, {self.missing} missing, {self.corrupt} corrupt"
+        return f"{self.checked - len(self.bad):,} decoded, {self.missing:,} missing, {self.corrupt:,} corrupt"
 
     def lines(self, bad_list: Path | None = None, shown: int = BAD_SHOWN) -> list[str]:
         """The summary, the first `shown` bad entries and, past those, where the rest are
         (`bad_list`, written by write_bad_list)."""
-        head = f"{self.dataset} ({', '.join(self.splits)}): {self.checked} images, {self.summary()}"
+        head = f"{self.dataset} ({', '.join(self.splits)}): {self.checked:,} images, {self.summary()}"
         lines = [head] + [f"  {b.split} entry {b.entry}: {b.path}: {b.reason}" for b in self.bad[:shown]]
         if len(self.bad) > shown:
-            lines.append(f"  ... and {len(self.bad) - shown} more")
+            lines.append(f"  ... and {len(self.bad) - shown:,} more")
         if self.bad and bad_list is not None:
-            lines.append(f"all {len(self.bad)} bad entries: {bad_list}")
+            lines.append(f"all {len(self.bad):,} bad entries: {bad_list}")
         return lines
 
     def write_bad_list(self, path: Path) -> None:
