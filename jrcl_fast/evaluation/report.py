@@ -179,10 +179,11 @@ def plot_per_class(results: dict[str, Any], path: Path, title: str) -> None:
     ax.set_xlabel("training images of the class (log scale)" + (", points jittered" if many else ""))
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(-4, 104)
-    lines = f"running mean over 1/{SMOOTHING} of the group's classes" if many else "join each group's classes"
-    ax.set_title(f"{title}: {len(tested):,} classes; lines: {lines}", fontsize=9)
+    lines = f"running mean over 1/{SMOOTHING} of a group's classes" if many else "join each group's classes"
+    ax.set_title(f"{title}: {len(tested):,} classes", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False, fontsize=8,
+              title=f"lines: {lines}", title_fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=120))
