@@ -14,6 +14,8 @@ from rich.markup import escape
 from jrcl_fast.config import Config, load_config, parse_config
 from jrcl_fast.errors import CheckFailure, ConfigWarning, RankFailure, UserError
 
+BAD_LIST_NAME = "bad_images.csv"  # check-data's list of every bad image
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jrcl-fast", description=__doc__)
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, help="YAML file, e.g. configs/digits_lt.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set data.root=/data/nih (repeatable)")
+    check.add_argument("--bad-list", type=Path,
+                       help=f"CSV of every missing or corrupt image (default: train.output_dir/{BAD_LIST_NAME})")
 
     prepare = sub.add_parser("prepare-images", help="copy the data set's images to a GPU-decodable format")
     prepare.add_argument("--config", required=True, help="YAML file, e.g. configs/nih_cxr_lt.yaml")
@@ -69,22 +73,29 @@ def _check_loss_backend(cfg: Config) -> None:
 
 
 def _train(args: argparse.Namespace, console: Console) -> None:
-    import torch
-    import torch.distributed as dist
+    from jrcl_fast.startup import phase
 
-    from jrcl_fast.data.class_groups import ClassGroups
-    from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.engine.trainer import train
-    from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
-    from jrcl_fast.models import JRCLNet
-    from jrcl_fast.runtime import launched_ranks
+    # Rank 0 speaks for the job (RANK, as launched_ranks reads it: known before torch loads).
+    console.quiet = os.environ.get("RANK", "0") != "0"
+    console.print(f"Setting up {args.config}", highlight=False, markup=False)
+    cfg = load_config(args.config, args.overrides)  # torch-free: a config mistake is reported at once
+    with phase(console, "imports") as shown:
+        import torch
+        import torch.distributed as dist
 
+        from jrcl_fast.data.class_groups import ClassGroups
+        from jrcl_fast.data.datasets import load_dataset
+        from jrcl_fast.engine.trainer import train
+        from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
+        from jrcl_fast.models import JRCLNet
+        from jrcl_fast.runtime import launched_ranks
+
+        shown.detail = f"torch {torch.__version__}"
     ranks = launched_ranks(args.local_rank)
-    if not ranks.is_main:
-        console.quiet = True  # rank 0 speaks for the job
-    cfg = load_config(args.config, args.overrides)
     _check_loss_backend(cfg)
-    dataset = load_dataset(cfg.data)
+    with phase(console, "metadata") as shown:
+        dataset = load_dataset(cfg.data)
+        shown.detail = dataset.describe()
     groups = ClassGroups(dataset, cfg.data)  # one derivation for the objective and every evaluation
 
     def validate(model: JRCLNet, device: torch.device) -> float:
@@ -124,16 +135,19 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
 def _check_data(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.data.check_data import check_data
     from jrcl_fast.data.datasets import load_dataset
-    from jrcl_fast.data.image_formats import format_report
+    from jrcl_fast.data.image_formats import format_lines
 
     cfg = load_config(args.config, args.overrides)
     dataset = load_dataset(cfg.data)
-    report = check_data(dataset, num_workers=os.cpu_count() or 1)
-    for line in report.lines() + format_report(dataset):
-        console.print(line, highlight=False, soft_wrap=True)
+    report = check_data(dataset, console=console)
+    bad_list = args.bad_list or Path(cfg.train.output_dir) / BAD_LIST_NAME
     if not report.ok:
-        raise UserError(f"{report.missing} missing and {report.corrupt} corrupt of {report.checked} images "
-                        "(listed above); replace them or remove their entries from the split files")
+        report.write_bad_list(bad_list)
+    for line in report.lines(bad_list) + format_lines(report.formats):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    if not report.ok:
+        raise UserError(f"{report.missing:,} missing and {report.corrupt:,} corrupt of {report.checked:,} images "
+                        f"(listed in {bad_list}); replace them or remove their entries from the split files")
 
 
 def _prepare_images(args: argparse.Namespace, console: Console) -> None:

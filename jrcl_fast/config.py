@@ -50,7 +50,9 @@ class DataConfig:
     num_views: int = 2
     loader: str = "torch"  # torch | dali
     sampler: str = "instance"  # instance | class_balanced | sqrt
-    num_workers: int = 0
+    # Loader worker processes (torch) or threads (DALI) per rank. None (the default): the
+    # cores available to this process divided among the node's local ranks (cores.py).
+    num_workers: int | None = None
     # digits_lt and mnist_lt: exponential long-tail profile, head/tail ratio of training counts.
     imbalance_ratio: float = 50.0
     test_fraction: float = 0.3  # digits_lt only; mnist_lt has fixed per-class splits
@@ -253,7 +255,7 @@ def _check_value(value: Any, source: str, dotted: str) -> Any:
             raise UserError(f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {item!r}")
     if dotted in POSITIVE and not value > 0:
         raise UserError(f"{source}: key '{dotted}' must be positive, got {value!r}")
-    if dotted in NON_NEGATIVE and value < 0:
+    if dotted in NON_NEGATIVE and value is not None and value < 0:
         raise UserError(f"{source}: key '{dotted}' must not be negative, got {value!r}")
     return value
 

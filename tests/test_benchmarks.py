@@ -257,3 +257,20 @@ def test_bench_decode_rows_cover_every_format_and_size(tmp_path: Path) -> None:
         assert len(rates) == 4 and all(math.isfinite(r) and r > 0 for r in rates)
     with Image.open(tmp_path / "images" / "jpeg2000_48" / "00001.jp2") as img:  # --max-side 48 of 1024 x 1024
         assert img.size == (48, 48) and img.mode == "L"
+
+
+def test_bench_startup_times_every_phase_up_to_the_progress_bar(tmp_path: Path, digits_root: Path) -> None:
+    out = tmp_path / "startup.json"
+    run_benchmark("bench_startup.py", "--config", str(tiny_config(tmp_path, digits_root)), "--runs", "1",
+                  "--cold-metadata", "--json", str(out))
+    (run,) = json.loads(out.read_text())["runs"]
+    marks = list(run.values())
+    assert None not in marks and marks == sorted(marks) and list(run)[-1] == "progress bar"
+
+
+def test_results_examples_render_the_screen_and_plot_at_8142_classes(tmp_path: Path) -> None:
+    run_benchmark("results_examples.py", "--out", str(tmp_path))
+    screen = (tmp_path / "results_screen_8142_synthetic.txt").read_text().splitlines()
+    assert max(map(len, screen)) <= 80 and "of 8,142 classes" in "\n".join(screen)
+    with Image.open(tmp_path / "per_class_accuracy_8142_synthetic.png") as plot:
+        assert plot.format == "PNG"

@@ -268,7 +268,7 @@ def test_check_data_lists_missing_truncated_and_corrupt_files(tmp_path: Path) ->
     names = ["rgb.jpg", "gray.png", "gray16.png", "truncated.jpg", "noise.png", "gone.png"]
     (tmp_path / "list.txt").write_text("".join(f"{n} {i % 2}\n" for i, n in enumerate(names)))
     split = read_file_list(tmp_path / "list.txt", tmp_path)
-    report = check_data(LongTailedDataset("places_lt", ["a", "b"], split, split), num_workers=2)
+    report = check_data(LongTailedDataset("places_lt", ["a", "b"], split, split), workers=2)
     assert report.checked == 12 and not report.ok
     train_bad = [(b.entry, Path(b.path).name, b.reason.split(" ")[0]) for b in report.bad if b.split == "train"]
     assert train_bad == [(4, "truncated.jpg", "corrupt"), (5, "noise.png", "corrupt"), (6, "gone.png", "missing")]

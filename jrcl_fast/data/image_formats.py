@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jrcl_fast.config import DecoderConfig
-from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.errors import UserError
 
 GPU, CPU = "gpu", "cpu"
@@ -223,12 +221,9 @@ def decode_notice(root: Path, rel_paths: list[str], gpu: bool, gray_output: bool
     return None
 
 
-def format_report(dataset: LongTailedDataset) -> list[str]:
-    """check-data's lines on formats: what every file of every split is, by its header,
-    and what a GPU run would decode on the CPU."""
-    gray = augmentation_for(dataset.name).grayscale
-    files = sorted({split.root / rel for split in dataset.splits().values() for rel in split.paths})
-    found = census(files, gray)
+def format_lines(found: FormatCensus) -> list[str]:
+    """check-data's lines on formats: what the files of every split are, by their
+    headers, and what a GPU run would decode on the CPU."""
     lines = [f"image formats (from file headers): {found.describe()}"]
     if found.cpu_share > 0:
         lines.append(f"a GPU run (DALI mixed decoder) decodes {found.cpu_share:.0%} of them on the CPU; {PREPARE_FIX}")

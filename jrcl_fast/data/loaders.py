@@ -8,6 +8,7 @@ Both keep the contract written there.
 from __future__ import annotations
 
 from jrcl_fast.config import DataConfig
+from jrcl_fast.cores import workers_per_rank
 from jrcl_fast.data.augment import augmentation_for
 from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.image_formats import mixed_decoder_settings
@@ -24,7 +25,8 @@ def build_train_loader(dataset: LongTailedDataset, data_cfg: DataConfig, batch_s
             f"images of {dataset.name}; lower train.batch_size"
         )
     spec = TrainSpec(split=dataset.train, image_size=data_cfg.image_size, augmentation=augmentation_for(dataset.name),
-                     batch_size=batch_size, workers=data_cfg.num_workers, rank=rank, world_size=world_size,
+                     batch_size=batch_size, workers=workers_per_rank(data_cfg.num_workers)[0], rank=rank,
+                     world_size=world_size,
                      num_views=data_cfg.num_views, sampler=data_cfg.sampler, seed=seed,
                      decoder=mixed_decoder_settings(dataset.name, data_cfg.decoder))
     if data_cfg.loader == "dali":
@@ -37,7 +39,8 @@ def build_train_loader(dataset: LongTailedDataset, data_cfg: DataConfig, batch_s
 def build_eval_loader(split: Split, dataset_name: str, data_cfg: DataConfig, batch_size: int,
                       rank: int = 0, world_size: int = 1) -> Batches:
     spec = LoaderSpec(split=split, image_size=data_cfg.image_size, augmentation=augmentation_for(dataset_name),
-                      batch_size=batch_size, workers=data_cfg.num_workers, rank=rank, world_size=world_size,
+                      batch_size=batch_size, workers=workers_per_rank(data_cfg.num_workers)[0], rank=rank,
+                     world_size=world_size,
                       decoder=mixed_decoder_settings(dataset_name, data_cfg.decoder))
     if data_cfg.loader == "dali":
         from jrcl_fast.data.dali_loader import dali_eval_loader

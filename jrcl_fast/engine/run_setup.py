@@ -32,6 +32,7 @@ from jrcl_fast.checkpoint import (
     read_model_states,
 )
 from jrcl_fast.config import Config, config_to_dict, parse_config
+from jrcl_fast.cores import workers_per_rank
 from jrcl_fast.data.class_groups import ClassGroups
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loader_contract import TrainLoader
@@ -41,9 +42,11 @@ from jrcl_fast.engine.contract import TrainingEngine
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
+from jrcl_fast.losses.dispatch import load_implementations
 from jrcl_fast.losses.objective import JRCLObjective
 from jrcl_fast.models import JRCLNet, check_architecture
 from jrcl_fast.runtime import Ranks, select_device
+from jrcl_fast.startup import phase
 
 # Scores a model on the validation split (balanced accuracy); every rank calls it.
 Validate = Callable[[JRCLNet, torch.device], float]
@@ -150,16 +153,24 @@ def build_train_data(cfg: Config, dataset: LongTailedDataset, ranks: Ranks) -> t
 
 
 def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_classes: int,
-                         train_counts: np.ndarray, normal_mask: np.ndarray, steps_per_epoch: int) -> TrainingStack:
+                         train_counts: np.ndarray, normal_mask: np.ndarray, steps_per_epoch: int,
+                         console: Console | None = None) -> TrainingStack:
     """The model (seeded with train.seed), its optimizer and schedule, the engine for this
-    run (backends.build_engine) and the objective."""
+    run (backends.build_engine) and the objective; each phase shown on `console`."""
     torch.manual_seed(cfg.train.seed)
-    model = JRCLNet(cfg.model, num_classes).to(device)
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch // cfg.train.gradient_accumulation_steps,
-                                cfg.train.epochs)
-    engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
-    objective = JRCLObjective(cfg.loss, train_counts, normal_mask, device)
+    with phase(console, "model") as shown:
+        model = JRCLNet(cfg.model, num_classes).to(device)
+        shown.detail = (f"{cfg.model.backbone}, {num_classes:,} classes, "
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}")
+    with phase(console, "engine") as shown:
+        optimizer = build_optimizer(cfg.optim, model)
+        scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch // cfg.train.gradient_accumulation_steps,
+                                    cfg.train.epochs)
+        engine, description = build_engine(cfg, ranks, device, model, optimizer, scheduler)
+        shown.detail = description
+    with phase(console, "kernels") as shown:
+        objective = JRCLObjective(cfg.loss, train_counts, normal_mask, device)
+        shown.detail = load_implementations(cfg.loss.backend, device)
     return TrainingStack(engine, description, objective)
 
 
@@ -173,15 +184,20 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
     saved = check_resume(cfg, out_dir / CHECKPOINT_DIR) if resume else {}
     if SELECTION_KEY in saved:
         selection = Selection.from_summary(saved[SELECTION_KEY])
-    dataset.check_files_exist(dataset.splits(), ranks.rank, ranks.world_size)
+    with phase(console, "files") as shown:  # every split the run and check-data read, not at hour 9
+        dataset.check_files_exist(dataset.splits(), ranks.rank, ranks.world_size)
+        shown.detail = f"every image of {', '.join(dataset.splits())} is there"
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = select_device(cfg.train.device, ranks)
 
-    loader, steps = build_train_data(cfg, dataset, ranks)
+    with phase(console, "loaders") as shown:
+        loader, steps = build_train_data(cfg, dataset, ranks)
+        workers, why = workers_per_rank(cfg.data.num_workers)
+        shown.detail = f"{cfg.data.loader}, {workers} workers per rank ({why})"
     stack = build_training_stack(cfg, ranks, device, dataset.num_classes, dataset.train_counts,
-                                 groups.normal_mask, steps)
+                                 groups.normal_mask, steps, console)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
               epochs_done=saved.get("epochs_done", 0), resumed=resume)
     resume_or_start_over(run, console)

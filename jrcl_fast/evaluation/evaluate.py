@@ -19,12 +19,13 @@ from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_eval_loader
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.evaluation.metrics import classification_metrics, predict
-from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json
+from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json, write_per_class_csv
 from jrcl_fast.models import JRCLNet
 from jrcl_fast.runtime import Ranks, gather_shards
 
 RESULTS_NAME = "results.json"
 PLOT_NAME = "per_class_accuracy.png"
+PER_CLASS_NAME = "per_class.csv"
 
 
 def evaluate(model: JRCLNet, dataset: LongTailedDataset, cfg: Config, device: torch.device,
@@ -66,5 +67,7 @@ def publish(results: dict[str, Any], out_dir: Path, title: str, console: Console
     for name, other in results.get("other_splits", {}).items():
         print_results(other, console, f"{title}: {name} split", per_class=False)
     write_json(out_dir / RESULTS_NAME, results)
+    write_per_class_csv(results, out_dir / PER_CLASS_NAME)
     plot_per_class(results, out_dir / PLOT_NAME, f"{title}: test split")
-    console.print(f"Results: {out_dir / RESULTS_NAME}, plot: {out_dir / PLOT_NAME}")
+    console.print(f"Results in {out_dir}:", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"  {RESULTS_NAME}, {PER_CLASS_NAME}, {PLOT_NAME}", highlight=False)

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 
 from jrcl_fast.data.class_groups import SHOT_GROUPS
@@ -35,6 +34,8 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, train_counts: 
     Balanced and group accuracies average per-class accuracy over classes present in
     the test split, so a head class counts once however many test images it has.
     """
+    from sklearn.metrics import f1_score  # a second of start-up: imported when first needed
+
     num_classes = len(class_names)
     class_ids = list(range(num_classes)) if class_ids is None else class_ids
     test_counts = np.bincount(labels, minlength=num_classes)

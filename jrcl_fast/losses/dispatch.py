@@ -55,3 +55,15 @@ def implementation(loss: str, impl: Impl) -> Callable[[Any], Any]:
     loss's argument bundle."""
     module, name = IMPLEMENTATIONS[loss][impl].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def load_implementations(backend: str, device: torch.device) -> str:
+    """Import now the implementations `backend` takes on `device` (Triton's import is
+    slow: better in a start-up phase than inside step 1) and say which they are."""
+    impl = select_impl(backend, torch.empty(0, device=device))
+    for loss in IMPLEMENTATIONS:
+        implementation(loss, impl)
+    if impl is Impl.TORCH:
+        return f"PyTorch reference losses (loss.backend={backend})"
+    where = ", Triton interpreter" if device.type == "cpu" else ""
+    return f"fused Triton kernels (loss.backend={backend}{where})"
