@@ -143,6 +143,15 @@ class TrainConfig:
     # With select_on=val_balanced_accuracy: stop after this many epochs without a better
     # validation score; 0 trains every epoch.
     early_stop_patience: int = 0
+    # Start from the weights another run selected: its checkpoints/ folder (the epoch
+    # that run's train.select_on chose). The model section must equal that run's.
+    init_from: str | None = None
+    # all: train every weight. classifier: classifier re-training (cRT, Kang et al. 2020):
+    # needs train.init_from; the classifier restarts from a fresh initialisation and is
+    # the only part trained; everything else (backbone, projection, binary head,
+    # prototypes) keeps the loaded weights and BatchNorm statistics. Pair it with
+    # data.sampler=class_balanced and loss.lambda_con/lambda_bdc/lambda_bin = 0.
+    trainable: str = "all"  # all | classifier
 
 
 @dataclass
@@ -172,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...] | Registry] = {
     "train.engine": ("auto", "local", "deepspeed"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_on": ("last", "val_balanced_accuracy"),
+    "train.trainable": ("all", "classifier"),
     "loss.divergence": DIVERGENCES,
     "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
@@ -267,7 +277,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 # Keys that name a file or folder. A relative path in a YAML file is relative to that
 # file, so a config works from any working directory; one given with --set is relative
 # to the working directory, like any command-line path.
-PATH_KEYS = (("data", "root"), ("train", "output_dir"), ("train", "deepspeed_config"))
+PATH_KEYS = (("data", "root"), ("train", "output_dir"), ("train", "deepspeed_config"), ("train", "init_from"))
 
 
 def resolve_paths(raw: dict, base: Path) -> None:
@@ -315,6 +325,9 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     if config.train.early_stop_patience and config.train.select_on == "last":
         raise UserError(f"{source}: key 'train.early_stop_patience' stops on the validation score; set "
                         "train.select_on=val_balanced_accuracy too, or the patience to 0")
+    if config.train.trainable == "classifier" and config.train.init_from is None:
+        raise UserError(f"{source}: key 'train.trainable' classifier retrains the classifier on another run's "
+                        "features; set train.init_from to that run's checkpoints/ folder")
     if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
         raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
                         "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")

@@ -40,6 +40,7 @@ from jrcl_fast.data.class_groups import normal_class_mask
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.engine.backends import build_engine
+from jrcl_fast.engine.init_from import init_from
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
@@ -201,6 +202,7 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
 
     torch.manual_seed(cfg.train.seed)
     model = JRCLNet(cfg.model, dataset.num_classes).to(device)
+    init_from(model, cfg, dataset.class_names)
     loader = build_train_loader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, ranks.rank,
                                 ranks.world_size)
     accum = cfg.train.gradient_accumulation_steps
