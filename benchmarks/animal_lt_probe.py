@@ -4,8 +4,9 @@ For each candidate normal class, animal-lt's long-tailed training split is drawn
 that class at the head (700 images; the other nine down the exponential tail,
 imbalance 100; copies dropped, as animal-lt does), a small 3-layer CNN is trained with
 logit-adjusted CE (tau = 1, Menon et al. 2021) for a few epochs, and the validation
-split (50 per class; the test split is never looked at) is scored: balanced accuracy, and normal-vs-abnormal balanced accuracy
-with the candidate as the normal group (the same metric as results.json). The data set
+split (50 per class; the test split is never looked at) is scored: balanced accuracy,
+and normal-vs-abnormal balanced accuracy with the candidate as the normal group (the
+same metric as results.json). The data set
 wants a normal class the classifier finds hard to separate, as chest X-rays' "No
 Finding": the candidate with the lowest normal-vs-abnormal accuracy at or below 95%.
 
