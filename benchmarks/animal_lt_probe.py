@@ -77,6 +77,26 @@ def probe(raw: np.ndarray, images: torch.Tensor, labels: np.ndarray, normal: int
             "normal_vs_abnormal_accuracy": metrics["normal_vs_abnormal_accuracy"]}
 
 
+def save_samples(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 10) -> None:
+    """A grid of the first `per_class` images of each label, each row titled with the
+    name animal_lt gives that label: the check by eye that the names are in label order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(animal_lt.NUM_CLASSES, per_class, figsize=(per_class * 0.8, animal_lt.NUM_CLASSES * 0.8))
+    for label, row in enumerate(axes):
+        for ax, index in zip(row, np.flatnonzero(labels == label)[:per_class]):
+            ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{label}: {animal_lt.CLASS_NAMES[label]}", rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", default=["dog", "cat", "horse", "sheep"],
@@ -86,10 +106,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--samples", type=Path, default=None, help="write a PNG grid of each label's first images")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
     raw, labels = animal_lt.load_arrays()
+    if args.samples:
+        save_samples(raw, labels, args.samples)
     images = (torch.from_numpy(raw).float().unsqueeze(1) / 255.0 - 0.5) / 0.25
     rows, start = [], time.perf_counter()
     for name in args.candidates:
@@ -113,7 +136,7 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         record = {"command": "python benchmarks/animal_lt_probe.py " + " ".join(
                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                      for k, v in vars(args).items() if k != "json"),
+                      for k, v in vars(args).items() if k not in ("json", "samples")),
                   "commit": commit, "seconds": round(seconds, 1), "model": "3-layer CNN (32-64-128), AdamW 2e-3",
                   "loss": "logit-adjusted CE, tau 1", "split": "validation (50 per class)",
                   "target_normal_vs_abnormal": TARGET, "chosen": chosen, "candidates": rows}

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,37 @@ def test_bench_decode_rows_cover_every_format_and_size(tmp_path: Path) -> None:
         assert len(rates) == 4 and all(math.isfinite(r) and r > 0 for r in rates)
     with Image.open(tmp_path / "images" / "jpeg2000_48" / "00001.jp2") as img:  # --max-side 48 of 1024 x 1024
         assert img.size == (48, 48) and img.mode == "L"
+
+
+def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Path, mnist_root: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import run_command, train
+
+    config = str(tiny_config(tmp_path, mnist_root, base="mnist_lt", train={"epochs": 6, "batch_size": 128}))
+    out = tmp_path / "runs" / "ce" / "seed0"
+    settings = {"loss.lambda_con": 0, "loss.lambda_bdc": 0, "loss.lambda_bin": 0}
+    first = run_command(config, settings, ["train.threads=1"], 0, out)
+    assert "--overwrite" in first and "--resume" not in first
+    run = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "latest").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.kill()  # SIGKILL, as a machine stop does
+    run.wait()
+    epoch_one = (out / "metrics.jsonl").read_text().splitlines()[0]
+    assert not (out / "results.json").exists()
+    # a later ablation with another thread count: resumed with the run's own count, not restarted
+    result = train(config, settings, ["train.threads=2"], 0, out)
+    log = (out / "train.log").read_text()
+    command = [line for line in log.splitlines() if line.startswith("$ ")][-1]
+    assert "--resume" in command and command.endswith("--set train.threads=1") and "Resuming" in log
+    assert (out / "metrics.jsonl").read_text().splitlines()[0] == epoch_one  # its timing: not run again
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
+    # trained but killed before its results: evaluated, not trained again
+    (out / "results.json").unlink()
+    again = train(config, settings, [], 0, out)
+    # the same selected weights (eval may run at another thread count: a near tie may flip)
+    assert again["val"] == result["val"]
+    assert again["test"]["balanced_accuracy"] == pytest.approx(result["test"]["balanced_accuracy"], abs=2e-3)
+    last = [line for line in (out / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
+    assert last.split()[4] == "eval"

@@ -27,8 +27,13 @@ def keep_eval(module: nn.Module) -> None:
     """Keep `module` (and everything under it) in eval mode whatever .train() its parent
     is given: the trainer puts the whole model in train mode every epoch, which would let
     frozen BatchNorms update their running statistics from the retraining batches."""
-    module.register_forward_pre_hook(lambda m, _: m.eval() if m.training else None)
+    module.register_forward_pre_hook(_to_eval)
     module.eval()
+
+
+def _to_eval(module: nn.Module, inputs: tuple) -> None:
+    if module.training:
+        module.eval()  # returns the module, which a pre-hook must not: it would replace the inputs
 
 
 def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str, Tensor]:
