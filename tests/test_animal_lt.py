@@ -118,7 +118,7 @@ def gz_pickle(path, payload: bytes):
 
 def test_unpickler_reads_numpy_arrays_in_the_packages_form(tmp_path):
     array = np.random.default_rng().integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    payload = pickle.dumps(array, protocol=2)
+    payload = pickle.dumps(array, protocol=3)  # protocol 3: globals as text lines, no frames to resize
     # NumPy 2 names numpy._core; the package's files (NumPy 1) name numpy.core
     payload = payload.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
     assert b"numpy.core.multiarray\n_reconstruct" in payload
@@ -133,10 +133,10 @@ def test_unpickler_refuses_anything_but_numpy_arrays(tmp_path):
             return os.system, (f"touch {marker}",)
 
     with pytest.raises(UserError, match=r"(posix|os|nt)\.system is not"):
-        animal_lt.read_array(gz_pickle(tmp_path / "evil.gz", pickle.dumps(Exploit(), protocol=2)))
+        animal_lt.read_array(gz_pickle(tmp_path / "evil.gz", pickle.dumps(Exploit(), protocol=4)))
     assert not marker.exists()
     with pytest.raises(UserError, match="builtins.eval is not"):
-        animal_lt.read_array(gz_pickle(tmp_path / "eval.gz", pickle.dumps(eval, protocol=2)))
+        animal_lt.read_array(gz_pickle(tmp_path / "eval.gz", pickle.dumps(eval, protocol=4)))
     with pytest.raises(UserError, match="not a numpy array"):
         animal_lt.read_array(gz_pickle(tmp_path / "dict.gz", pickle.dumps({"a": 1})))
 
@@ -149,7 +149,7 @@ def test_wrong_shapes_or_labels_are_refused(tmp_path, monkeypatch):
 
     def write():
         for name, array in files.items():
-            gz_pickle(tmp_path / name, pickle.dumps(array, protocol=2).replace(b"numpy._core.", b"numpy.core."))
+            gz_pickle(tmp_path / name, pickle.dumps(array, protocol=3).replace(b"numpy._core.", b"numpy.core."))
 
     write()
     assert animal_lt.load_arrays()[1].tolist() == files[animal_lt.LABELS_FILE].tolist()
