@@ -64,8 +64,9 @@ NO_AUX = {"loss.lambda_con": 0, "loss.lambda_bin": 0, "loss.lambda_bdc": 0}
 CON = [0.1, 0.35]  # λ_con
 LA = [0.5, 1.0]  # τ of logit adjustment (Menon et al. 2021 use 1.0)
 # cRT (Kang et al., ICLR 2020): the classifier re-initialised and retrained alone on the CE
-# run's frozen features, class-balanced sampling, CE only. Kang et al. retrain for 10
-# epochs; learning rate and epochs as measured on animal-lt's validation split (docs/RESULTS.md).
+# run's frozen features, class-balanced sampling, CE only, 10 epochs as Kang et al. retrain,
+# at the first stage's learning rate (animal_lt.yaml's), cosine, no warmup. Not yet checked
+# against animal-lt's validation curve: each cRT run's metrics.jsonl records it per epoch.
 CRT = NO_AUX | {"train.trainable": "classifier", "data.sampler": "class_balanced", "train.epochs": 10,
                 "optim.lr": 0.1, "optim.warmup_epochs": 0}
 CE, LA_CE, SUPCON, O2A, CRT_NAME, LA_BDC = ("CE", "logit-adjusted CE", "CE + SupCon", "CE + O2A", "cRT",

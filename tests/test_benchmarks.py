@@ -4,6 +4,7 @@ checked (docs/BENCHMARKS.md records them)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,36 @@ def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Pat
     assert again["test"]["balanced_accuracy"] == pytest.approx(result["test"]["balanced_accuracy"], abs=2e-3)
     last = [line for line in (out / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
     assert last.split()[4] == "eval"
+
+
+def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablation import STUDIES, VARIANTS, Study
+
+    calls = []
+
+    def run(settings: dict, seed: int, folder: Path, first=None) -> dict:
+        if first is not None:
+            first.result()  # the first stage's run has finished (or this raises)
+        calls.append((settings, seed, folder))
+        return {"val": {"balanced_accuracy": zlib.crc32(str(folder).encode()) / 2**32, "epoch": 1}, "test": {}}
+
+    args = argparse.Namespace(seeds=[3, 1, 4], out=tmp_path, config="c.yaml", extra=[])
+    with ThreadPoolExecutor(2) as pool:
+        study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], run, pool)
+        runs = study.runs()
+    assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in STUDIES["animal_lt"] for s in (3, 1, 4)]
+    crt = [(settings, seed) for settings, seed, _ in calls if settings.get("train.trainable") == "classifier"]
+    assert sorted(seed for _, seed in crt) == [1, 3, 4]
+    for settings, seed in crt:
+        ce_run = study.folders["CE"] / f"seed{seed}"
+        assert settings["train.init_from"] == str(ce_run / "checkpoints")
+        assert settings["data.sampler"] == "class_balanced" and settings["loss.lambda_bdc"] == 0
+        assert [i for i, c in enumerate(calls) if c[2] == ce_run] < [i for i, c in enumerate(calls) if c[0] is settings]
+    # each variant's chosen point is its grid's best on the first seed, and every seed uses it
+    for name in STUDIES["animal_lt"]:
+        grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in calls
+                if seed == 3 and folder.parent.parent.name == variant_slug(name)]
+        assert study.folders[name] / "seed3" == max(grid)[1]
