@@ -325,9 +325,6 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     if config.train.early_stop_patience and config.train.select_on == "last":
         raise UserError(f"{source}: key 'train.early_stop_patience' stops on the validation score; set "
                         "train.select_on=val_balanced_accuracy too, or the patience to 0")
-    if config.train.trainable == "classifier" and config.train.init_from is None:
-        raise UserError(f"{source}: key 'train.trainable' classifier retrains the classifier on another run's "
-                        "features; set train.init_from to that run's checkpoints/ folder")
     if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
         raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
                         "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")

@@ -3,15 +3,13 @@ copies dropped, one normal head class, an exponential tail of ratio 100, balance
 test, written once and deterministically; a tiny run trains on it."""
 
 import gzip
-import json
 import math
 import os
 import pickle
 
 import numpy as np
 import pytest
-import yaml
-from helpers import REPO, run_cli, tree_digest
+from helpers import REPO, one_epoch_run, tree_digest
 from PIL import Image
 
 from jrcl_fast.config import DataConfig, load_config
@@ -170,16 +168,6 @@ def test_shipped_config(tmp_path):
 
 
 def test_tiny_cli_run(tmp_path, animal_root):
-    raw = yaml.safe_load((REPO / "configs" / "animal_lt.yaml").read_text())
-    raw["data"].update(root=str(animal_root), image_size=8)  # 13 steps of 128 at 8 px: seconds
-    raw["model"].update(projection_dim=16, projection_hidden_dim=32)
-    raw["train"].update(epochs=1, batch_size=128, output_dir=str(tmp_path / "run"), threads=2)
-    raw["train"].pop("deepspeed_config")
-    raw["optim"]["warmup_epochs"] = 0
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    done = run_cli("train", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    done, results = one_epoch_run(tmp_path, "animal_lt", animal_root)  # 13 steps of 128 at 8 px: seconds
     assert results["num_test_images"] == 2000 and results["normal_vs_abnormal_accuracy"] is not None
     assert "step 13/13" in done.stdout
