@@ -8,13 +8,21 @@ its loss weights chosen on the validation split, the test split reported once.
    run is reused). The test metrics of the selected epochs are reported as the mean
    and a 95% t-interval over seeds.
 
+A second-stage variant (cRT) starts from the run of the variant it names in `after`
+with the same seed (train.init_from): the first stage's chosen weights and seed.
+
 Each run is a plain `jrcl-fast train` with `--set` overrides, so the ablation measures
-what a user runs. A run's folder is named by its variant, grid point, seed and a hash of
-all its overrides, and one that already holds results.json is reused: an interrupted
-ablation resumes, and a changed budget or variant starts new runs rather than mixing
-old ones in (start from an empty --out after changing the code). `--jobs N` runs N at a
-time, each with cpu_count // N torch threads: the grid points all at once, then the seeds.
-Writes JSON (one entry per variant and seed) and a Markdown table, and prints the table.
+what a user runs; its output goes to train.log in its folder. A run's folder is named by
+its variant, grid point, seed and a hash of all its overrides. One that holds
+results.json is reused; one that holds a checkpoint resumes from its last epoch (with
+the torch thread count it started with, so that it ends as if never stopped), and one
+whose training finished without results.json is evaluated: an ablation stopped at any
+point continues where it was when the same command is run again. A changed budget or
+variant starts new runs rather than mixing old ones in (start from an empty --out after
+changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads:
+the grid points all at once, then the seeds. Writes JSON (one entry per variant and
+seed) and a Markdown table, and prints the table. `--variants` picks the study: mnist_lt
+(the default) or animal_lt (the issue-23 variants, with cRT).
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -30,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,27 +49,47 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from scipy import stats
 
+from jrcl_fast.checkpoint import CHECKPOINT_DIR, SELECTION_KEY, latest_tag, read_model_states
+
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     fixed: dict[str, object]  # config keys every run of the variant sets
     grid: dict[str, list[object]] = field(default_factory=dict)  # weights chosen on validation
+    after: str | None = None  # a second stage: starts from this variant's run of the same seed
 
 
 NO_AUX = {"loss.lambda_con": 0, "loss.lambda_bin": 0, "loss.lambda_bdc": 0}
 CON = [0.1, 0.35]  # λ_con
 LA = [0.5, 1.0]  # τ of logit adjustment (Menon et al. 2021 use 1.0)
-VARIANTS = [
-    Variant("CE", NO_AUX),
-    Variant("logit-adjusted CE", NO_AUX, {"loss.logit_adjust_tau": LA}),
-    Variant("CE + SupCon", {"loss.lambda_bin": 0, "loss.lambda_bdc": 0, "loss.use_prototypes": False,
-                            "loss.class_average": False}, {"loss.lambda_con": CON}),
-    Variant("CE + O2A", {"loss.lambda_bin": 0, "loss.lambda_bdc": 0}, {"loss.lambda_con": CON}),
-    Variant("JRCL", {}, {"loss.lambda_con": CON, "loss.lambda_bdc": [0.3, 1.0]}),
-    Variant("JRCL + logit adjustment", {}, {"loss.logit_adjust_tau": LA}),
-    Variant("JRCL, λ_bin = 0", {"loss.lambda_bin": 0}, {"loss.lambda_bdc": [0.3, 1.0]}),
-]
+# cRT (Kang et al., ICLR 2020): the classifier re-initialised and retrained alone on the CE
+# run's frozen features, class-balanced sampling, CE only, 10 epochs as Kang et al. retrain,
+# at the first stage's learning rate (animal_lt.yaml's), cosine, no warmup. Not yet checked
+# against animal-lt's validation curve: each cRT run's metrics.jsonl records it per epoch.
+CRT = NO_AUX | {"train.trainable": "classifier", "data.sampler": "class_balanced", "train.epochs": 10,
+                "optim.lr": 0.1, "optim.warmup_epochs": 0}
+CE, LA_CE, SUPCON, O2A, CRT_NAME, LA_BDC = ("CE", "logit-adjusted CE", "CE + SupCon", "CE + O2A", "cRT",
+                                            "logit-adjusted CE + BDC")
+JRCL, JRCL_LA, JRCL_NO_BIN = "JRCL", "JRCL + logit adjustment", "JRCL, λ_bin = 0"
+VARIANTS = {v.name: v for v in [
+    Variant(CE, NO_AUX),
+    Variant(LA_CE, NO_AUX, {"loss.logit_adjust_tau": LA}),
+    Variant(SUPCON, {"loss.lambda_bin": 0, "loss.lambda_bdc": 0, "loss.use_prototypes": False,
+                     "loss.class_average": False}, {"loss.lambda_con": CON}),
+    Variant(O2A, {"loss.lambda_bin": 0, "loss.lambda_bdc": 0}, {"loss.lambda_con": CON}),
+    Variant(CRT_NAME, CRT, after=CE),
+    # BDC with its binary head on logit-adjusted CE, no contrastive term: what BDC adds to the strongest loss.
+    Variant(LA_BDC, {"loss.lambda_con": 0}, {"loss.logit_adjust_tau": LA}),
+    Variant(JRCL, {}, {"loss.lambda_con": CON, "loss.lambda_bdc": [0.3, 1.0]}),
+    Variant(JRCL_LA, {}, {"loss.logit_adjust_tau": LA}),
+    Variant(JRCL_NO_BIN, {"loss.lambda_bin": 0}, {"loss.lambda_bdc": [0.3, 1.0]}),
+]}
+# The studies --variants picks; a second stage comes after the variant it starts from.
+STUDIES = {
+    "mnist_lt": [CE, LA_CE, SUPCON, O2A, JRCL, JRCL_LA, JRCL_NO_BIN],
+    "animal_lt": [CE, LA_CE, CRT_NAME, O2A, LA_BDC, JRCL, JRCL_LA, JRCL_NO_BIN],
+}
 METRICS = [("balanced_accuracy", "balanced acc"), ("many", "many"), ("medium", "medium"), ("few", "few"),
            ("normal_vs_abnormal_accuracy", "normal vs abnormal"), ("top1", "top-1")]
 
@@ -74,19 +103,41 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
+def run_command(config: str, settings: dict[str, object], extra: list[str], seed: int, out_dir: Path) -> list[str]:
+    """The jrcl-fast command that brings the run in `out_dir` to results.json from where it is:
+    evaluate a finished training, resume an unfinished one, or start it."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    saved = read_model_states(ckpt_dir) if latest_tag(ckpt_dir) else None
+    if saved is not None and (saved["epochs_done"] == saved["config"]["train"]["epochs"]
+                              or saved[SELECTION_KEY]["stopped_early"]):
+        return [sys.executable, "-m", "jrcl_fast", "eval", "--checkpoint", str(ckpt_dir), "--output-dir", str(out_dir)]
+    cmd = [sys.executable, "-m", "jrcl_fast", "train", "--config", config,
+           "--resume" if saved is not None else "--overwrite",
+           "--set", f"train.seed={seed}", "--set", f"train.output_dir={out_dir}",
+           "--set", "train.select_on=val_balanced_accuracy"]
+    for assignment in extra:
+        cmd += ["--set", assignment]
+    # after --set of yours: a variant's keys always hold (cRT's epochs against a budget's train.epochs)
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    if saved is not None:  # the thread count it started with: a resumed run must have the same config
+        cmd += ["--set", f"train.threads={saved['config']['train']['threads']}"]
+    return cmd
+
+
 def train(config: str, settings: dict[str, object], extra: list[str], seed: int, out_dir: Path) -> dict:
-    """One run; returns its test metrics and its validation score."""
+    """One run, resumed or reused where an earlier ablation left it; returns its test
+    metrics and its validation score."""
     if not (out_dir / "results.json").exists():
-        cmd = [sys.executable, "-m", "jrcl_fast", "train", "--config", config, "--overwrite",
-               "--set", f"train.seed={seed}", "--set", f"train.output_dir={out_dir}",
-               "--set", "train.select_on=val_balanced_accuracy"]
-        for key, value in settings.items():
-            cmd += ["--set", f"{key}={json.dumps(value)}"]
-        for assignment in extra:
-            cmd += ["--set", assignment]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = run_command(config, settings, extra, seed, out_dir)
+        with (out_dir / "train.log").open("a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         if done.returncode:
-            sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+            tail = (out_dir / "train.log").read_text()[-2000:]
+            sys.exit(f"{' '.join(cmd)} failed (its output: {out_dir / 'train.log'}):\n{tail}")
     results = json.loads((out_dir / "results.json").read_text())
     test = {key: results[key] for key in ("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy")}
     selection = results["selection"]
@@ -108,6 +159,65 @@ def interval(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": mean, "ci95": float(half)}
 
 
+class Study:
+    """The runs of one ablation: each variant's grid on the first seed, then its chosen
+    weights on every other seed; a second stage's runs (cRT) each start from its first
+    stage's chosen run of the same seed, so that seeds stay paired."""
+
+    def __init__(self, args: argparse.Namespace, variants: list[Variant], run: Callable[..., dict],
+                 pool: ThreadPoolExecutor):
+        self.args, self.variants, self.run, self.pool = args, variants, run, pool
+        self.chosen: dict[str, dict[str, object]] = {}  # variant -> its grid point chosen on validation
+        self.folders: dict[str, Path] = {}  # variant -> the chosen point's folder (one seed<S>/ per seed)
+        self.futures: dict[tuple[str, int], Future] = {}  # (variant, seed) -> the chosen point's run
+
+    def folder(self, variant: Variant, point: dict[str, object]) -> Path:
+        identity = [variant.fixed, point, self.args.config, self.args.extra]
+        if variant.after:  # a new first stage gives a new second stage
+            identity.append(str(self.folders[variant.after]))
+        digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        return self.args.out / slug(variant.name) / f"{slug(json.dumps(point)) or 'defaults'}-{digest}"
+
+    def submit(self, variant: Variant, point: dict[str, object], folder: Path, seed: int) -> Future:
+        settings = variant.fixed | point
+        first = None
+        if variant.after:
+            settings |= {"train.init_from": str(self.folders[variant.after] / f"seed{seed}" / CHECKPOINT_DIR)}
+            first = self.futures[variant.after, seed]
+        return self.pool.submit(self.run, settings, seed, folder / f"seed{seed}", first)
+
+    def choose(self, variants: list[Variant]) -> None:
+        """Run every grid point on the first seed; keep the best on validation."""
+        seed = self.args.seeds[0]
+        grid = {v.name: [(point, self.folder(v, point)) for point in grid_points(v)] for v in variants}
+        futures = {(name, folder): self.submit(VARIANTS[name], point, folder, seed)
+                   for name, points in grid.items() for point, folder in points}
+        for name, points in grid.items():
+            # the first of equal scores, as max() gives it
+            best = max(range(len(points)),
+                       key=lambda i: futures[name, points[i][1]].result()["val"]["balanced_accuracy"])
+            point, folder = points[best]
+            self.chosen[name], self.folders[name] = point, folder
+            self.futures[name, seed] = futures[name, folder]
+
+    def seeds(self, variants: list[Variant]) -> None:
+        for variant in variants:
+            for seed in self.args.seeds[1:]:
+                self.futures[variant.name, seed] = self.submit(variant, self.chosen[variant.name],
+                                                               self.folders[variant.name], seed)
+
+    def runs(self) -> list[dict]:
+        """Every run's record, variant by variant, seed by seed."""
+        first = [v for v in self.variants if v.after is None]
+        second = [v for v in self.variants if v.after is not None]
+        self.choose(first)
+        self.seeds(first)
+        self.choose(second)
+        self.seeds(second)
+        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
+                 **self.futures[v.name, seed].result()} for v in self.variants for seed in self.args.seeds]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/mnist_lt.yaml")
@@ -116,6 +226,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the JSON here (default: OUT/ablation.json)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; each gets cpu_count // jobs torch threads")
+    parser.add_argument("--variants", choices=list(STUDIES), default="mnist_lt",
+                        help="the study: its list of variants (STUDIES)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. to size the budget")
     args = parser.parse_args()
@@ -124,66 +236,46 @@ def main() -> None:
     extra = args.extra
     if args.jobs > 1:  # split the cores between the concurrent runs (a --set of yours wins)
         extra = [f"train.threads={max(1, (os.cpu_count() or 1) // args.jobs)}", *extra]
-    grid_seed, other_seeds = args.seeds[0], args.seeds[1:]
-    grid = [(variant, point) for variant in VARIANTS for point in grid_points(variant)]
+    study = [VARIANTS[name] for name in STUDIES[args.variants]]
+    total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     pool = ThreadPoolExecutor(args.jobs)
     try:
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("ablation: grid", total=len(grid) + len(VARIANTS) * len(other_seeds))
+            task = progress.add_task("ablation", total=total)
 
-            def run(settings: dict[str, object], seed: int, folder: Path) -> dict:
+            def run(settings: dict[str, object], seed: int, folder: Path, first: Future | None = None) -> dict:
+                if first is not None:  # a second stage waits for its first (submitted before it: no deadlock)
+                    first.result()
                 result = train(args.config, settings, extra, seed, folder)
                 progress.advance(task)
                 return result
 
-            # 1. every grid point of every variant on the first seed, concurrently
-            grid_runs: dict[str, list[tuple[dict, Path, Future]]] = {variant.name: [] for variant in VARIANTS}
-            for variant, point in grid:
-                settings = json.dumps([variant.fixed, point, args.config, args.extra], sort_keys=True)
-                name = f"{slug(json.dumps(point)) or 'defaults'}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
-                folder = args.out / slug(variant.name) / name
-                future = pool.submit(run, variant.fixed | point, grid_seed, folder / f"seed{grid_seed}")
-                grid_runs[variant.name].append((point, folder, future))
-            chosen: dict[str, dict] = {}
-            best: dict[str, tuple[dict, Path]] = {}
-            for variant in VARIANTS:
-                scored = [(future.result(), point, folder) for point, folder, future in grid_runs[variant.name]]
-                result, chosen[variant.name], folder = max(scored, key=lambda s: s[0]["val"]["balanced_accuracy"])
-                best[variant.name] = (result, folder)
-            # 2. each variant's chosen weights on the other seeds (the grid's run is reused)
-            progress.update(task, description="ablation: seeds")
-            seed_runs = {(variant.name, seed): pool.submit(run, variant.fixed | chosen[variant.name], seed,
-                                                           best[variant.name][1] / f"seed{seed}")
-                         for variant in VARIANTS for seed in other_seeds}
-            runs = []
-            for variant in VARIANTS:
-                weights = variant.fixed | chosen[variant.name]
-                runs.append({"variant": variant.name, "seed": grid_seed, "weights": weights, **best[variant.name][0]})
-                runs += [{"variant": variant.name, "seed": seed, "weights": weights,
-                          **seed_runs[variant.name, seed].result()} for seed in other_seeds]
+            ablation = Study(args, study, run, pool)
+            runs = ablation.runs()
     finally:  # a failed run ends the ablation: queued runs never start
         pool.shutdown(cancel_futures=True)
 
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
-                        for key, _ in METRICS} for v in VARIANTS}
+                        for key, _ in METRICS} for v in study}
     title = f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds {args.seeds} (%)"
     table = Table(title=title)
     for column in ("variant", "weights (chosen on val)", *(label for _, label in METRICS)):
         table.add_column(column, justify="left" if column.startswith(("variant", "weights")) else "right")
     lines = ["| variant | weights | " + " | ".join(label for _, label in METRICS) + " |",
              "|---" * (len(METRICS) + 2) + "|"]
-    for variant in VARIANTS:
+    for variant in study:
         cells = ["-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" for s in
                  (summary[variant.name][key] for key, _ in METRICS)]
-        weights = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in chosen[variant.name].items()) or "-"
+        weights = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in ablation.chosen[variant.name].items()) or "-"
         table.add_row(variant.name, weights, *cells)
         lines.append(f"| {variant.name} | {weights} | " + " | ".join(cells) + " |")
     console.print(table)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
-               "jobs": args.jobs,
-               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid} for v in VARIANTS}, "chosen": chosen,
+               "jobs": args.jobs, "study": args.variants,
+               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in study},
+               "chosen": ablation.chosen,
                "minutes": round((time.perf_counter() - start) / 60, 1), "runs": runs, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     for path in {args.out / "ablation.json", args.json or args.out / "ablation.json"}:

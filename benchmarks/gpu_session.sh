@@ -7,7 +7,7 @@
 # Steps: offline install (and, from $WHEELS if set, DeepSpeed and the loss peers of the
 # [peers] extra where they are missing), `jrcl-fast doctor`, the loss benchmark at issue
 # 11's rows (N = 16,384 and 131,072, C = 8,142), the GPU tests of the kernels and of the
-# GPU rules, digits-lt runs side by side, 30 epochs each: the default config (bf16
+# GPU rules, the cRT stage, digits-lt runs side by side, 30 epochs each: the default config (bf16
 # through DeepSpeed, or fp32 on the local engine where DeepSpeed does not import), group
 # norm, and, with DeepSpeed, fp16 at ZeRO stage 1; NCCL through the bounded multi-node
 # start-up (tests_nccl_startup); then the peers (Inf-CL, Liger-Kernel,
@@ -103,6 +103,9 @@ step train_digits 180 train_digits
 step tests_gpu_rules 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_rules.py tests/test_doctor.py
 # NCCL through the bounded multi-node start-up (issue 20): device-bound init, first all-reduce.
 step tests_nccl_startup 60 python -m pytest -q -p no:cacheprovider tests/test_multinode.py -k bounded_start_up
+# cRT through DeepSpeed bf16 on the GPU: frozen parameters outside the optimizer, the
+# backbone bit-identical after the classifier-only stage (issue 23; CPU-tested on the local engine)
+step tests_crt 120 python -m pytest -q -p no:cacheprovider tests/test_init_from.py
 # The peers beside ours, each on its closest problem, after their correctness checks
 # (which run first and fail the step if a peer and ours disagree).
 step peers_16k 150 python benchmarks/bench_losses.py --peers --sizes 16384 --classes 8142 --dtypes bf16 fp32 \

@@ -150,6 +150,15 @@ class TrainConfig:
     # (events in output_dir/tensorboard/, pip install "jrcl_fast[tensorboard]"), csv
     # (output_dir/metrics.csv); names in the LOGGERS registry (engine/records/).
     loggers: list[str] = field(default_factory=list)
+    # Start from the weights another run selected: its checkpoints/ folder (the epoch
+    # that run's train.select_on chose). The model section must equal that run's.
+    init_from: str | None = None
+    # all: train every weight. classifier: classifier re-training (cRT, Kang et al. 2020):
+    # needs train.init_from; the classifier restarts from a fresh initialisation and is
+    # the only part trained; everything else (backbone, projection, binary head,
+    # prototypes) keeps the loaded weights and BatchNorm statistics. Pair it with
+    # data.sampler=class_balanced and loss.lambda_con/lambda_bdc/lambda_bin = 0.
+    trainable: str = "all"  # all | classifier
 
 
 @dataclass
@@ -180,6 +189,7 @@ CHOICES: dict[str, tuple[str, ...] | Registry] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.select_on": ("last", "val_balanced_accuracy"),
     "train.loggers": LOGGERS,
+    "train.trainable": ("all", "classifier"),
     "loss.divergence": DIVERGENCES,
     "loss.bdc_stop_grad": BDC_STOP_GRADS,
     "loss.backend": LOSS_BACKENDS,
@@ -280,7 +290,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 # Keys that name a file or folder. A relative path in a YAML file is relative to that
 # file, so a config works from any working directory; one given with --set is relative
 # to the working directory, like any command-line path.
-PATH_KEYS = (("data", "root"), ("train", "output_dir"), ("train", "deepspeed_config"))
+PATH_KEYS = (("data", "root"), ("train", "output_dir"), ("train", "deepspeed_config"), ("train", "init_from"))
 
 
 def resolve_paths(raw: dict, base: Path) -> None:

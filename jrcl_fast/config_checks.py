@@ -24,6 +24,13 @@ def warmup_outlasts_training(cfg: Config) -> str | None:
     return None
 
 
+def classifier_stage_without_features(cfg: Config) -> str | None:
+    if cfg.train.trainable == "classifier" and cfg.train.init_from is None:
+        return ("key 'train.trainable' classifier retrains the classifier on another run's features; "
+                "set train.init_from to that run's checkpoints/ folder")
+    return None
+
+
 def warmup_is_the_whole_run(cfg: Config) -> str | None:
     if 0 < cfg.optim.warmup_epochs == cfg.train.epochs:
         return (f"key 'optim.warmup_epochs' equals 'train.epochs' ({cfg.train.epochs}): optim.lr is reached at "
@@ -74,7 +81,7 @@ def double_rebalancing(cfg: Config) -> str | None:
     return None
 
 
-ERRORS: tuple[Check, ...] = (warmup_outlasts_training,)
+ERRORS: tuple[Check, ...] = (warmup_outlasts_training, classifier_stage_without_features)
 WARNINGS: tuple[Check, ...] = (warmup_is_the_whole_run, patience_outlasts_training, extra_views_unused,
                                prototype_head_unused, bdc_stop_grad_unused, normal_group_unused, double_rebalancing)
 

@@ -98,3 +98,20 @@ def equivalence_config(tmp_path, name, digits_root, ds=None, **train):
     another thread count in one process, grow past any tolerance within 20 steps."""
     return dist_config(tmp_path, name, ds, digits_root=digits_root, data={"image_size": 16},
                        optim={"lr": 0.0005, "momentum": 0.0, "warmup_epochs": 1}, train=train)
+
+def one_epoch_run(tmp_path: Path, base: str, data_root: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """`jrcl-fast train` on configs/<base>.yaml for one epoch at 8 px, batch 128, small
+    heads, the data set in `data_root`: its process and its results.json."""
+    import json
+
+    raw = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
+    raw["data"].update(root=str(data_root), image_size=8)
+    raw["model"].update(projection_dim=16, projection_hidden_dim=32)
+    raw["train"].update(epochs=1, batch_size=128, output_dir=str(tmp_path / "run"), threads=2)
+    raw["train"].pop("deepspeed_config")
+    raw["optim"]["warmup_epochs"] = 0
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    return done, json.loads((tmp_path / "run" / "results.json").read_text())

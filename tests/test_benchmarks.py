@@ -4,6 +4,7 @@ checked (docs/BENCHMARKS.md records them)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -11,6 +12,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -274,3 +277,69 @@ def test_results_examples_render_the_screen_and_plot_at_8142_classes(tmp_path: P
     assert max(map(len, screen)) <= 80 and "of 8,142 classes" in "\n".join(screen)
     with Image.open(tmp_path / "per_class_accuracy_8142_synthetic.png") as plot:
         assert plot.format == "PNG"
+
+def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Path, mnist_root: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import run_command, train
+
+    config = str(tiny_config(tmp_path, mnist_root, base="mnist_lt", train={"epochs": 6, "batch_size": 128}))
+    out = tmp_path / "runs" / "ce" / "seed0"
+    settings = {"loss.lambda_con": 0, "loss.lambda_bdc": 0, "loss.lambda_bin": 0}
+    first = run_command(config, settings, ["train.threads=1"], 0, out)
+    assert "--overwrite" in first and "--resume" not in first
+    run = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "latest").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.kill()  # SIGKILL, as a machine stop does
+    run.wait()
+    epoch_one = (out / "metrics.jsonl").read_text().splitlines()[0]
+    assert not (out / "results.json").exists()
+    # a later ablation with another thread count: resumed with the run's own count, not restarted
+    result = train(config, settings, ["train.threads=2"], 0, out)
+    log = (out / "train.log").read_text()
+    command = [line for line in log.splitlines() if line.startswith("$ ")][-1]
+    assert "--resume" in command and command.endswith("--set train.threads=1") and "Resuming" in log
+    assert (out / "metrics.jsonl").read_text().splitlines()[0] == epoch_one  # its timing: not run again
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
+    # trained but killed before its results: evaluated, not trained again
+    (out / "results.json").unlink()
+    again = train(config, settings, [], 0, out)
+    # the same selected weights (eval may run at another thread count: a near tie may flip)
+    assert again["val"] == result["val"]
+    assert again["test"]["balanced_accuracy"] == pytest.approx(result["test"]["balanced_accuracy"], abs=2e-3)
+    last = [line for line in (out / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
+    assert last.split()[4] == "eval"
+
+
+def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablation import STUDIES, VARIANTS, Study
+
+    calls = []
+
+    def run(settings: dict, seed: int, folder: Path, first=None) -> dict:
+        if first is not None:
+            first.result()  # the first stage's run has finished (or this raises)
+        calls.append((settings, seed, folder))
+        return {"val": {"balanced_accuracy": zlib.crc32(str(folder).encode()) / 2**32, "epoch": 1}, "test": {}}
+
+    args = argparse.Namespace(seeds=[3, 1, 4], out=tmp_path, config="c.yaml", extra=[])
+    with ThreadPoolExecutor(2) as pool:
+        study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], run, pool)
+        runs = study.runs()
+    assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in STUDIES["animal_lt"] for s in (3, 1, 4)]
+    crt = [(settings, seed) for settings, seed, _ in calls if settings.get("train.trainable") == "classifier"]
+    assert sorted(seed for _, seed in crt) == [1, 3, 4]
+    for settings, seed in crt:
+        ce_run = study.folders["CE"] / f"seed{seed}"
+        assert settings["train.init_from"] == str(ce_run / "checkpoints")
+        assert settings["data.sampler"] == "class_balanced" and settings["loss.lambda_bdc"] == 0
+        assert [i for i, c in enumerate(calls) if c[2] == ce_run] < [i for i, c in enumerate(calls) if c[0] is settings]
+    # each variant's chosen point is its grid's best on the first seed, and every seed uses it
+    for name in STUDIES["animal_lt"]:
+        grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in calls
+                if seed == 3 and folder.parent.parent.name == variant_slug(name)]
+        assert study.folders[name] / "seed3" == max(grid)[1]

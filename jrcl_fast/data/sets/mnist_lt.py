@@ -23,7 +23,7 @@ import numpy as np
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.datasets import DatasetEntry
-from jrcl_fast.data.embedded import long_tail_counts, read_written, write_once, write_splits
+from jrcl_fast.data.embedded import held_out_splits, normal_head_counts, read_written, write_once, write_splits
 from jrcl_fast.registry import DATASETS
 
 NUM_CLASSES = 10
@@ -33,9 +33,7 @@ NORMAL_DIGIT = 0
 
 def train_counts(imbalance_ratio: float) -> list[int]:
     """Training images per digit: the normal digit first on the profile, then the others in order."""
-    order = [NORMAL_DIGIT] + [c for c in range(NUM_CLASSES) if c != NORMAL_DIGIT]
-    profile = long_tail_counts(POOL, NUM_CLASSES, imbalance_ratio)
-    return [profile[order.index(c)] for c in range(NUM_CLASSES)]
+    return normal_head_counts(POOL, NUM_CLASSES, imbalance_ratio, NORMAL_DIGIT)
 
 
 def _write(folder: Path, imbalance_ratio: float, seed: int) -> None:
@@ -43,15 +41,7 @@ def _write(folder: Path, imbalance_ratio: float, seed: int) -> None:
 
     pixels, labels = mnist_data()
     images = pixels.reshape(-1, 28, 28).astype(np.uint8)
-    rng = np.random.default_rng(seed)
-    counts = train_counts(imbalance_ratio)
-    splits: dict[str, list[tuple[int, int]]] = {"train": [], "val": [], "test": []}
-    for c in range(NUM_CLASSES):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        splits["train"] += [(int(i), c) for i in idx[:counts[c]]]
-        splits["val"] += [(int(i), c) for i in idx[POOL:POOL + VAL]]
-        splits["test"] += [(int(i), c) for i in idx[POOL + VAL:POOL + VAL + TEST]]
-    write_splits(folder, images, splits)
+    write_splits(folder, images, held_out_splits(labels, train_counts(imbalance_ratio), VAL, TEST, seed))
 
 
 def prepare_mnist_lt(cache_root: str | Path, imbalance_ratio: float = 100.0, seed: int = 0) -> Path:

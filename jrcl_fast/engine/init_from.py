@@ -1,0 +1,76 @@
+"""Start a run from another run's weights (train.init_from), optionally retraining only
+the classifier on frozen features (train.trainable=classifier).
+
+The classifier-only stage is classifier re-training, cRT (Kang et al., "Decoupling
+Representation and Classifier for Long-Tailed Recognition", ICLR 2020): the first run
+learns the representation with plain CE and instance sampling; the second keeps every
+weight of it (backbone, projection, binary head, prototypes) and its BatchNorm
+statistics fixed, re-initialises the classifier, and trains it alone, usually with
+data.sampler=class_balanced and the auxiliary losses off (loss.lambda_* = 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from jrcl_fast.checkpoint import REVISION_KEY, read_selected_model_states
+from jrcl_fast.config import Config, parse_config
+from jrcl_fast.errors import UserError
+from jrcl_fast.models import JRCLNet, check_architecture
+
+CLASSIFIER = "classifier"  # the JRCLNet submodule the classifier-only stage trains
+
+
+def keep_eval(module: nn.Module) -> None:
+    """Keep `module` (and everything under it) in eval mode whatever .train() its parent
+    is given: the trainer puts the whole model in train mode every epoch, which would let
+    frozen BatchNorms update their running statistics from the retraining batches."""
+    module.register_forward_pre_hook(_to_eval)
+    module.eval()
+
+
+def _to_eval(module: nn.Module, inputs: tuple) -> None:
+    if module.training:
+        module.eval()  # returns the module, which a pre-hook must not: it would replace the inputs
+
+
+def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str, Tensor]:
+    """The weights of the epoch the run at `source` selected, checked to fit `cfg`'s network."""
+    saved = read_selected_model_states(source)
+    if not isinstance(saved, dict) or "config" not in saved or "module" not in saved:
+        raise UserError(f"train.init_from {source} is not a jrcl-fast run's checkpoint; "
+                        "point it at a finished run's checkpoints/ folder")
+    if saved.get("class_names") != class_names:
+        raise UserError(f"train.init_from {source} was trained on other classes than {cfg.data.name}'s; "
+                        "start from a run on the same data set")
+    check_architecture(saved.get(REVISION_KEY), cfg.model, f"train.init_from {source}")
+    if parse_config(saved["config"], str(source)).model != cfg.model:
+        raise UserError(f"train.init_from {source} was trained with another model section; "
+                        "use the same model.* keys as that run")
+    return saved["module"]
+
+
+def freeze_all_but_classifier(model: JRCLNet) -> None:
+    """No gradient, and eval mode, for every part of `model` but its classifier."""
+    for name, child in model.named_children():
+        if name != CLASSIFIER:
+            child.requires_grad_(False)
+            keep_eval(child)
+    for param in model.parameters(recurse=False):  # free prototypes
+        param.requires_grad_(False)
+
+
+def init_from(model: JRCLNet, cfg: Config, class_names: list[str]) -> None:
+    """Load train.init_from's selected weights into `model` (fresh, random) and, with
+    train.trainable=classifier, freeze all but the classifier, which keeps its fresh
+    initialisation. Does nothing without train.init_from."""
+    if cfg.train.init_from is None:
+        return
+    weights = saved_weights(Path(cfg.train.init_from), cfg, class_names)
+    if cfg.train.trainable == CLASSIFIER:
+        weights = {k: v for k, v in weights.items() if not k.startswith(f"{CLASSIFIER}.")}
+        freeze_all_but_classifier(model)
+    # The model sections are equal, so only the classifier's keys can be missing.
+    model.load_state_dict(weights, strict=cfg.train.trainable != CLASSIFIER)

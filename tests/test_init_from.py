@@ -1,0 +1,127 @@
+"""train.init_from and classifier re-training (cRT): the second stage starts from the
+first run's selected weights, keeps everything but the classifier bit for bit (BatchNorm
+statistics included), re-initialises the classifier and trains it alone."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, run_cli, tiny_config
+
+from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, commit_latest, read_model_states
+from jrcl_fast.config import ModelConfig, config_to_dict, load_config
+from jrcl_fast.engine.init_from import init_from
+from jrcl_fast.engine.optim import build_optimizer
+from jrcl_fast.errors import UserError
+from jrcl_fast.models import ARCHITECTURE_REVISION, JRCLNet
+
+CLASSES = [str(c) for c in range(10)]
+CE_ONLY = {"lambda_con": 0, "lambda_bdc": 0, "lambda_bin": 0}
+
+
+def small_model_config() -> ModelConfig:
+    return ModelConfig(backbone="resnet32", projection_dim=8, projection_hidden_dim=16)
+
+
+def write_run(run: Path, cfg, model: JRCLNet) -> Path:
+    """A run folder holding `model` as its one checkpoint, in the trainer's layout."""
+    tag = "epoch_0001"
+    (run / CHECKPOINT_DIR / tag).mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASSES,
+                "epochs_done": 1, REVISION_KEY: ARCHITECTURE_REVISION}, run / CHECKPOINT_DIR / tag / MODEL_STATES)
+    commit_latest(run / CHECKPOINT_DIR, tag)
+    return run / CHECKPOINT_DIR
+
+
+@pytest.fixture
+def first_stage(tmp_path):
+    cfg = load_config(REPO / "configs" / "mnist_lt.yaml")
+    cfg = dataclasses.replace(cfg, model=small_model_config())
+    torch.manual_seed(1)
+    model = JRCLNet(cfg.model, 10)
+    with torch.no_grad():  # non-trivial statistics, as a trained run has
+        model.train()
+        model(torch.randn(16, 3, 28, 28) * 3 + 1)
+    return cfg, model, write_run(tmp_path / "ce", cfg, model)
+
+
+def second_stage(cfg, checkpoints: Path, trainable: str = "classifier"):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(checkpoints),
+                                                              trainable=trainable))
+
+
+def test_classifier_stage_freezes_all_but_a_fresh_classifier(first_stage):
+    cfg, ce, checkpoints = first_stage
+    crt_cfg = second_stage(cfg, checkpoints)
+    torch.manual_seed(2)
+    model = JRCLNet(crt_cfg.model, 10)
+    init_from(model, crt_cfg, CLASSES)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    optimizer = build_optimizer(crt_cfg.optim, model)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(model.classifier.weight), id(model.classifier.bias)}
+    # a few steps as the trainer takes them: train() every epoch, then forward and backward
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        model.train()
+        out = model(torch.randn(8, 3, 28, 28))
+        torch.nn.functional.cross_entropy(out.logits, torch.randint(0, 10, (8,))).backward()
+        sgd.step()
+    assert not model.backbone.training and not model.projection.training and model.classifier.training
+    saved, now = ce.state_dict(), model.state_dict()
+    for key, value in saved.items():
+        if key.startswith("classifier."):
+            assert not torch.equal(now[key], value), key
+        else:  # weights and BatchNorm statistics, bit for bit
+            assert torch.equal(now[key], value), key
+
+
+def test_all_trainable_loads_every_weight_and_freezes_nothing(first_stage):
+    cfg, ce, checkpoints = first_stage
+    model = JRCLNet(cfg.model, 10)
+    init_from(model, second_stage(cfg, checkpoints, "all"), CLASSES)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ce.state_dict().items())
+
+
+def test_mismatches_are_user_errors(first_stage, tmp_path):
+    cfg, _, checkpoints = first_stage
+    with pytest.raises(UserError, match="other classes"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), [c + "x" for c in CLASSES])
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(small_model_config(), projection_dim=16))
+    with pytest.raises(UserError, match="another model section"):
+        init_from(JRCLNet(wider.model, 10), second_stage(wider, checkpoints), CLASSES)
+    with pytest.raises(UserError, match="does not exist"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "nowhere"), CLASSES)
+    with pytest.raises(UserError, match="train.init_from"):
+        load_config(REPO / "configs" / "mnist_lt.yaml", ["train.trainable=classifier"])
+
+
+def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
+    """Stage 1: CE, instance sampling. Stage 2: cRT from its checkpoint. The backbone
+    leaves stage 2 bit-identical; the re-balanced classifier raises balanced accuracy."""
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "crt").mkdir()
+    ce_cfg = tiny_config(tmp_path / "ce", digits_root, loss=CE_ONLY, train={"epochs": 4, "batch_size": 32,
+                                                                              "threads": 2})
+    done = run_cli("train", "--config", str(ce_cfg))
+    assert done.returncode == 0, done.stderr
+    ce_run = tmp_path / "ce" / "run"
+    crt_cfg = tiny_config(tmp_path / "crt", digits_root, loss=CE_ONLY,
+                          data={"image_size": 8, "sampler": "class_balanced"},
+                          optim={"warmup_epochs": 0, "lr": 0.05},
+                          train={"epochs": 3, "batch_size": 32, "threads": 2, "trainable": "classifier",
+                                 "init_from": str(ce_run / CHECKPOINT_DIR)})
+    done = run_cli("train", "--config", str(crt_cfg))
+    assert done.returncode == 0, done.stderr
+    ce_weights = read_model_states(ce_run / CHECKPOINT_DIR)["module"]
+    crt_weights = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR)["module"]
+    assert ce_weights.keys() == crt_weights.keys()
+    for key, value in ce_weights.items():
+        assert torch.equal(crt_weights[key], value) != key.startswith("classifier."), key
+    ce, crt = (json.loads((tmp_path / stage / "run" / "results.json").read_text()) for stage in ("ce", "crt"))
+    assert crt["balanced_accuracy"] > ce["balanced_accuracy"]
+    assert crt["shot_accuracy"]["few"] > ce["shot_accuracy"]["few"]
