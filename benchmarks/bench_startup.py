@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("imports", "metadata", "files", "model", "loaders", "engine", "kernels")
+PHASES = ("imports", "metadata", "files", "loaders", "model", "engine", "kernels")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BAR = re.compile(r"epoch 1\b.*img/s")  # the live bar's row (trainer.py's columns)
 

@@ -302,14 +302,17 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch):
 def test_nccl_only_for_gpu_ranks(monkeypatch):
     import deepspeed
 
+    from jrcl_fast import runtime
     from jrcl_fast.runtime import Ranks, init_process_group
 
-    backends = []
+    backends, started = [], []
     monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend, timeout: backends.append(dist_backend))
+    # the bounded multi-rank start-up (jrcl_fast.network) starts the group first, DeepSpeed adopts it
+    monkeypatch.setattr(runtime, "start_process_group", lambda rank, local, world, backend, *_: started.append(backend))
     monkeypatch.setenv("WORLD_SIZE", "2")
     init_process_group(Ranks(0, 2, 0), torch.device("cpu"), 10)
     init_process_group(Ranks(0, 2, 0), torch.device("cuda", 0), 10)
-    assert backends == ["gloo", "nccl"]
+    assert backends == started == ["gloo", "nccl"]
 
 
 # ---------------------------------------------------------------- torch versions
