@@ -57,14 +57,15 @@ def bf16_config(tmp: Path, digits_root: Path, ranks: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_root):
-    """The nine runs, two at a time (2 cores): {(ranks, seed): (config, stdout)}."""
+    """The nine runs, one at a time: {(ranks, seed): (config, stdout)}. Two at a time (a
+    4-rank and a 2-rank launch beside each other on 2 cores) once aborted a rank in CI."""
     tmp = tmp_path_factory.mktemp("bf16_ranks")
     env = {**os.environ, "COLUMNS": "200", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     pending = [(ranks, seed) for seed in SEEDS for ranks in RANK_COUNTS]
     running, done = {}, {}
     start = time.time()
     while pending or running:
-        while pending and len(running) < 2:
+        while pending and not running:
             key = pending.pop(0)
             config = bf16_config(tmp, digits_root, *key)
             running[key] = (config, subprocess.Popen(run_command(config, key[0]), cwd=REPO, env=env, text=True,
