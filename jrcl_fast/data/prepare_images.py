@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jrcl_fast.atomic import atomic_write_bytes
+from jrcl_fast.cores import available_cores
 from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.image_formats import GPU, decode_placement, read_format
 from jrcl_fast.data.images import ImageError, load_rgb
@@ -356,4 +356,4 @@ def prepare_command(config: str, overrides: list[str], out: Path, fmt: str, qual
     cfg = load_config(config, overrides)
     dataset = load_dataset(cfg.data)
     options = PrepareOptions(out.expanduser(), fmt, quality, max_side, augmentation_for(dataset.name).grayscale)
-    run_prepare(dataset, Path(cfg.data.root).expanduser(), options, os.cpu_count() or 1, console)
+    run_prepare(dataset, Path(cfg.data.root).expanduser(), options, available_cores(), console)
