@@ -60,7 +60,10 @@ class Variant:
     after: str | None = None  # a second stage: starts from this variant's run of the same seed
 
 
-NO_AUX = {"loss.lambda_con": 0, "loss.lambda_bin": 0, "loss.lambda_bdc": 0}
+# Without the contrastive term only the first view is trained on (config_checks' warning): such
+# variants load one view, as a user runs them, instead of decoding and forwarding a second for nothing.
+ONE_VIEW = {"data.num_views": 1}
+NO_AUX = {"loss.lambda_con": 0, "loss.lambda_bin": 0, "loss.lambda_bdc": 0} | ONE_VIEW
 CON = [0.1, 0.35]  # λ_con
 LA = [0.5, 1.0]  # τ of logit adjustment (Menon et al. 2021 use 1.0)
 # cRT (Kang et al., ICLR 2020): the classifier re-initialised and retrained alone on the CE
@@ -80,7 +83,7 @@ VARIANTS = {v.name: v for v in [
     Variant(O2A, {"loss.lambda_bin": 0, "loss.lambda_bdc": 0}, {"loss.lambda_con": CON}),
     Variant(CRT_NAME, CRT, after=CE),
     # BDC with its binary head on logit-adjusted CE, no contrastive term: what BDC adds to the strongest loss.
-    Variant(LA_BDC, {"loss.lambda_con": 0}, {"loss.logit_adjust_tau": LA}),
+    Variant(LA_BDC, {"loss.lambda_con": 0} | ONE_VIEW, {"loss.logit_adjust_tau": LA}),
     Variant(JRCL, {}, {"loss.lambda_con": CON, "loss.lambda_bdc": [0.3, 1.0]}),
     Variant(JRCL_LA, {}, {"loss.logit_adjust_tau": LA}),
     Variant(JRCL_NO_BIN, {"loss.lambda_bin": 0}, {"loss.lambda_bdc": [0.3, 1.0]}),

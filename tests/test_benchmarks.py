@@ -331,6 +331,9 @@ def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Pa
         study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], run, pool)
         runs = study.runs()
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in STUDIES["animal_lt"] for s in (3, 1, 4)]
+    # a run without the contrastive term loads one view (config_checks warns of the unused second)
+    assert all((settings.get("loss.lambda_con", 0.35) == 0) == (settings.get("data.num_views") == 1)
+               for settings, _, _ in calls)
     crt = [(settings, seed) for settings, seed, _ in calls if settings.get("train.trainable") == "classifier"]
     assert sorted(seed for _, seed in crt) == [1, 3, 4]
     for settings, seed in crt:
