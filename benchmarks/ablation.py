@@ -21,7 +21,9 @@ point continues where it was when the same command is run again. A changed budge
 variant starts new runs rather than mixing old ones in (start from an empty --out after
 changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads:
 the grid points all at once, then the seeds. Writes JSON (one entry per variant and
-seed) and a Markdown table, and prints the table. `--variants` picks the study: mnist_lt
+seed) and Markdown, and prints two tables: each variant's test metrics, and paired
+differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
+cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants` picks the study: mnist_lt
 (the default) or animal_lt (the issue-23 variants, with cRT).
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
@@ -58,6 +60,7 @@ class Variant:
     fixed: dict[str, object]  # config keys every run of the variant sets
     grid: dict[str, list[object]] = field(default_factory=dict)  # weights chosen on validation
     after: str | None = None  # a second stage: starts from this variant's run of the same seed
+    baseline: bool = False  # a published baseline: the best of them (on validation) is what the others must beat
 
 
 # Without the contrastive term only the first view is trained on (config_checks' warning): such
@@ -76,12 +79,12 @@ CE, LA_CE, SUPCON, O2A, CRT_NAME, LA_BDC = ("CE", "logit-adjusted CE", "CE + Sup
                                             "logit-adjusted CE + BDC")
 JRCL, JRCL_LA, JRCL_NO_BIN = "JRCL", "JRCL + logit adjustment", "JRCL, λ_bin = 0"
 VARIANTS = {v.name: v for v in [
-    Variant(CE, NO_AUX),
-    Variant(LA_CE, NO_AUX, {"loss.logit_adjust_tau": LA}),
+    Variant(CE, NO_AUX, baseline=True),
+    Variant(LA_CE, NO_AUX, {"loss.logit_adjust_tau": LA}, baseline=True),
     Variant(SUPCON, {"loss.lambda_bin": 0, "loss.lambda_bdc": 0, "loss.use_prototypes": False,
                      "loss.class_average": False}, {"loss.lambda_con": CON}),
     Variant(O2A, {"loss.lambda_bin": 0, "loss.lambda_bdc": 0}, {"loss.lambda_con": CON}),
-    Variant(CRT_NAME, CRT, after=CE),
+    Variant(CRT_NAME, CRT, after=CE, baseline=True),
     # BDC with its binary head on logit-adjusted CE, no contrastive term: what BDC adds to the strongest loss.
     Variant(LA_BDC, {"loss.lambda_con": 0} | ONE_VIEW, {"loss.logit_adjust_tau": LA}),
     Variant(JRCL, {}, {"loss.lambda_con": CON, "loss.lambda_bdc": [0.3, 1.0]}),
@@ -93,6 +96,17 @@ STUDIES = {
     "mnist_lt": [CE, LA_CE, SUPCON, O2A, JRCL, JRCL_LA, JRCL_NO_BIN],
     "animal_lt": [CE, LA_CE, CRT_NAME, O2A, LA_BDC, JRCL, JRCL_LA, JRCL_NO_BIN],
 }
+# Paired questions (a - b, seed by seed) beside "every variant - the best baseline"; those
+# whose variants are both in the study are asked.
+QUESTIONS = [
+    (LA_BDC, LA_CE, "BDC and its binary head, added to logit-adjusted CE"),
+    (JRCL, O2A, "BDC and its binary head, added to CE + O2A"),
+    (O2A, CE, "O2A, added to CE"),
+    (JRCL_LA, JRCL, "logit adjustment, added to JRCL"),
+    (JRCL, JRCL_NO_BIN, "the binary head's CE, inside JRCL"),
+]
+PAIRED = [("balanced_accuracy", "balanced acc"), ("normal_vs_abnormal_accuracy", "normal vs abnormal"),
+          ("few", "few")]
 METRICS = [("balanced_accuracy", "balanced acc"), ("many", "many"), ("medium", "medium"), ("few", "few"),
            ("normal_vs_abnormal_accuracy", "normal vs abnormal"), ("top1", "top-1")]
 
@@ -160,6 +174,31 @@ def interval(values: list[float | None]) -> dict[str, float | None]:
         return {"mean": mean, "ci95": 0.0}
     half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
     return {"mean": mean, "ci95": float(half)}
+
+
+def paired(runs: list[dict], a: str, b: str, why: str) -> dict:
+    """a - b on each test metric of PAIRED, seed by seed (the seeds both have), with the
+    mean and 95% t-interval of the differences."""
+    test = {(r["variant"], r["seed"]): r["test"] for r in runs}
+    seeds = sorted(seed for variant, seed in test if variant == a and (b, seed) in test)
+    row: dict = {"a": a, "b": b, "why": why, "seeds": seeds}
+    for key, _ in PAIRED:
+        per_seed = [None if test[a, s][key] is None or test[b, s][key] is None else test[a, s][key] - test[b, s][key]
+                    for s in seeds]
+        row[key] = interval(per_seed) | {"per_seed": per_seed}
+    return row
+
+
+def comparisons(runs: list[dict], study: list[Variant]) -> dict:
+    """Every variant against the best baseline, chosen by its mean validation balanced
+    accuracy over the seeds (never the test split), then the QUESTIONS of the study."""
+    val = {v.name: float(np.mean([r["val"]["balanced_accuracy"] for r in runs if r["variant"] == v.name]))
+           for v in study if v.baseline}
+    best = max(val, key=val.get)
+    names = {v.name for v in study}
+    rows = [paired(runs, v.name, best, f"against the best baseline, {best}") for v in study if v.name != best]
+    rows += [paired(runs, a, b, why) for a, b, why in QUESTIONS if {a, b} <= names]
+    return {"baseline": best, "baseline_val_means": val, "rows": rows}
 
 
 class Study:
@@ -274,12 +313,25 @@ def main() -> None:
         table.add_row(variant.name, weights, *cells)
         lines.append(f"| {variant.name} | {weights} | " + " | ".join(cells) + " |")
     console.print(table)
+    compared = comparisons(runs, study)
+    differences = Table(title="paired differences on the test split, a - b, mean ± 95% interval over seeds (points)")
+    for column in ("a", "b", "why", *(label for _, label in PAIRED)):
+        differences.add_column(column, justify="right" if column not in ("a", "b", "why") else "left")
+    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}", "",
+              "| a | b | why | " + " | ".join(label for _, label in PAIRED) + " |", "|---" * (len(PAIRED) + 3) + "|"]
+    for row in compared["rows"]:
+        cells = ["-" if row[key]["mean"] is None else f"{100 * row[key]['mean']:+.1f} ± {100 * row[key]['ci95']:.1f}"
+                 for key, _ in PAIRED]
+        differences.add_row(row["a"], row["b"], row["why"], *cells)
+        lines.append(f"| {row['a']} | {row['b']} | {row['why']} | " + " | ".join(cells) + " |")
+    console.print(differences)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
                "jobs": args.jobs, "study": args.variants,
                "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in study},
                "chosen": ablation.chosen,
-               "minutes": round((time.perf_counter() - start) / 60, 1), "runs": runs, "summary": summary}
+               "minutes": round((time.perf_counter() - start) / 60, 1), "runs": runs, "summary": summary,
+               "paired": compared}
     args.out.mkdir(parents=True, exist_ok=True)
     for path in {args.out / "ablation.json", args.json or args.out / "ablation.json"}:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,12 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, tiny_config
 from PIL import Image
+from scipy import stats
 
 from jrcl_fast.config import load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
@@ -210,7 +212,10 @@ def test_ablation_chooses_weights_on_validation_and_reports_every_seed(tmp_path:
         assert runs[0]["weights"] == runs[1]["weights"] == {**spec["fixed"], **result["chosen"][variant]}
         mean = result["summary"][variant]["balanced_accuracy"]["mean"]
         assert mean == pytest.approx(sum(r["test"]["balanced_accuracy"] for r in runs) / 2)
-    assert len((out / "ablation.md").read_text().splitlines()) == 2 + 7
+    summary_table, caption, paired_table = (out / "ablation.md").read_text().split("\n\n")
+    assert len(summary_table.splitlines()) == 2 + 7 and result["paired"]["baseline"] in caption
+    # 6 variants against the best baseline, and the 4 QUESTIONS whose variants mnist-lt has
+    assert len(paired_table.splitlines()) == 2 + 6 + 4 == 2 + len(result["paired"]["rows"])
 
 
 def test_a_failed_ablation_run_stops_the_ablation(tmp_path: Path, mnist_root: Path) -> None:
@@ -346,3 +351,35 @@ def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Pa
         grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in calls
                 if seed == 3 and folder.parent.parent.name == variant_slug(name)]
         assert study.folders[name] / "seed3" == max(grid)[1]
+
+
+def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation() -> None:
+    """Fresh random scores: the baseline is chosen on validation even when another is best
+    on test, and each difference is the mean of per-seed differences (brute force)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import PAIRED, STUDIES, VARIANTS, comparisons
+
+    rng = np.random.default_rng()
+    study = [VARIANTS[name] for name in STUDIES["animal_lt"]]
+    seeds = [0, 1, 2, 3, 4]
+    runs = [{"variant": v.name, "seed": s, "val": {"balanced_accuracy": float(rng.uniform(0.5, 0.6))},
+             "test": {key: float(rng.uniform(0.4, 0.9)) for key, _ in PAIRED}} for v in study for s in seeds]
+    best_on_val = max((v.name for v in study if v.baseline), key=lambda name: np.mean(
+        [r["val"]["balanced_accuracy"] for r in runs if r["variant"] == name]))
+    for r in runs:  # the other baselines are best on test: test scores must not choose
+        if r["variant"] in {"CE", "logit-adjusted CE", "cRT"} - {best_on_val}:
+            r["test"]["balanced_accuracy"] = 0.95
+    runs[-1]["test"]["normal_vs_abnormal_accuracy"] = None  # a missing metric drops that seed only
+    compared = comparisons(runs, study)
+    assert compared["baseline"] == best_on_val
+    rows = {(row["a"], row["b"]): row for row in compared["rows"]}
+    assert {a for a, b in rows if b == best_on_val} == {v.name for v in study} - {best_on_val}
+    assert ("logit-adjusted CE + BDC", "logit-adjusted CE") in rows and ("JRCL", "CE + O2A") in rows
+    test = {(r["variant"], r["seed"]): r["test"] for r in runs}
+    for (a, b), row in rows.items():
+        for key, _ in PAIRED:
+            diffs = [test[a, s][key] - test[b, s][key] for s in seeds
+                     if test[a, s][key] is not None and test[b, s][key] is not None]
+            half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
+            assert row[key]["mean"] == pytest.approx(sum(diffs) / len(diffs))
+            assert row[key]["ci95"] == pytest.approx(half)
