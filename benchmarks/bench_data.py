@@ -38,9 +38,9 @@ from rich.table import Table
 
 from jrcl_fast.data.augment import AUGMENTATIONS, Augmentation
 from jrcl_fast.data.dali_loader import DaliTrainLoader, dali_on_gpu, decode, view_steps
-from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import load_rgb
 from jrcl_fast.data.loader_contract import TrainLoader, TrainSpec
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.torch_loader import TorchTrainLoader, train_transform
 
 

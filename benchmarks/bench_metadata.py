@@ -54,7 +54,7 @@ def pss_mb() -> float:
 def worker(mode: str, name: str, root: str, start_at: float) -> None:
     """One rank: import what the load needs, wait for the common start, load, report JSON."""
     from jrcl_fast.config import DataConfig
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.registry import DATASETS
 
     DATASETS.get(name)  # the adapters' import is start-up, not load

@@ -83,8 +83,8 @@ def _train(args: argparse.Namespace, console: Console) -> None:
         import torch
         import torch.distributed as dist
 
+        from jrcl_fast.data.catalog import load_dataset
         from jrcl_fast.data.class_groups import ClassGroups
-        from jrcl_fast.data.datasets import load_dataset
         from jrcl_fast.engine.trainer import train
         from jrcl_fast.evaluation.evaluate import evaluate, evaluate_for_report, publish
         from jrcl_fast.models import JRCLNet
@@ -112,7 +112,7 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, read_selected_model_states, run_dir_of
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.evaluation.evaluate import evaluate_for_report, publish
     from jrcl_fast.models import JRCLNet, check_architecture
     from jrcl_fast.runtime import Ranks, select_device
@@ -133,8 +133,8 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
 
 
 def _check_data(args: argparse.Namespace, console: Console) -> None:
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.data.check_data import check_data
-    from jrcl_fast.data.datasets import load_dataset
     from jrcl_fast.data.image_formats import format_lines
 
     cfg = load_config(args.config, args.overrides)

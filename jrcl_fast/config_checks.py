@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from jrcl_fast.config import Config
 from jrcl_fast.errors import ConfigWarning, UserError
 
-Check = Callable[[Config], "str | None"]
+if TYPE_CHECKING:  # config.py imports this module: the type only, so no import circle
+    from jrcl_fast.config import Config
+
+Check = Callable[["Config"], "str | None"]
 
 
 def warmup_outlasts_training(cfg: Config) -> str | None:

@@ -1,13 +1,13 @@
-"""Registries of the plug-ins a config names: data sets, backbones, optimizers,
-divergences and record sinks (train.loggers).
+"""Registries of the plug-ins a config names: data sets, backbones, optimizers and
+record sinks (train.loggers).
 
 Each plug-in registers itself in the module that defines it (`DATASETS.register(...)`
 beside its loader, as timm's `register_model` does), so adding one touches one code
 file. This module sits at the bottom with config.py and imports nothing heavy: the
-config validates `data.name`, `model.backbone`, `optim.name`, `loss.divergence` and
-`train.loggers` against these registries, and a registry imports its plug-ins' home only
-when an entry is first looked up (`get`). That deferred import is the one edge from the
-lowest layer up to the plug-ins. To check a name, the registry reads the names its home registers
+config validates `data.name`, `model.backbone`, `optim.name` and `train.loggers`
+against these registries, and a registry imports its plug-ins' home only when an entry
+is first looked up (`get`). That deferred import is the one edge from the lowest layer
+up to the plug-ins. To check a name, the registry reads the names its home registers
 from the home's source (`NAME.register("literal", ...)` calls, found with `ast`)
 without importing it, so loading a config or `jrcl-fast --help` never imports torch
 (tests/test_registry.py checks both, and that the names read equal those registered).
@@ -100,5 +100,4 @@ class Registry(Generic[Entry]):
 DATASETS: Registry = Registry("data set", "data.name", "jrcl_fast.data.sets")
 BACKBONES: Registry = Registry("backbone", "model.backbone", "jrcl_fast.models")
 OPTIMIZERS: Registry = Registry("optimizer", "optim.name", "jrcl_fast.engine.optim")
-DIVERGENCES: Registry = Registry("divergence", "loss.divergence", "jrcl_fast.losses.reference")
 LOGGERS: Registry = Registry("logger", "train.loggers", "jrcl_fast.engine.records")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from jrcl_fast.config import DataConfig, load_config
 from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.sets import animal_lt
 from jrcl_fast.errors import UserError
 from jrcl_fast.registry import DATASETS

@@ -9,8 +9,8 @@ from helpers import run_cli, tiny_config
 from rich.console import Console
 
 from jrcl_fast.config import load_config
-from jrcl_fast.data.dataset import Split
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.sets.digits_lt import prepare_digits_lt
 from jrcl_fast.engine.trainer import train
 from jrcl_fast.errors import UserError

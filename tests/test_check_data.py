@@ -16,8 +16,8 @@ from rich.console import Console
 
 from jrcl_fast.cli import main
 from jrcl_fast.data.check_data import BAD_SHOWN, check_data
-from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.fixtures import write_inat2018
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split
 
 PLACES = str(REPO / "configs" / "places_lt.yaml")
 MAX_LINES = 40

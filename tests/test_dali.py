@@ -31,9 +31,9 @@ from jrcl_fast.data.dali_loader import (  # noqa: E402
     dali_eval_loader,
     read_files,
 )
-from jrcl_fast.data.dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.loader_contract import LoaderSpec, TrainSpec  # noqa: E402
 from jrcl_fast.data.loaders import build_eval_loader, build_train_loader  # noqa: E402
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split  # noqa: E402
 from jrcl_fast.data.sampling import epoch_indices  # noqa: E402
 from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader  # noqa: E402
 from jrcl_fast.errors import UserError  # noqa: E402

@@ -18,9 +18,9 @@ from PIL import Image
 
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.augment import augmentation_for
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.check_data import check_data
-from jrcl_fast.data.dataset import LongTailedDataset, Split
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split
 from jrcl_fast.data.sets.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT, read_cxr_csv
 from jrcl_fast.errors import UserError
 

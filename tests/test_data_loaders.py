@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from jrcl_fast.data.augment import AUGMENTATIONS
-from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.loader_contract import Batches, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader
 
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs nvidia-dali")

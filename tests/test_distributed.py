@@ -189,7 +189,7 @@ def test_engine_start_up_reports_a_dead_rank(rank_1_of_2, monkeypatch, tmp_path,
     from rich.console import Console
 
     from jrcl_fast.config import load_config
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.engine import run_setup, trainer
     from jrcl_fast.errors import RankFailure
     from jrcl_fast.runtime import Ranks

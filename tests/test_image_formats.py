@@ -20,7 +20,6 @@ from PIL import Image
 
 from jrcl_fast.config import DecoderConfig, load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
-from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.image_formats import (
     CPU,
     GPU,
@@ -33,6 +32,7 @@ from jrcl_fast.data.image_formats import (
     sniff,
 )
 from jrcl_fast.data.loader_contract import TrainSpec
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.errors import UserError
 
 rng = np.random.default_rng()

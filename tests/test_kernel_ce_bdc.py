@@ -15,6 +15,7 @@ from conftest import requires_gpu
 from kernel_testing import assert_close_to_largest, compile_for_sm90, poisoned_random_run  # noqa: F401 (autouse fixture)
 from torch import Tensor
 
+from jrcl_fast.config import DIVERGENCES
 from jrcl_fast.kernels import ce_bdc
 from jrcl_fast.kernels.ce_bdc import fused_ce_bdc
 from jrcl_fast.kernels.specs import CEBDCArgs
@@ -312,3 +313,17 @@ def test_compiled_gpu(dtype: torch.dtype, tol: float, divergence: str, num_class
     got = run_with_grads(fused_ce_bdc, logits, binary_logits, labels, normal_mask, adjustment, divergence, 1.0)
     want = run_with_grads(ce_bdc_reference, logits, binary_logits, labels, normal_mask, adjustment, divergence, 1.0)
     assert_close_to_largest((*got[0], got[1], got[2]), (*want[0], want[1], want[2]), tol)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergence_names_reach_the_kernel_as_the_right_flag(name):
+    """The fused kernel, called through the name, matches the reference of that name."""
+    torch.manual_seed(torch.seed() % 2**31)
+    logits, binary = torch.randn(6, 5) * 3, torch.randn(6, 2) * 3
+    labels, normal = torch.randint(0, 5, (6,)), torch.tensor([True, False, False, True, False])
+    fused = ce_bdc_loss(logits, binary, labels, normal, divergence=name, backend="triton")
+    reference = ce_bdc_loss(logits.double(), binary.double(), labels, normal, divergence=name, backend="torch")
+    torch.testing.assert_close(fused.bdc.double(), reference.bdc, rtol=1e-5, atol=1e-6)
+    other = next(d for d in DIVERGENCES if d != name)
+    assert not torch.allclose(reference.bdc, ce_bdc_loss(logits.double(), binary.double(), labels, normal,
+                                                         divergence=other, backend="torch").bdc)

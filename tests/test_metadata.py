@@ -16,9 +16,9 @@ import pytest
 
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data import metadata_cache
-from jrcl_fast.data.dataset import PathTable, Split
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.fixtures import INAT2018_TRAIN, PLACES_LT_TRAIN, class_counts, write_inat2018, write_places_lt
+from jrcl_fast.data.long_tailed_dataset import PathTable, Split
 
 SCALE = 0.02  # 163 iNat classes, ~11k training entries
 
@@ -100,7 +100,7 @@ RANK = """
 import hashlib, sys, time
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data import metadata_cache
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 
 write = metadata_cache.write_cache
 def counted(*args):

@@ -8,9 +8,9 @@ from rich.console import Console
 from test_data_adapters import CXR_DIR, NIH_CXR_LT, gradient
 
 from jrcl_fast.config import Config, DataConfig, ModelConfig, parse_config
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.class_groups import normal_class_mask, shot_groups
-from jrcl_fast.data.dataset import LongTailedDataset, Split
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split
 from jrcl_fast.errors import UserError
 from jrcl_fast.evaluation.evaluate import evaluate
 from jrcl_fast.evaluation.metrics import classification_metrics

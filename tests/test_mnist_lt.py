@@ -11,7 +11,7 @@ from PIL import Image
 
 from jrcl_fast.config import DataConfig, load_config
 from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.sets.mnist_lt import prepare_mnist_lt
 from jrcl_fast.registry import DATASETS
 

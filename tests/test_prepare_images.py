@@ -22,7 +22,7 @@ from test_data_adapters import gradient, write_inat
 from jrcl_fast.cli import main
 from jrcl_fast.config import DataConfig
 from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.data.image_formats import CPU, GPU, decode_placement, read_format
 from jrcl_fast.data.prepare_images import PrepareOptions, encode, prepare_images, second_decoder, verify
 from jrcl_fast.data.sets.adapters import CXR_SPLITS, MIMIC_CXR_LT, NIH_CXR_LT

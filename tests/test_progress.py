@@ -60,7 +60,7 @@ def test_a_terminal_keeps_the_live_bar():
 
 def test_step_losses_are_read_once_per_interval_and_every_step_is_logged(tmp_path, digits_root, monkeypatch):
     from jrcl_fast.config import load_config
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
 
     reads = []
     read_losses = trainer.read_losses

@@ -61,7 +61,7 @@ class CallLog(RecordSink):
 
 def test_a_run_with_tensorboard_and_csv_records_every_step_and_epoch(tmp_path, digits_root, monkeypatch):
     from jrcl_fast.config import load_config
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.engine import trainer
 
     monkeypatch.setitem(LOGGERS._entries, "call_log", CallLog)
@@ -168,7 +168,7 @@ def test_resume_may_turn_loggers_on_but_not_change_the_training(tmp_path, digits
     epoch 1 resumes with TensorBoard and CSV turned on (they record from epoch 2), while
     another learning rate is still refused."""
     from jrcl_fast.config import load_config
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.engine import trainer
 
     config = tiny_config(tmp_path, digits_root, train={"epochs": 2, "batch_size": 64, "threads": 1})

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from jrcl_fast.checkpoint import SELECTION_KEY, read_model_states, read_selected_model_states
 from jrcl_fast.config import load_config
-from jrcl_fast.data.datasets import load_dataset
+from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.engine.trainer import train
 from jrcl_fast.errors import UserError

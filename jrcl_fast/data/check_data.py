@@ -28,9 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.cores import available_cores
 from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.dataset import MISSING, LongTailedDataset
 from jrcl_fast.data.image_formats import CPU, FormatCensus, decode_placement, read_format
 from jrcl_fast.data.images import ImageError, load_rgb
+from jrcl_fast.data.long_tailed_dataset import MISSING, LongTailedDataset
 from jrcl_fast.errors import UserError
 
 FIRST_ENTRIES = 64  # all of the first entries missing: data.root is wrong, stop before decoding

@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.errors import UserError
 
 SHOT_GROUPS = ("many", "medium", "few")

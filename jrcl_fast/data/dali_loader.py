@@ -35,9 +35,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
 from jrcl_fast.data.check_data import image_problem
-from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.image_formats import decode_notice
 from jrcl_fast.data.loader_contract import Batch, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.filelist import read_file_list, write_file_list
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 
 # The last list a write produces: its presence means the folder is complete.
 COMPLETE_MARKER = "test.txt"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.errors import UserError
 
 PLACES_STYLE = re.compile(r"^/[a-z]/")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jrcl_fast.data.dataset import MISSING
+from jrcl_fast.data.long_tailed_dataset import MISSING
 
 
 class ImageError(Exception):

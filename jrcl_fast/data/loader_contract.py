@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from jrcl_fast.data.augment import Augmentation
-from jrcl_fast.data.dataset import Split
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.sampling import epoch_indices
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images, labels

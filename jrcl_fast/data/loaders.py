@@ -10,9 +10,9 @@ from __future__ import annotations
 from jrcl_fast.config import DataConfig
 from jrcl_fast.cores import workers_per_rank
 from jrcl_fast.data.augment import augmentation_for
-from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.image_formats import mixed_decoder_settings
 from jrcl_fast.data.loader_contract import Batches, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split
 from jrcl_fast.data.torch_loader import TorchTrainLoader, torch_eval_loader
 from jrcl_fast.errors import UserError
 

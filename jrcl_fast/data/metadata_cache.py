@@ -3,7 +3,7 @@
 An adapter's parse (iNat2018's 437,513-entry JSON: ~1.5 s and ~400 MB per process) is
 written to one cache file: a JSON header (class names and ids, splits, the source
 files' size, mtime_ns and inode, and their SHA-256 taken when writing) followed by the
-splits' arrays (data/dataset.py PathTable bytes and offsets, int64 labels). A load
+splits' arrays (data/long_tailed_dataset.py PathTable bytes and offsets, int64 labels). A load
 checks the sources' (size, mtime_ns, inode) against the header and maps the arrays
 read-only (np.memmap): no parse, and the ranks of a node share one copy of the pages.
 
@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 
 from jrcl_fast.atomic import atomic_write_bytes
-from jrcl_fast.data.dataset import LongTailedDataset, PathTable, Split
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, PathTable, Split
 
 MAGIC = b"JRCLMETA2\n"  # bump the digit when the layout changes: older files are then rebuilt
 ALIGN = 64

@@ -42,9 +42,9 @@ from rich.table import Table
 
 from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.cores import available_cores
-from jrcl_fast.data.dataset import LongTailedDataset, Split
 from jrcl_fast.data.image_formats import GPU, decode_placement, read_format
 from jrcl_fast.data.images import ImageError, load_rgb
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split
 from jrcl_fast.errors import UserError
 
 FORMATS = {"jpeg": ".jpg", "jpeg2000": ".jp2"}
@@ -347,7 +347,7 @@ def prepare_command(config: str, overrides: list[str], out: Path, fmt: str, qual
     """`jrcl-fast prepare-images`: the config's data set, copied to `out`."""
     from jrcl_fast.config import load_config
     from jrcl_fast.data.augment import augmentation_for
-    from jrcl_fast.data.datasets import load_dataset
+    from jrcl_fast.data.catalog import load_dataset
 
     if not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: give a JPEG quality from 1 to 100 (95 keeps X-ray detail)")

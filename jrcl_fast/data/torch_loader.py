@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from jrcl_fast.data.augment import Augmentation, eval_resize
-from jrcl_fast.data.dataset import Split
 from jrcl_fast.data.images import ImageError, load_rgb
 from jrcl_fast.data.loader_contract import Batch, LoaderSpec, TrainLoader, TrainSpec
+from jrcl_fast.data.long_tailed_dataset import Split
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.errors import UserError
 

@@ -34,9 +34,9 @@ from jrcl_fast.checkpoint import (
 from jrcl_fast.config import Config, config_to_dict, parse_config
 from jrcl_fast.cores import workers_per_rank
 from jrcl_fast.data.class_groups import ClassGroups
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loader_contract import TrainLoader
 from jrcl_fast.data.loaders import build_train_loader
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.contract import TrainingEngine
 from jrcl_fast.engine.init_from import init_from

@@ -24,7 +24,7 @@ from rich.console import Console
 from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, commit_latest, epoch_tag, fsync_tree, read_model_states
 from jrcl_fast.config import Config, config_to_dict
 from jrcl_fast.data.class_groups import ClassGroups
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.engine.contract import TrainingEngine
 from jrcl_fast.engine.records import Record, Records, RunInfo, build_records
 from jrcl_fast.engine.run_setup import Run, Validate, set_up_run

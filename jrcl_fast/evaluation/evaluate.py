@@ -15,8 +15,8 @@ from rich.console import Console
 
 from jrcl_fast.config import Config
 from jrcl_fast.data.class_groups import ClassGroups
-from jrcl_fast.data.dataset import LongTailedDataset
 from jrcl_fast.data.loaders import build_eval_loader
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.data.sampling import eval_indices
 from jrcl_fast.evaluation.metrics import classification_metrics, predict
 from jrcl_fast.evaluation.report import plot_per_class, print_results, write_json, write_per_class_csv

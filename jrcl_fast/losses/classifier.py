@@ -10,12 +10,11 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from jrcl_fast.config import BDC_STOP_GRADS
+from jrcl_fast.config import BDC_STOP_GRADS, DIVERGENCES
 from jrcl_fast.kernels.specs import CEBDCArgs
 from jrcl_fast.losses.checks import check_choice, check_labels, check_matrix, check_normal_mask
 from jrcl_fast.losses.dispatch import Impl, implementation, select_impl
 from jrcl_fast.losses.reference import bdc_per_row_reference
-from jrcl_fast.registry import DIVERGENCES
 
 
 class ClassifierLoss(NamedTuple):
@@ -31,14 +30,14 @@ def _check_heads(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, div
     check_matrix("logits", logits)
     check_matrix("binary_logits", binary_logits, rows=logits.shape[0], cols=2)
     check_normal_mask(normal_mask, logits.shape[1])
-    check_choice("divergence", divergence, DIVERGENCES.names())
+    check_choice("divergence", divergence, DIVERGENCES)
 
 
 def bdc_loss(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, divergence: str = "js") -> Tensor:
     """Mean over the batch of the divergence between the classifier's normal/abnormal
     mass and the binary head's distribution. Column 0 of `binary_logits` is normal."""
     _check_heads(logits, binary_logits, normal_mask, divergence)
-    return bdc_per_row_reference(logits, binary_logits, normal_mask, DIVERGENCES.get(divergence).sym_kl).mean()
+    return bdc_per_row_reference(logits, binary_logits, normal_mask, sym_kl=divergence == "sym_kl").mean()
 
 
 def ce_bdc_loss(
@@ -66,6 +65,6 @@ def ce_bdc_loss(
         )
     check_choice("bdc_stop_grad", bdc_stop_grad, BDC_STOP_GRADS)
     args = CEBDCArgs(logits, binary_logits, labels, normal_mask, logit_adjustment, lambda_bin, lambda_bdc,
-                     sym_kl=DIVERGENCES.get(divergence).sym_kl, bdc_grad_to_logits=bdc_stop_grad != "classifier",
+                     sym_kl=divergence == "sym_kl", bdc_grad_to_logits=bdc_stop_grad != "classifier",
                      bdc_grad_to_binary=bdc_stop_grad != "binary")
     return ClassifierLoss(*implementation("ce_bdc", select_impl(backend, logits, binary_logits))(args))

@@ -3,21 +3,18 @@
 They are the CPU path and the yardstick of the fused Triton kernels in
 `jrcl_fast.kernels`, which take the same argument bundles (`jrcl_fast.kernels.specs`)
 and must return the same values. The arguments arrive validated by the public
-functions in `jrcl_fast.losses`; nothing here checks them again. The loss.divergence
-entries of BDC register here.
+functions in `jrcl_fast.losses`; nothing here checks them again.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from jrcl_fast.kernels.specs import CEBDCArgs, O2AArgs
-from jrcl_fast.registry import DIVERGENCES
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -77,17 +74,6 @@ def divergence_per_row(log_pi: Tensor, log_q: Tensor, sym_kl: bool) -> Tensor:
         return ((pi - q) * (log_pi - log_q)).sum(1)
     log_m = torch.logaddexp(log_pi, log_q) - math.log(2.0)
     return 0.5 * (pi * (log_pi - log_m)).sum(1) + 0.5 * (q * (log_q - log_m)).sum(1)
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """One loss.divergence, as the code the argument bundles carry (the kernels know no names)."""
-
-    sym_kl: bool
-
-
-DIVERGENCES.register("js", Divergence(sym_kl=False))
-DIVERGENCES.register("sym_kl", Divergence(sym_kl=True))
 
 
 def bdc_per_row_reference(logits: Tensor, binary_logits: Tensor, normal_mask: Tensor, sym_kl: bool) -> Tensor:

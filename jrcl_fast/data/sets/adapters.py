@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from jrcl_fast.data.dataset import LongTailedDataset, Split, require_files
-from jrcl_fast.data.datasets import DatasetEntry
+from jrcl_fast.data.catalog import DatasetEntry
 from jrcl_fast.data.filelist import read_file_list
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset, Split, require_files
 from jrcl_fast.data.metadata_cache import load_cached
 from jrcl_fast.errors import UserError
 from jrcl_fast.registry import DATASETS

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.dataset import LongTailedDataset
-from jrcl_fast.data.datasets import DatasetEntry
+from jrcl_fast.data.catalog import DatasetEntry
 from jrcl_fast.data.embedded import held_out_splits, normal_head_counts, read_written, write_once, write_splits
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.registry import DATASETS
 
 NUM_CLASSES = 10

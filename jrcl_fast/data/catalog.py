@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jrcl_fast.config import DataConfig
-from jrcl_fast.data.dataset import LongTailedDataset
+from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.errors import UserError
 from jrcl_fast.registry import DATASETS
 
