@@ -201,6 +201,37 @@ def comparisons(runs: list[dict], study: list[Variant]) -> dict:
     return {"baseline": best, "baseline_val_means": val, "rows": rows}
 
 
+def run_state(folder: Path) -> str:
+    """done, the epochs an unfinished run has recorded, or not started."""
+    if (folder / "results.json").exists():
+        return "done"
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        return f"at epoch {len(metrics.read_text().splitlines())}"
+    return "started" if folder.exists() else "not started"
+
+
+def weights_text(point: dict[str, object]) -> str:
+    """A grid point as the tables show it: lambda_con=0.1, lambda_bdc=0.3 (- for none)."""
+    return ", ".join(f"{key.split('.')[-1]}={value}" for key, value in point.items()) or "-"
+
+
+def print_status(console: Console, rows: list[dict], total: int) -> None:
+    def states(values: list[str]) -> str:
+        return ", ".join(f"{values.count(v)} {v}" for v in dict.fromkeys(values)) or "-"
+
+    table = Table(title="where the ablation stands (a variant's other seeds start once its grid is done)")
+    for column in ("variant", "grid on the first seed", "chosen weights", "other seeds"):
+        table.add_column(column)
+    for row in rows:
+        chosen = "-" if row["chosen"] is None else weights_text(row["chosen"])
+        table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
+    console.print(table)
+    every = [state for row in rows for state in row["grid"] + list(row["seeds"].values())]
+    console.print(f"{every.count('done')} of {total} runs done; the unfinished ones resume when the same command "
+                  "runs without --status")
+
+
 class Study:
     """The runs of one ablation: each variant's grid on the first seed, then its chosen
     weights on every other seed; a second stage's runs (cRT) each start from its first
@@ -228,6 +259,14 @@ class Study:
             first = self.futures[variant.after, seed]
         return self.pool.submit(self.run, settings, seed, folder / f"seed{seed}", first)
 
+    def keep_best(self, name: str, points: list[tuple[dict[str, object], Path]],
+                  score: Callable[[Path], float]) -> Path:
+        """The grid point with the best validation `score` (the first of equal ones) becomes
+        the variant's weights; returns its folder."""
+        point, folder = max(points, key=lambda pair: score(pair[1]))
+        self.chosen[name], self.folders[name] = point, folder
+        return folder
+
     def choose(self, variants: list[Variant]) -> None:
         """Run every grid point on the first seed; keep the best on validation."""
         seed = self.args.seeds[0]
@@ -235,12 +274,29 @@ class Study:
         futures = {(name, folder): self.submit(VARIANTS[name], point, folder, seed)
                    for name, points in grid.items() for point, folder in points}
         for name, points in grid.items():
-            # the first of equal scores, as max() gives it
-            best = max(range(len(points)),
-                       key=lambda i: futures[name, points[i][1]].result()["val"]["balanced_accuracy"])
-            point, folder = points[best]
-            self.chosen[name], self.folders[name] = point, folder
+            folder = self.keep_best(name, points,
+                                    lambda f, name=name: futures[name, f].result()["val"]["balanced_accuracy"])
             self.futures[name, seed] = futures[name, folder]
+
+    def status(self) -> list[dict]:
+        """Each variant's runs so far, read from --out without running anything: the states
+        of its grid on the first seed, its chosen weights once that grid is done, and then
+        the states of its other seeds."""
+        rows, first = [], self.args.seeds[0]
+        for variant in self.variants:
+            row = {"variant": variant.name, "grid": [], "chosen": None, "seeds": {}}
+            rows.append(row)
+            if variant.after and variant.after not in self.folders:
+                continue  # its folders follow the first stage's choice
+            points = [(point, self.folder(variant, point)) for point in grid_points(variant)]
+            row["grid"] = [run_state(folder / f"seed{first}") for _, folder in points]
+            if row["grid"].count("done") < len(points):
+                continue
+            folder = self.keep_best(variant.name, points, lambda f: json.loads(
+                (f / f"seed{first}" / "results.json").read_text())["selection"]["best_value"])
+            row["chosen"] = self.chosen[variant.name]
+            row["seeds"] = {seed: run_state(folder / f"seed{seed}") for seed in self.args.seeds[1:]}
+        return rows
 
     def seeds(self, variants: list[Variant]) -> None:
         for variant in variants:
@@ -270,6 +326,8 @@ def main() -> None:
                         help="runs at a time; each gets cpu_count // jobs torch threads")
     parser.add_argument("--variants", choices=list(STUDIES), default="mnist_lt",
                         help="the study: its list of variants (STUDIES)")
+    parser.add_argument("--status", action="store_true",
+                        help="print where the ablation in --out stands and exit; runs nothing")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. to size the budget")
     args = parser.parse_args()
@@ -280,6 +338,9 @@ def main() -> None:
         extra = [f"train.threads={max(1, (os.cpu_count() or 1) // args.jobs)}", *extra]
     study = [VARIANTS[name] for name in STUDIES[args.variants]]
     total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
+    if args.status:
+        print_status(console, Study(args, study, train, ThreadPoolExecutor(1)).status(), total)
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     pool = ThreadPoolExecutor(args.jobs)
     try:
@@ -309,7 +370,7 @@ def main() -> None:
     for variant in study:
         cells = ["-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" for s in
                  (summary[variant.name][key] for key, _ in METRICS)]
-        weights = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in ablation.chosen[variant.name].items()) or "-"
+        weights = weights_text(ablation.chosen[variant.name])
         table.add_row(variant.name, weights, *cells)
         lines.append(f"| {variant.name} | {weights} | " + " | ".join(cells) + " |")
     console.print(table)

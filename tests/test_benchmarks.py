@@ -383,3 +383,38 @@ def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation() -> Non
             half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
             assert row[key]["mean"] == pytest.approx(sum(diffs) / len(diffs))
             assert row[key]["ci95"] == pytest.approx(half)
+
+
+def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablation import STUDIES, VARIANTS, Study, grid_points
+
+    args = argparse.Namespace(seeds=[0, 1, 2], out=tmp_path, config="c.yaml", extra=[])
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], None, ThreadPoolExecutor(1))
+    scores = np.random.default_rng().permutation(4) / 10 + 0.5  # fresh validation scores, all different
+
+    def finish(run: Path, score: float) -> None:
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"selection": {"best_value": float(score)}}))
+
+    ce = study.folder(VARIANTS["CE"], {})
+    finish(ce / "seed0", scores[0])
+    la = [study.folder(VARIANTS["logit-adjusted CE"], point) for point in grid_points(VARIANTS["logit-adjusted CE"])]
+    finish(la[0] / "seed0", scores[1])
+    finish(la[1] / "seed0", scores[2])
+    best = la[int(scores[2] > scores[1])]
+    (best / "seed1").mkdir()
+    (best / "seed1" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
+    finish(best / "seed2", scores[3])
+    o2a = study.folder(VARIANTS["CE + O2A"], {"loss.lambda_con": 0.1})
+    finish(o2a / "seed0", scores[3])
+
+    rows = {row["variant"]: row for row in study.status()}
+    assert rows["CE"]["grid"] == ["done"] and rows["CE"]["seeds"] == {1: "not started", 2: "not started"}
+    assert rows["logit-adjusted CE"]["chosen"] == {"loss.logit_adjust_tau": 1.0 if best == la[1] else 0.5}
+    assert rows["logit-adjusted CE"]["seeds"] == {1: "at epoch 3", 2: "done"}
+    assert rows["cRT"]["grid"] == ["not started"]  # planned: its first stage's grid is done
+    assert rows["CE + O2A"]["grid"] == ["done", "not started"] and rows["CE + O2A"]["chosen"] is None
+    assert rows["CE + O2A"]["seeds"] == {} and rows["JRCL"]["grid"] == ["not started"] * 4
