@@ -48,6 +48,7 @@ INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 REPORT_MARGIN_S = 2.0
 # A probe of the master's port at failure time: long enough for a LAN, short against the bound.
 PROBE_TIMEOUT_S = 2.0
+POLL_S = 0.25  # between two tries at the master's port while it is not up yet
 KEY_PREFIX = "jrcl_fast/network"
 
 
@@ -322,6 +323,19 @@ class SetupDeadline:
 
 # ---------------------------------------------------------------- the start-up
 
+def master_listens(master: Endpoint, deadline: SetupDeadline) -> bool:
+    """Whether the master's port accepts a connection before the deadline, tried from
+    Python: torch's store client logs each failed try with its C++ stack (about 40 lines)
+    on stderr, before the one sentence that says what is wrong."""
+    while time.monotonic() < deadline.end - REPORT_MARGIN_S:
+        try:
+            socket.create_connection((master.host, master.port), timeout=PROBE_TIMEOUT_S).close()
+            return True
+        except OSError:
+            time.sleep(POLL_S)
+    return False
+
+
 def exchange(store: dist.Store, me: Advertised, world: int, deadline: SetupDeadline) -> list[Advertised]:
     """Every rank's advertised address, through the rendezvous store."""
     store.set(f"{KEY_PREFIX}/{me.rank}", json.dumps(asdict(me)))
@@ -347,6 +361,8 @@ def start_process_group(rank: int, local_rank: int, world: int, backend: str, de
     serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     with SetupDeadline(timeout_s) as deadline:
         with deadline.phase(lambda err: explain_rendezvous(err, rank, world, serves, timeout_s)):
+            if not serves and not master_listens(master_endpoint(), deadline):
+                raise RankFailure(explain_rendezvous(None, rank, world, serves, timeout_s))
             store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=deadline.remaining()))
             store.set_timeout(timedelta(seconds=timeout_s))
         peers: list[Advertised] = []

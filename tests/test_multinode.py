@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires_gpu
-from helpers import REPO, equivalence_config, launch, read_jsonl, run_env
+from helpers import REPO, equivalence_config, launch, read_jsonl, run_env, tiny_config
 
 from jrcl_fast.errors import UserError
 
@@ -177,6 +177,7 @@ def test_a_host_without_its_master_gives_up_within_the_bound(hosts, tmp_path, di
     assert time.time() - reached < BOUND_S + 10, text[-3000:]  # the bound, plus the launcher's exit
     assert ("error: rank 1 of 2: the master at 10.77.0.1:29500 was not reachable within 15 s "
             "(train.collective_timeout_s): nothing listens there") in text, text[-3000:]
+    assert "frame #" not in text and "[c10d]" not in text, text[-3000:]  # no torch C++ stack before it
 
 
 @pytest.mark.slow
@@ -380,6 +381,24 @@ def test_the_master_probe_tells_nothing_listening_from_a_taken_port(monkeypatch)
     joined = RuntimeError("Timed out after 6 seconds waiting for clients. 1/2 clients joined.")
     assert explain_rendezvous(joined, 0, 2, True, 5).startswith(
         f"rank 0 of 2: only 1 of 2 ranks reached the master at 127.0.0.1:{port} within 5 s")
+
+
+def test_a_rank_without_its_master_prints_one_sentence_and_no_torch_stack(tmp_path, digits_root):
+    """torch's store client logs every failed try at the master with its C++ stack (about 40
+    lines); the rank waits for the master's port itself, so stderr is the one sentence."""
+    from jrcl_fast.runtime import free_port
+
+    port = free_port()
+    config = tiny_config(tmp_path, digits_root, train={"collective_timeout_s": 6})
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-m", "jrcl_fast", "train", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"error: rank 1 of 2: the master at 127.0.0.1:{port} was not reachable within 6 s "
+                               "(train.collective_timeout_s): nothing listens there")
 
 
 def test_the_watchdog_ends_a_start_up_that_torch_does_not_bound():
