@@ -72,6 +72,21 @@ def test_a_train_loader_built_from_its_spec_keeps_the_contract(tmp_path: Path, n
 
 
 @pytest.mark.parametrize("name", LOADERS)
+def test_a_train_loaders_batches_do_not_depend_on_its_workers(tmp_path: Path, name: str) -> None:
+    """What lets --resume change data.num_workers (run_setup.FREE_ON_RESUME): each sample's
+    views come from its own seed, whichever worker or thread decodes it."""
+    rng = np.random.default_rng()
+    split, seed = noise_split(tmp_path, rng), int(rng.integers(1 << 30))
+    epochs = []
+    for workers in (0, 2):
+        spec = TrainSpec(split=split, image_size=12, augmentation=AUGMENTATIONS["natural"], num_views=2, batch_size=3,
+                         sampler="instance", seed=seed, workers=workers)
+        images, labels = zip(*train_loader(name)(spec).epoch(1))
+        epochs.append((torch.cat(images), torch.cat(labels)))
+    assert torch.equal(epochs[0][0], epochs[1][0]) and torch.equal(epochs[0][1], epochs[1][1])
+
+
+@pytest.mark.parametrize("name", LOADERS)
 def test_an_eval_loader_built_from_its_spec_keeps_the_contract(tmp_path: Path, name: str) -> None:
     rng = np.random.default_rng()
     split = noise_split(tmp_path, rng)

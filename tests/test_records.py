@@ -164,9 +164,10 @@ def test_logger_names_are_checked_and_a_missing_package_is_one_line(tmp_path, mo
 
 
 def test_resume_may_turn_loggers_on_but_not_change_the_training(tmp_path, digits_root, monkeypatch):
-    """train.loggers chooses what is recorded, not what is trained: a run stopped after
-    epoch 1 resumes with TensorBoard and CSV turned on (they record from epoch 2), while
-    another learning rate is still refused."""
+    """train.loggers chooses what is recorded and data.num_workers how fast the data
+    loads, not what is trained: a run stopped after epoch 1 resumes with TensorBoard and
+    CSV turned on (they record from epoch 2) and another worker count, while another
+    learning rate is still refused."""
     from jrcl_fast.config import load_config
     from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.engine import trainer
@@ -186,8 +187,9 @@ def test_resume_may_turn_loggers_on_but_not_change_the_training(tmp_path, digits
             trainer.train(cfg, dataset, False, False, Console(quiet=True))
     with pytest.raises(UserError, match="--resume: the config differs"):
         trainer.train(load_config(config, ["optim.lr=0.01"]), dataset, True, False, Console(quiet=True))
-    trainer.train(load_config(config, ["train.loggers=[csv, tensorboard]"]), dataset, True, False,
-                  Console(quiet=True))
+    assert cfg.data.num_workers != 1
+    trainer.train(load_config(config, ["train.loggers=[csv, tensorboard]", "data.num_workers=1"]), dataset, True,
+                  False, Console(quiet=True))
 
     run, per_epoch = tmp_path / "run", len(dataset.train) // 64
     assert [e["epoch"] for e in read_jsonl(run / "metrics.jsonl")] == [1, 2]

@@ -113,14 +113,16 @@ def check_selection(cfg: Config, dataset: LongTailedDataset, validate: Validate 
     return selection
 
 
-# Keys that choose what a run records, not what it trains: --resume may change them
-# (turn TensorBoard on halfway, say).
-RECORD_KEYS = {"train": ("loggers",)}
+# Keys that choose what a run records or how fast it loads, not what it trains: --resume may
+# change them (turn TensorBoard on halfway; go on on a node with other cores, or from a
+# checkpoint of before num_workers' default changed). Both loaders draw each sample's views
+# from its own seed, so batches do not depend on the worker count (test_data_loaders.py).
+FREE_ON_RESUME = {"train": ("loggers",), "data": ("num_workers",)}
 
 
 def trained_config(cfg: Config) -> dict[str, Any]:
-    """`cfg` as a dict without RECORD_KEYS: what must match for a run to continue."""
-    return {section: {key: value for key, value in values.items() if key not in RECORD_KEYS.get(section, ())}
+    """`cfg` as a dict without FREE_ON_RESUME: what must match for a run to continue."""
+    return {section: {key: value for key, value in values.items() if key not in FREE_ON_RESUME.get(section, ())}
             for section, values in config_to_dict(cfg).items()}
 
 
