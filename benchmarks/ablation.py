@@ -224,7 +224,7 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
     for column in ("variant", "grid on the first seed", "chosen weights", "other seeds"):
         table.add_column(column)
     for row in rows:
-        chosen = "-" if row["chosen"] is None else weights_text(row["chosen"])
+        chosen = "-" if row["chosen"] is None else weights_text(row["chosen"]) if row["chosen"] else "no grid"
         table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
     console.print(table)
     every = [state for row in rows for state in row["grid"] + list(row["seeds"].values())]
