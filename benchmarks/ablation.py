@@ -23,8 +23,9 @@ changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch 
 the grid points all at once, then the seeds. Writes JSON (one entry per variant and
 seed) and Markdown, and prints two tables: each variant's test metrics, and paired
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
-cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants` picks the study: mnist_lt
-(the default) or animal_lt (the issue-23 variants, with cRT).
+cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
+picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
+`--status` says where an ablation stands, from its --out folder, and runs nothing.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
