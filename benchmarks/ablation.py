@@ -223,7 +223,7 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
 
     table = Table(title="where the ablation stands (a variant's other seeds start once its grid is done)")
     for column in ("variant", "grid on the first seed", "chosen weights", "other seeds"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # weights whole, even in 80 columns
     for row in rows:
         chosen = "-" if row["chosen"] is None else weights_text(row["chosen"]) if row["chosen"] else "no grid"
         table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
