@@ -217,6 +217,25 @@ def weights_text(point: dict[str, object]) -> str:
     return ", ".join(f"{key.split('.')[-1]}={value}" for key, value in point.items()) or "-"
 
 
+def points(value: dict[str, float | None], sign: str = "") -> str:
+    """An interval of fractions as percentage points: 91.2 ± 1.3 (- where the metric is missing)."""
+    if value["mean"] is None:
+        return "-"
+    return f"{100 * value['mean']:{sign}.1f} ± {100 * value['ci95']:.1f}"
+
+
+def show_table(console: Console, title: str, columns: list[str], rows: list[list[str]],
+               text_columns: int = 2) -> list[str]:
+    """Print one table (its first `text_columns` left-aligned) and return it as Markdown."""
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i < text_columns else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return ["| " + " | ".join(row) + " |" for row in [columns, ["---"] * len(columns), *rows]]
+
+
 def print_status(console: Console, rows: list[dict], total: int) -> None:
     def states(values: list[str]) -> str:
         return ", ".join(f"{values.count(v)} {v}" for v in dict.fromkeys(values)) or "-"
@@ -362,31 +381,16 @@ def main() -> None:
 
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
                         for key, _ in METRICS} for v in study}
-    title = f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds {args.seeds} (%)"
-    table = Table(title=title)
-    for column in ("variant", "weights (chosen on val)", *(label for _, label in METRICS)):
-        table.add_column(column, justify="left" if column.startswith(("variant", "weights")) else "right")
-    lines = ["| variant | weights | " + " | ".join(label for _, label in METRICS) + " |",
-             "|---" * (len(METRICS) + 2) + "|"]
-    for variant in study:
-        cells = ["-" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" for s in
-                 (summary[variant.name][key] for key, _ in METRICS)]
-        weights = weights_text(ablation.chosen[variant.name])
-        table.add_row(variant.name, weights, *cells)
-        lines.append(f"| {variant.name} | {weights} | " + " | ".join(cells) + " |")
-    console.print(table)
     compared = comparisons(runs, study)
-    differences = Table(title="paired differences on the test split, a - b, mean ± 95% interval over seeds (points)")
-    for column in ("a", "b", "why", *(label for _, label in PAIRED)):
-        differences.add_column(column, justify="right" if column not in ("a", "b", "why") else "left")
-    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}", "",
-              "| a | b | why | " + " | ".join(label for _, label in PAIRED) + " |", "|---" * (len(PAIRED) + 3) + "|"]
-    for row in compared["rows"]:
-        cells = ["-" if row[key]["mean"] is None else f"{100 * row[key]['mean']:+.1f} ± {100 * row[key]['ci95']:.1f}"
-                 for key, _ in PAIRED]
-        differences.add_row(row["a"], row["b"], row["why"], *cells)
-        lines.append(f"| {row['a']} | {row['b']} | {row['why']} | " + " | ".join(cells) + " |")
-    console.print(differences)
+    lines = show_table(console, f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds "
+                       f"{args.seeds} (%)", ["variant", "weights (chosen on val)", *(label for _, label in METRICS)],
+                       [[v.name, weights_text(ablation.chosen[v.name]),
+                         *(points(summary[v.name][key]) for key, _ in METRICS)] for v in study])
+    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}", ""]
+    lines += show_table(console, "paired differences on the test split, a - b, mean ± 95% interval over seeds "
+                        "(points)", ["a", "b", "why", *(label for _, label in PAIRED)],
+                        [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
+                         for row in compared["rows"]], text_columns=3)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
                "jobs": args.jobs, "study": args.variants,
