@@ -25,7 +25,8 @@ seed) and Markdown, and prints two tables: each variant's test metrics, and pair
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
 cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
 picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
-`--status` says where an ablation stands, from its --out folder, and runs nothing.
+`--status` says where an ablation stands, from its --out folder, and runs nothing;
+`--curves PNG` with it plots the first seed's validation curves, finished runs or not.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -236,6 +237,46 @@ def show_table(console: Console, title: str, columns: list[str], rows: list[list
     return ["| " + " | ".join(row) + " |" for row in [columns, ["---"] * len(columns), *rows]]
 
 
+def plot_curves(study: Study, path: Path) -> int:
+    """Validation balanced accuracy against epoch of every first-seed run in --out (finished
+    or not), one line per grid point, a panel per variant: the curves that say whether the
+    epochs are enough. Call it after `study.status()`, which finds a second stage's folders.
+    Returns the number of runs drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed, panels = study.args.seeds[0], []
+    for variant in study.variants:
+        if variant.after and variant.after not in study.folders:
+            continue
+        files = [(point, study.folder(variant, point) / f"seed{seed}" / "metrics.jsonl")
+                 for point in grid_points(variant)]
+        runs = [(point, [json.loads(line) for line in file.read_text().splitlines()]) for point, file in files
+                if file.exists()]
+        if runs:
+            panels.append((variant.name, runs))
+    if not panels:
+        return 0
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
+    for ax, (name, runs) in zip(axes[0], panels):
+        for point, rows in runs:
+            ax.plot([r["epoch"] for r in rows], [100 * r["val_balanced_accuracy"] for r in rows],
+                    label=weights_text(point), linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if any(point for point, _ in runs):  # a variant without a grid needs no legend
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"validation balanced accuracy, seed {seed} (%)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return sum(len(runs) for _, runs in panels)
+
+
 def print_status(console: Console, rows: list[dict], total: int) -> None:
     def states(values: list[str]) -> str:
         return ", ".join(f"{values.count(v)} {v}" for v in dict.fromkeys(values)) or "-"
@@ -348,6 +389,8 @@ def main() -> None:
                         help="the study: its list of variants (STUDIES)")
     parser.add_argument("--status", action="store_true",
                         help="print where the ablation in --out stands and exit; runs nothing")
+    parser.add_argument("--curves", type=Path, metavar="PNG",
+                        help="with --status: also plot the first seed's validation curves to PNG")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. to size the budget")
     args = parser.parse_args()
@@ -359,7 +402,10 @@ def main() -> None:
     study = [VARIANTS[name] for name in STUDIES[args.variants]]
     total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
     if args.status:
-        print_status(console, Study(args, study, train, ThreadPoolExecutor(1)).status(), total)
+        standing = Study(args, study, train, ThreadPoolExecutor(1))
+        print_status(console, standing.status(), total)
+        if args.curves:
+            console.print(f"Wrote the validation curves of {plot_curves(standing, args.curves)} runs to {args.curves}")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     pool = ThreadPoolExecutor(args.jobs)

@@ -418,3 +418,26 @@ def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_pat
     assert rows["cRT"]["grid"] == ["not started"]  # planned: its first stage's grid is done
     assert rows["CE + O2A"]["grid"] == ["done", "not started"] and rows["CE + O2A"]["chosen"] is None
     assert rows["CE + O2A"]["seeds"] == {} and rows["JRCL"]["grid"] == ["not started"] * 4
+
+
+def test_ablation_curves_draw_every_first_seed_run_with_metrics(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablation import STUDIES, VARIANTS, Study, grid_points, plot_curves
+
+    args = argparse.Namespace(seeds=[0, 1], out=tmp_path / "out", config="c.yaml", extra=[])
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], None, ThreadPoolExecutor(1))
+    assert plot_curves(study, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+    rng = np.random.default_rng()
+    drawn = [(VARIANTS["CE"], {}), *((VARIANTS["JRCL"], point) for point in grid_points(VARIANTS["JRCL"])[:3])]
+    for variant, point in drawn:
+        run = study.folder(variant, point) / "seed0"
+        run.mkdir(parents=True)
+        epochs = int(rng.integers(2, 9))  # unfinished runs are drawn too
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "val_balanced_accuracy": float(rng.uniform())}) + "\n" for e in range(1, epochs)))
+    (study.folder(VARIANTS["JRCL"], grid_points(VARIANTS["JRCL"])[0]) / "seed1").mkdir()  # not the first seed: not drawn
+    study.status()
+    assert plot_curves(study, tmp_path / "curves.png") == len(drawn)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
