@@ -259,7 +259,8 @@ def plot_curves(study: Study, path: Path) -> int:
             panels.append((variant.name, runs))
     if not panels:
         return 0
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharex=True, sharey=True,
+                                squeeze=False)
     for ax, (name, runs) in zip(axes[0], panels):
         for point, rows in runs:
             ax.plot([r["epoch"] for r in rows], [100 * r["val_balanced_accuracy"] for r in rows],
