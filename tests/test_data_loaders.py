@@ -81,7 +81,10 @@ def test_a_train_loaders_batches_do_not_depend_on_its_workers(tmp_path: Path, na
     for workers in (0, 2):
         spec = TrainSpec(split=split, image_size=12, augmentation=AUGMENTATIONS["natural"], num_views=2, batch_size=3,
                          sampler="instance", seed=seed, workers=workers)
-        images, labels = zip(*train_loader(name)(spec).epoch(1))
+        batches = train_loader(name)(spec).epoch(1)
+        if workers and hasattr(batches, "loader"):  # torchvision's workers: no fork after DALI's threads ran here
+            batches.loader.multiprocessing_context = "spawn"
+        images, labels = zip(*batches)
         epochs.append((torch.cat(images), torch.cat(labels)))
     assert torch.equal(epochs[0][0], epochs[1][0]) and torch.equal(epochs[0][1], epochs[1][1])
 
