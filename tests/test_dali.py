@@ -265,7 +265,8 @@ def test_factories_pick_the_loader_of_the_config(tmp_path: Path) -> None:
     split = make_split(tmp_path, 12, labels=np.arange(12) % 3)
     dataset = LongTailedDataset("places_lt", ["a", "b", "c"], split, split)
     for loader in ("torch", "dali"):
-        cfg = DataConfig(name="places_lt", root=str(tmp_path), image_size=16, num_views=2, loader=loader)
+        # No loader workers: forking this process after DALI's threads ran in it can deadlock a worker.
+        cfg = DataConfig(name="places_lt", root=str(tmp_path), image_size=16, num_views=2, loader=loader, num_workers=0)
         train = build_train_loader(dataset, cfg, batch_size=4, seed=0)
         assert isinstance(train, DaliTrainLoader if loader == "dali" else TorchTrainLoader)
         images, labels = next(iter(train.epoch(0)))
