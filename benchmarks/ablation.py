@@ -19,8 +19,10 @@ the torch thread count it started with, so that it ends as if never stopped), an
 whose training finished without results.json is evaluated: an ablation stopped at any
 point continues where it was when the same command is run again. A changed budget or
 variant starts new runs rather than mixing old ones in (start from an empty --out after
-changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads:
-the grid points all at once, then the seeds. Writes JSON (one entry per variant and
+changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads,
+each as soon as what it needs is done, the earliest variant of the study first: a
+variant's other seeds start before a later variant's grid, so an ablation stopped early
+holds whole variants, in the study's order. Writes JSON (one entry per variant and
 seed) and Markdown, and prints two tables: each variant's test metrics, and paired
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
 cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,8 @@ from rich.table import Table
 from scipy import stats
 
 from jrcl_fast.checkpoint import CHECKPOINT_DIR, SELECTION_KEY, latest_tag, read_model_states
+from jrcl_fast.engine.records.metrics_files import METRICS_NAME, read_jsonl
+from jrcl_fast.evaluation.evaluate import RESULTS_NAME
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,13 @@ VARIANTS = {v.name: v for v in [
     Variant(JRCL_LA, {}, {"loss.logit_adjust_tau": LA}),
     Variant(JRCL_NO_BIN, {"loss.lambda_bin": 0}, {"loss.lambda_bdc": [0.3, 1.0]}),
 ]}
-# The studies --variants picks; a second stage comes after the variant it starts from.
+# The studies --variants picks, in the order they run and are shown; a second stage comes after
+# the variant it starts from. animal-lt asks its main question first (what BDC adds to the
+# strongest loss: logit-adjusted CE with and without it), then the other baselines, then the
+# two-view variants, which cost twice as much a run.
 STUDIES = {
     "mnist_lt": [CE, LA_CE, SUPCON, O2A, JRCL, JRCL_LA, JRCL_NO_BIN],
-    "animal_lt": [CE, LA_CE, CRT_NAME, O2A, LA_BDC, JRCL, JRCL_LA, JRCL_NO_BIN],
+    "animal_lt": [LA_CE, LA_BDC, CE, CRT_NAME, O2A, JRCL, JRCL_LA, JRCL_NO_BIN],
 }
 # Paired questions (a - b, seed by seed) beside "every variant - the best baseline"; those
 # whose variants are both in the study are asked.
@@ -144,10 +151,14 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
     return cmd
 
 
+def read_results(run: Path) -> dict:
+    return json.loads((run / RESULTS_NAME).read_text())
+
+
 def train(config: str, settings: dict[str, object], extra: list[str], seed: int, out_dir: Path) -> dict:
     """One run, resumed or reused where an earlier ablation left it; returns its test
     metrics and its validation score."""
-    if not (out_dir / "results.json").exists():
+    if not (out_dir / RESULTS_NAME).exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         cmd = run_command(config, settings, extra, seed, out_dir)
         with (out_dir / "train.log").open("a") as log:
@@ -157,7 +168,7 @@ def train(config: str, settings: dict[str, object], extra: list[str], seed: int,
         if done.returncode:
             tail = (out_dir / "train.log").read_text()[-2000:]
             sys.exit(f"{' '.join(cmd)} failed (its output: {out_dir / 'train.log'}):\n{tail}")
-    results = json.loads((out_dir / "results.json").read_text())
+    results = read_results(out_dir)
     test = {key: results[key] for key in ("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy")}
     selection = results["selection"]
     return {"val": {"balanced_accuracy": selection["best_value"], "epoch": selection["best_epoch"]},
@@ -205,11 +216,10 @@ def comparisons(runs: list[dict], study: list[Variant]) -> dict:
 
 def run_state(folder: Path) -> str:
     """done, the epochs an unfinished run has recorded, or not started."""
-    if (folder / "results.json").exists():
+    if (folder / RESULTS_NAME).exists():
         return "done"
-    metrics = folder / "metrics.jsonl"
-    if metrics.exists():
-        return f"at epoch {len(metrics.read_text().splitlines())}"
+    if (folder / METRICS_NAME).exists():
+        return f"at epoch {len(read_jsonl(folder / METRICS_NAME))}"
     return "started" if folder.exists() else "not started"
 
 
@@ -237,26 +247,18 @@ def show_table(console: Console, title: str, columns: list[str], rows: list[list
     return ["| " + " | ".join(row) + " |" for row in [columns, ["---"] * len(columns), *rows]]
 
 
-def plot_curves(study: Study, path: Path) -> int:
-    """Validation balanced accuracy against epoch of every first-seed run in --out (finished
-    or not), one line per grid point, a panel per variant: the curves that say whether the
-    epochs are enough. Call it after `study.status()`, which finds a second stage's folders.
-    Returns the number of runs drawn."""
+def plot_curves(standing: list[dict], path: Path) -> int:
+    """Validation balanced accuracy against epoch of every first-seed run that `Study.status()`
+    found (finished or not), one line per grid point, a panel per variant: the curves that
+    say whether the epochs are enough. Returns the number of runs drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seed, panels = study.args.seeds[0], []
-    for variant in study.variants:
-        if variant.after and variant.after not in study.folders:
-            continue
-        files = [(point, study.folder(variant, point) / f"seed{seed}" / "metrics.jsonl")
-                 for point in grid_points(variant)]
-        runs = [(point, [json.loads(line) for line in file.read_text().splitlines()]) for point, file in files
-                if file.exists()]
-        if runs:
-            panels.append((variant.name, runs))
+    panels = [(row["variant"], runs) for row in standing
+              if (runs := [(point, read_jsonl(run / METRICS_NAME)) for point, run in row["grid_runs"]
+                           if (run / METRICS_NAME).exists()])]
     if not panels:
         return 0
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharex=True, sharey=True,
@@ -270,7 +272,7 @@ def plot_curves(study: Study, path: Path) -> int:
         ax.grid(alpha=0.3)
         if any(point for point, _ in runs):  # a variant without a grid needs no legend
             ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(f"validation balanced accuracy, seed {seed} (%)")
+    axes[0][0].set_ylabel(f"validation balanced accuracy, seed {standing[0]['first_seed']} (%)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -294,17 +296,27 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
                   "runs without --status")
 
 
+@dataclass(frozen=True)
+class Task:
+    """One run of a study: a grid point on the first seed, or (point None) the variant's
+    chosen point on another seed."""
+    order: tuple[int, int, int]  # the variant's place in the study, the seed's, the grid point's
+    variant: Variant
+    seed: int
+    point: dict[str, object] | None
+
+
 class Study:
     """The runs of one ablation: each variant's grid on the first seed, then its chosen
     weights on every other seed; a second stage's runs (cRT) each start from its first
     stage's chosen run of the same seed, so that seeds stay paired."""
 
-    def __init__(self, args: argparse.Namespace, variants: list[Variant], run: Callable[..., dict],
-                 pool: ThreadPoolExecutor):
-        self.args, self.variants, self.run, self.pool = args, variants, run, pool
+    def __init__(self, args: argparse.Namespace, variants: list[Variant]):
+        self.args, self.variants = args, variants
+        self.first_seed = args.seeds[0]
         self.chosen: dict[str, dict[str, object]] = {}  # variant -> its grid point chosen on validation
         self.folders: dict[str, Path] = {}  # variant -> the chosen point's folder (one seed<S>/ per seed)
-        self.futures: dict[tuple[str, int], Future] = {}  # (variant, seed) -> the chosen point's run
+        self.results: dict[tuple[str, int], dict] = {}  # (variant, seed) -> the chosen point's run
 
     def folder(self, variant: Variant, point: dict[str, object]) -> Path:
         identity = [variant.fixed, point, self.args.config, self.args.extra]
@@ -312,14 +324,6 @@ class Study:
             identity.append(str(self.folders[variant.after]))
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return self.args.out / slug(variant.name) / f"{slug(json.dumps(point)) or 'defaults'}-{digest}"
-
-    def submit(self, variant: Variant, point: dict[str, object], folder: Path, seed: int) -> Future:
-        settings = variant.fixed | point
-        first = None
-        if variant.after:
-            settings |= {"train.init_from": str(self.folders[variant.after] / f"seed{seed}" / CHECKPOINT_DIR)}
-            first = self.futures[variant.after, seed]
-        return self.pool.submit(self.run, settings, seed, folder / f"seed{seed}", first)
 
     def keep_best(self, name: str, points: list[tuple[dict[str, object], Path]],
                   score: Callable[[Path], float]) -> Path:
@@ -329,53 +333,80 @@ class Study:
         self.chosen[name], self.folders[name] = point, folder
         return folder
 
-    def choose(self, variants: list[Variant]) -> None:
-        """Run every grid point on the first seed; keep the best on validation."""
-        seed = self.args.seeds[0]
-        grid = {v.name: [(point, self.folder(v, point)) for point in grid_points(v)] for v in variants}
-        futures = {(name, folder): self.submit(VARIANTS[name], point, folder, seed)
-                   for name, points in grid.items() for point, folder in points}
-        for name, points in grid.items():
-            folder = self.keep_best(name, points,
-                                    lambda f, name=name: futures[name, f].result()["val"]["balanced_accuracy"])
-            self.futures[name, seed] = futures[name, folder]
+    def tasks(self) -> list[Task]:
+        grid = [Task((i, 0, j), v, self.first_seed, point) for i, v in enumerate(self.variants)
+                for j, point in enumerate(grid_points(v))]
+        return grid + [Task((i, k, 0), v, seed, None) for i, v in enumerate(self.variants)
+                       for k, seed in enumerate(self.args.seeds[1:], 1)]
+
+    def can_start(self, task: Task) -> bool:
+        """Its variant's weights are chosen (a grid point needs none) and its first stage's
+        run of the same seed is done."""
+        chosen = task.point is not None or task.variant.name in self.chosen
+        return chosen and (task.variant.after is None or (task.variant.after, task.seed) in self.results)
+
+    def settings(self, task: Task) -> tuple[dict[str, object], Path]:
+        """The run's config keys and its folder."""
+        variant = task.variant
+        point = self.chosen[variant.name] if task.point is None else task.point
+        folder = self.folders[variant.name] if task.point is None else self.folder(variant, point)
+        settings = variant.fixed | point
+        if variant.after:
+            settings |= {"train.init_from": str(self.folders[variant.after] / f"seed{task.seed}" / CHECKPOINT_DIR)}
+        return settings, folder / f"seed{task.seed}"
+
+    def runs(self, run: Callable[[dict[str, object], int, Path], dict], jobs: int) -> list[dict]:
+        """Every run's record, variant by variant, seed by seed. At most `jobs` run at once;
+        a free slot takes the earliest (in the study's order) run that can start."""
+        waiting, running, grids = self.tasks(), {}, {v.name: [] for v in self.variants}
+        with ThreadPoolExecutor(jobs) as pool:  # a failure waits for the runs under way, starts no other
+            while waiting or running:
+                for task in sorted(filter(self.can_start, waiting), key=lambda t: t.order)[:jobs - len(running)]:
+                    waiting.remove(task)
+                    settings, folder = self.settings(task)
+                    running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, folder = running.pop(future)
+                    self.record(task, folder, future.result(), grids[task.variant.name])
+        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
+                 **self.results[v.name, seed]} for v in self.variants for seed in self.args.seeds]
+
+    def record(self, task: Task, folder: Path, result: dict, grid: list[tuple]) -> None:
+        """Keep a finished run's result; the last of a grid chooses the variant's weights."""
+        if task.point is None:
+            self.results[task.variant.name, task.seed] = result
+            return
+        grid.append((task.order, task.point, folder.parent, result))
+        if len(grid) < len(grid_points(task.variant)):
+            return
+        grid.sort(key=lambda entry: entry[0])  # a tie goes to the grid's first point
+        scores = {point_folder: result["val"]["balanced_accuracy"] for _, _, point_folder, result in grid}
+        best = self.keep_best(task.variant.name, [(point, point_folder) for _, point, point_folder, _ in grid],
+                              scores.get)
+        self.results[task.variant.name, task.seed] = next(result for _, _, f, result in grid if f == best)
 
     def status(self) -> list[dict]:
-        """Each variant's runs so far, read from --out without running anything: the states
-        of its grid on the first seed, its chosen weights once that grid is done, and then
-        the states of its other seeds."""
-        rows, first = [], self.args.seeds[0]
+        """Each variant's runs so far, read from --out without running anything: its grid on
+        the first seed (the runs' folders and states), its chosen weights once that grid is
+        done, and then the states of its other seeds."""
+        rows = []
         for variant in self.variants:
-            row = {"variant": variant.name, "grid": [], "chosen": None, "seeds": {}}
+            row = {"variant": variant.name, "first_seed": self.first_seed, "grid_runs": [], "grid": [],
+                   "chosen": None, "seeds": {}}
             rows.append(row)
             if variant.after and variant.after not in self.folders:
                 continue  # its folders follow the first stage's choice
             points = [(point, self.folder(variant, point)) for point in grid_points(variant)]
-            row["grid"] = [run_state(folder / f"seed{first}") for _, folder in points]
+            row["grid_runs"] = [(point, folder / f"seed{self.first_seed}") for point, folder in points]
+            row["grid"] = [run_state(run) for _, run in row["grid_runs"]]
             if row["grid"].count("done") < len(points):
                 continue
-            folder = self.keep_best(variant.name, points, lambda f: json.loads(
-                (f / f"seed{first}" / "results.json").read_text())["selection"]["best_value"])
+            folder = self.keep_best(variant.name, points, lambda f: read_results(
+                f / f"seed{self.first_seed}")["selection"]["best_value"])
             row["chosen"] = self.chosen[variant.name]
             row["seeds"] = {seed: run_state(folder / f"seed{seed}") for seed in self.args.seeds[1:]}
         return rows
-
-    def seeds(self, variants: list[Variant]) -> None:
-        for variant in variants:
-            for seed in self.args.seeds[1:]:
-                self.futures[variant.name, seed] = self.submit(variant, self.chosen[variant.name],
-                                                               self.folders[variant.name], seed)
-
-    def runs(self) -> list[dict]:
-        """Every run's record, variant by variant, seed by seed."""
-        first = [v for v in self.variants if v.after is None]
-        second = [v for v in self.variants if v.after is not None]
-        self.choose(first)
-        self.seeds(first)
-        self.choose(second)
-        self.seeds(second)
-        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
-                 **self.futures[v.name, seed].result()} for v in self.variants for seed in self.args.seeds]
 
 
 def main() -> None:
@@ -403,28 +434,22 @@ def main() -> None:
     study = [VARIANTS[name] for name in STUDIES[args.variants]]
     total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
     if args.status:
-        standing = Study(args, study, train, ThreadPoolExecutor(1))
-        print_status(console, standing.status(), total)
+        standing = Study(args, study).status()
+        print_status(console, standing, total)
         if args.curves:
             console.print(f"Wrote the validation curves of {plot_curves(standing, args.curves)} runs to {args.curves}")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    pool = ThreadPoolExecutor(args.jobs)
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("ablation", total=total)
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("ablation", total=total)
 
-            def run(settings: dict[str, object], seed: int, folder: Path, first: Future | None = None) -> dict:
-                if first is not None:  # a second stage waits for its first (submitted before it: no deadlock)
-                    first.result()
-                result = train(args.config, settings, extra, seed, folder)
-                progress.advance(task)
-                return result
+        def run(settings: dict[str, object], seed: int, folder: Path) -> dict:
+            result = train(args.config, settings, extra, seed, folder)
+            progress.advance(task)
+            return result
 
-            ablation = Study(args, study, run, pool)
-            runs = ablation.runs()
-    finally:  # a failed run ends the ablation: queued runs never start
-        pool.shutdown(cancel_futures=True)
+        ablation = Study(args, study)
+        runs = ablation.runs(run, args.jobs)
 
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
                         for key, _ in METRICS} for v in study}

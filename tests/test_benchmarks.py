@@ -9,11 +9,14 @@ import importlib.util
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -317,40 +320,66 @@ def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Pat
     assert last.split()[4] == "eval"
 
 
-def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from concurrent.futures import ThreadPoolExecutor
+def fake_runs(jobs: int) -> tuple[list, list, Callable]:
+    """A stand-in for train(): records each run's start and end, checks that no more than
+    `jobs` run at once, scores each folder by a hash of its path."""
+    started, finished, lock = [], [], threading.Lock()
 
-    from ablation import STUDIES, VARIANTS, Study
-
-    calls = []
-
-    def run(settings: dict, seed: int, folder: Path, first=None) -> dict:
-        if first is not None:
-            first.result()  # the first stage's run has finished (or this raises)
-        calls.append((settings, seed, folder))
+    def run(settings: dict, seed: int, folder: Path) -> dict:
+        with lock:
+            started.append((settings, seed, folder))
+            assert len(started) - len(finished) <= jobs
+        time.sleep(random.uniform(0, 0.01))  # runs end in a fresh order
+        with lock:
+            finished.append(folder)
         return {"val": {"balanced_accuracy": zlib.crc32(str(folder).encode()) / 2**32, "epoch": 1}, "test": {}}
 
+    return started, finished, run
+
+
+def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import STUDIES, VARIANTS, Study
+
+    started, finished, run = fake_runs(jobs=2)
     args = argparse.Namespace(seeds=[3, 1, 4], out=tmp_path, config="c.yaml", extra=[])
-    with ThreadPoolExecutor(2) as pool:
-        study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], run, pool)
-        runs = study.runs()
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]])
+    runs = study.runs(run, jobs=2)
     assert [(r["variant"], r["seed"]) for r in runs] == [(v, s) for v in STUDIES["animal_lt"] for s in (3, 1, 4)]
     # a run without the contrastive term loads one view (config_checks warns of the unused second)
     assert all((settings.get("loss.lambda_con", 0.35) == 0) == (settings.get("data.num_views") == 1)
-               for settings, _, _ in calls)
-    crt = [(settings, seed) for settings, seed, _ in calls if settings.get("train.trainable") == "classifier"]
-    assert sorted(seed for _, seed in crt) == [1, 3, 4]
-    for settings, seed in crt:
+               for settings, _, _ in started)
+    crt = [(settings, seed, folder) for settings, seed, folder in started
+           if settings.get("train.trainable") == "classifier"]
+    assert sorted(seed for _, seed, _ in crt) == [1, 3, 4]
+    for settings, seed, folder in crt:
         ce_run = study.folders["CE"] / f"seed{seed}"
         assert settings["train.init_from"] == str(ce_run / "checkpoints")
         assert settings["data.sampler"] == "class_balanced" and settings["loss.lambda_bdc"] == 0
-        assert [i for i, c in enumerate(calls) if c[2] == ce_run] < [i for i, c in enumerate(calls) if c[0] is settings]
+        assert finished.index(ce_run) < finished.index(folder)  # started after its first stage ended
     # each variant's chosen point is its grid's best on the first seed, and every seed uses it
     for name in STUDIES["animal_lt"]:
-        grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in calls
+        grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in started
                 if seed == 3 and folder.parent.parent.name == variant_slug(name)]
         assert study.folders[name] / "seed3" == max(grid)[1]
+        assert all(folder.parent == study.folders[name] for _, seed, folder in started
+                   if seed != 3 and folder.parent.parent.name == variant_slug(name))
+
+
+@pytest.mark.parametrize("study_name", ["animal_lt", "mnist_lt"])
+def test_ablation_runs_whole_variants_in_the_study_order(tmp_path: Path, study_name: str) -> None:
+    """One at a time, a variant's other seeds start before the next variant's grid: an
+    ablation stopped early holds whole variants, the study's first ones."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import STUDIES, VARIANTS, Study, grid_points
+
+    started, _, run = fake_runs(jobs=1)
+    args = argparse.Namespace(seeds=[2, 0, 1], out=tmp_path, config="c.yaml", extra=[])
+    Study(args, [VARIANTS[name] for name in STUDIES[study_name]]).runs(run, jobs=1)
+    names = {variant_slug(name): name for name in STUDIES[study_name]}
+    order = [(names[folder.parent.parent.name], seed) for _, seed, folder in started]
+    assert order == [(name, seed) for name in STUDIES[study_name]
+                     for seed in [2] * len(grid_points(VARIANTS[name])) + [0, 1]]
 
 
 def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation() -> None:
@@ -387,12 +416,10 @@ def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation() -> Non
 
 def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from concurrent.futures import ThreadPoolExecutor
-
     from ablation import STUDIES, VARIANTS, Study, grid_points
 
     args = argparse.Namespace(seeds=[0, 1, 2], out=tmp_path, config="c.yaml", extra=[])
-    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], None, ThreadPoolExecutor(1))
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]])
     scores = np.random.default_rng().permutation(4) / 10 + 0.5  # fresh validation scores, all different
 
     def finish(run: Path, score: float) -> None:
@@ -422,13 +449,11 @@ def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_pat
 
 def test_ablation_curves_draw_every_first_seed_run_with_metrics(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from concurrent.futures import ThreadPoolExecutor
-
     from ablation import STUDIES, VARIANTS, Study, grid_points, plot_curves
 
     args = argparse.Namespace(seeds=[0, 1], out=tmp_path / "out", config="c.yaml", extra=[])
-    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]], None, ThreadPoolExecutor(1))
-    assert plot_curves(study, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]])
+    assert plot_curves(study.status(), tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
     rng = np.random.default_rng()
     drawn = [(VARIANTS["CE"], {}), *((VARIANTS["JRCL"], point) for point in grid_points(VARIANTS["JRCL"])[:3])]
     for variant, point in drawn:
@@ -438,6 +463,5 @@ def test_ablation_curves_draw_every_first_seed_run_with_metrics(tmp_path: Path) 
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({"epoch": e, "val_balanced_accuracy": float(rng.uniform())}) + "\n" for e in range(1, epochs)))
     (study.folder(VARIANTS["JRCL"], grid_points(VARIANTS["JRCL"])[0]) / "seed1").mkdir()  # not the first seed: not drawn
-    study.status()
-    assert plot_curves(study, tmp_path / "curves.png") == len(drawn)
+    assert plot_curves(study.status(), tmp_path / "curves.png") == len(drawn)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

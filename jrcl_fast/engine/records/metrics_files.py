@@ -13,12 +13,19 @@ METRICS_NAME = "metrics.jsonl"
 STEPS_NAME = "steps.jsonl"
 
 
+def read_jsonl(path: Path) -> list[Record]:
+    """The records of a JSON-lines file, [] where there is none yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def trim_jsonl(path: Path, epochs_done: int) -> None:
     """Drop the lines of epochs after the checkpoint: they will be run again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
-    atomic_write_bytes(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+    kept = [record for record in read_jsonl(path) if record["epoch"] <= epochs_done]
+    atomic_write_bytes(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
 
 
 def append_jsonl(path: Path, records: list[Record]) -> None:
