@@ -27,8 +27,10 @@ seed) and Markdown, and prints two tables: each variant's test metrics, and pair
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
 cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
 picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
-`--status` says where an ablation stands, from its --out folder, and runs nothing;
-`--curves PNG` with it plots the first seed's validation curves, finished runs or not.
+`--status` says where an ablation stands, from its --out folder, and runs nothing; once a
+baseline is done on every seed, it also shows and writes (partial.json and .md in --out,
+the JSON at --json too) both tables for the variants done on every seed so far. `--curves
+PNG` with it plots the first seed's validation curves, finished runs or not.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -168,7 +170,12 @@ def train(config: str, settings: dict[str, object], extra: list[str], seed: int,
         if done.returncode:
             tail = (out_dir / "train.log").read_text()[-2000:]
             sys.exit(f"{' '.join(cmd)} failed (its output: {out_dir / 'train.log'}):\n{tail}")
-    results = read_results(out_dir)
+    return run_record(out_dir)
+
+
+def run_record(run: Path) -> dict:
+    """A finished run's test metrics and validation score, from its results.json."""
+    results = read_results(run)
     test = {key: results[key] for key in ("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy")}
     selection = results["selection"]
     return {"val": {"balanced_accuracy": selection["best_value"], "epoch": selection["best_epoch"]},
@@ -408,6 +415,51 @@ class Study:
             row["seeds"] = {seed: run_state(folder / f"seed{seed}") for seed in self.args.seeds[1:]}
         return rows
 
+    def finished_runs(self, standing: list[dict]) -> list[dict]:
+        """The records of the variants that `status()` found done on every seed, as runs() returns them."""
+        done = [v for v, row in zip(self.variants, standing)
+                if row["chosen"] is not None and set(row["seeds"].values()) <= {"done"}]
+        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
+                 **run_record(self.folders[v.name] / f"seed{seed}")} for v in done for seed in self.args.seeds]
+
+
+def report(console: Console, args: argparse.Namespace, study: list[Variant], chosen: dict[str, dict],
+           runs: list[dict]) -> tuple[dict, list[str]]:
+    """Print the two tables of the variants that have runs (every variant, or those done on every
+    seed so far) and return the JSON payload and the tables as Markdown."""
+    shown = [v for v in study if any(r["variant"] == v.name for r in runs)]
+    summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
+                        for key, _ in METRICS} for v in shown}
+    compared = comparisons(runs, shown)
+    scope = "" if len(shown) == len(study) else f"; so far {len(shown)} of {len(study)} variants: those done on all"
+    lines = show_table(console, f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds "
+                       f"{args.seeds} (%){scope}", ["variant", "weights (chosen on val)",
+                                                    *(label for _, label in METRICS)],
+                       [[v.name, weights_text(chosen[v.name]), *(points(summary[v.name][key]) for key, _ in METRICS)]
+                        for v in shown])
+    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}{scope}", ""]
+    lines += show_table(console, "paired differences on the test split, a - b, mean ± 95% interval over seeds "
+                        "(points)", ["a", "b", "why", *(label for _, label in PAIRED)],
+                        [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
+                         for row in compared["rows"]], text_columns=3)
+    command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
+    payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
+               "jobs": args.jobs, "study": args.variants, "complete": len(shown) == len(study),
+               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in shown},
+               "chosen": {v.name: chosen[v.name] for v in shown}, "runs": runs, "summary": summary,
+               "paired": compared}
+    return payload, lines
+
+
+def write_report(console: Console, args: argparse.Namespace, payload: dict, lines: list[str], name: str) -> None:
+    """NAME.json and NAME.md in --out, and the JSON at --json too."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in {args.out / f"{name}.json", args.json or args.out / f"{name}.json"}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    console.print(f"Wrote {args.json or args.out / f'{name}.json'} and {args.out / f'{name}.md'}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,7 +472,8 @@ def main() -> None:
     parser.add_argument("--variants", choices=list(STUDIES), default="mnist_lt",
                         help="the study: its list of variants (STUDIES)")
     parser.add_argument("--status", action="store_true",
-                        help="print where the ablation in --out stands and exit; runs nothing")
+                        help="print where the ablation in --out stands, and the tables of the variants done so far; "
+                        "runs nothing")
     parser.add_argument("--curves", type=Path, metavar="PNG",
                         help="with --status: also plot the first seed's validation curves to PNG")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -434,10 +487,15 @@ def main() -> None:
     study = [VARIANTS[name] for name in STUDIES[args.variants]]
     total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
     if args.status:
-        standing = Study(args, study).status()
+        looked = Study(args, study)
+        standing = looked.status()
         print_status(console, standing, total)
         if args.curves:
             console.print(f"Wrote the validation curves of {plot_curves(standing, args.curves)} runs to {args.curves}")
+        finished = looked.finished_runs(standing)
+        if any(v.baseline for v in study if any(r["variant"] == v.name for r in finished)):
+            payload, lines = report(console, args, study, looked.chosen, finished)
+            write_report(console, args, payload, lines, "partial")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -451,31 +509,9 @@ def main() -> None:
         ablation = Study(args, study)
         runs = ablation.runs(run, args.jobs)
 
-    summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
-                        for key, _ in METRICS} for v in study}
-    compared = comparisons(runs, study)
-    lines = show_table(console, f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds "
-                       f"{args.seeds} (%)", ["variant", "weights (chosen on val)", *(label for _, label in METRICS)],
-                       [[v.name, weights_text(ablation.chosen[v.name]),
-                         *(points(summary[v.name][key]) for key, _ in METRICS)] for v in study])
-    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}", ""]
-    lines += show_table(console, "paired differences on the test split, a - b, mean ± 95% interval over seeds "
-                        "(points)", ["a", "b", "why", *(label for _, label in PAIRED)],
-                        [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
-                         for row in compared["rows"]], text_columns=3)
-    command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
-    payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
-               "jobs": args.jobs, "study": args.variants,
-               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in study},
-               "chosen": ablation.chosen,
-               "minutes": round((time.perf_counter() - start) / 60, 1), "runs": runs, "summary": summary,
-               "paired": compared}
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in {args.out / "ablation.json", args.json or args.out / "ablation.json"}:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
-    console.print(f"Wrote {args.json or args.out / 'ablation.json'} and {args.out / 'ablation.md'}")
+    payload, lines = report(console, args, study, ablation.chosen, runs)
+    payload["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    write_report(console, args, payload, lines, "ablation")
 
 
 if __name__ == "__main__":

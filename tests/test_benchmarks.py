@@ -447,6 +447,50 @@ def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_pat
     assert rows["CE + O2A"]["seeds"] == {} and rows["JRCL"]["grid"] == ["not started"] * 4
 
 
+def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path) -> None:
+    """--status writes both tables for the variants done on all seeds, and only for them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import STUDIES, VARIANTS, Study, grid_points
+
+    args = argparse.Namespace(seeds=[0, 1, 2], out=tmp_path / "out", config="c.yaml", extra=[])
+    study, rng = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]]), np.random.default_rng()
+    test: dict[tuple[str, int], dict] = {}
+
+    def finish(name: str, folder: Path, seed: int, val: float) -> None:
+        scores = {key: float(rng.uniform(0.5, 1)) for key in
+                  ("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy", "many", "medium", "few")}
+        test[name, seed] = scores
+        (folder / f"seed{seed}").mkdir(parents=True)
+        (folder / f"seed{seed}" / "results.json").write_text(json.dumps(
+            {**scores, "shot_accuracy": {k: scores[k] for k in ("many", "medium", "few")},
+             "selection": {"best_value": val, "best_epoch": 7}}))
+
+    for name in ("logit-adjusted CE", "logit-adjusted CE + BDC"):
+        points = [study.folder(VARIANTS[name], point) for point in grid_points(VARIANTS[name])]
+        for i, folder in enumerate(points):
+            finish(name, folder, 0, 0.5 + 0.1 * i)  # the last point is chosen
+        for seed in (1, 2):
+            finish(name, points[-1], seed, 0.5)
+    finish("CE", study.folder(VARIANTS["CE"], {}), 0, 0.9)  # CE's other seeds have not run: left out
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", "c.yaml",
+                           "--variants", "animal_lt", "--seeds", "0", "1", "2", "--out", str(args.out), "--status",
+                           "--json", str(tmp_path / "docs.json")], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    partial = json.loads((tmp_path / "docs.json").read_text())
+    assert partial == json.loads((args.out / "partial.json").read_text()) and not partial["complete"]
+    assert list(partial["summary"]) == ["logit-adjusted CE", "logit-adjusted CE + BDC"]
+    assert partial["paired"]["baseline"] == "logit-adjusted CE"
+    for name in partial["summary"]:
+        chosen = [test[name, 0]] + [test[name, seed] for seed in (1, 2)]  # seed 0: the chosen point's
+        assert partial["summary"][name]["few"]["mean"] == pytest.approx(np.mean([t["few"] for t in chosen]))
+    bdc = [row for row in partial["paired"]["rows"] if row["why"].startswith("BDC")][0]
+    assert bdc["normal_vs_abnormal_accuracy"]["per_seed"] == pytest.approx(
+        [test["logit-adjusted CE + BDC", s]["normal_vs_abnormal_accuracy"]
+         - test["logit-adjusted CE", s]["normal_vs_abnormal_accuracy"] for s in (0, 1, 2)])
+    assert "2 of 8 variants" in (args.out / "partial.md").read_text()
+
+
 def test_ablation_curves_draw_every_first_seed_run_with_metrics(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ablation import STUDIES, VARIANTS, Study, grid_points, plot_curves
