@@ -191,6 +191,11 @@ def configure_interfaces(rank: int, local_rank: int) -> Advertised:
 
 # ---------------------------------------------------------------- the explanations
 
+def connect(master: Endpoint) -> None:
+    """Open and close a TCP connection to the master's port; an OSError says why it failed."""
+    socket.create_connection((master.host, master.port), timeout=PROBE_TIMEOUT_S).close()
+
+
 def probe(master: Endpoint) -> str:
     """What a TCP connection to the master says now, as the second half of a sentence."""
     loopback = ""
@@ -201,7 +206,7 @@ def probe(master: Endpoint) -> str:
     except (OSError, ValueError):
         pass
     try:
-        socket.create_connection((master.host, master.port), timeout=PROBE_TIMEOUT_S).close()
+        connect(master)
         return (f"something listens there but the rendezvous did not complete, so port {master.port} may belong "
                 f"to another job: pass another --master_port{loopback}")
     except ConnectionRefusedError:
@@ -329,7 +334,7 @@ def master_listens(master: Endpoint, deadline: SetupDeadline) -> bool:
     on stderr, before the one sentence that says what is wrong."""
     while time.monotonic() < deadline.end - REPORT_MARGIN_S:
         try:
-            socket.create_connection((master.host, master.port), timeout=PROBE_TIMEOUT_S).close()
+            connect(master)
             return True
         except OSError:
             time.sleep(POLL_S)
