@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from machine import commit, cpu_machine
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -443,7 +444,10 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
                         [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
                          for row in compared["rows"]], text_columns=3)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
-    payload = {"command": command, "config": args.config, "seeds": args.seeds, "overrides": args.extra,
+    machine, reported_at = cpu_machine(), commit()
+    console.print(f"{len(runs)} runs trained on {machine}, {args.jobs} at a time; reported at commit {reported_at}")
+    payload = {"command": command, "machine": machine, "commit": reported_at, "config": args.config,
+               "seeds": args.seeds, "overrides": args.extra,
                "jobs": args.jobs, "study": args.variants, "complete": len(shown) == len(study),
                "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in shown},
                "chosen": {v.name: chosen[v.name] for v in shown}, "runs": runs, "summary": summary,

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import commit, cpu_model
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -130,14 +129,13 @@ def main() -> None:
         table.add_row(r["normal_class"], f"{100 * r['balanced_accuracy']:.1f}%",
                       f"{100 * r['normal_vs_abnormal_accuracy']:.1f}%")
     console.print(table)
-    console.print(f"chosen: {chosen}; {seconds:.0f} s on {platform.processor() or platform.machine()}, "
+    console.print(f"chosen: {chosen}; {seconds:.0f} s on {cpu_model()}, "
                   f"{args.threads} torch thread(s)")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         record = {"command": "python benchmarks/animal_lt_probe.py " + " ".join(
                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in vars(args).items() if k not in ("json", "samples")),
-                  "commit": commit, "seconds": round(seconds, 1), "model": "3-layer CNN (32-64-128), AdamW 2e-3",
+                  "commit": commit(), "seconds": round(seconds, 1), "model": "3-layer CNN (32-64-128), AdamW 2e-3",
                   "loss": "logit-adjusted CE, tau 1", "split": "validation (50 per class)",
                   "target_normal_vs_abnormal": TARGET, "chosen": chosen, "candidates": rows}
         atomic_write_bytes(args.json, lambda f: f.write(json.dumps(record, indent=2).encode()))

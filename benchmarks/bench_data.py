@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import DataNode
 from PIL import Image
@@ -165,14 +164,6 @@ def steps_table(profile: Profile, path_steps: dict[str, list[tuple[str, float]]]
 def image_ms(steps: list[tuple[str, float]], views: int) -> float:
     """The first step is the decode, done once; the others run once per view."""
     return steps[0][1] + views * sum(ms for _, ms in steps[1:])
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

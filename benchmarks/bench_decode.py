@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -188,14 +188,6 @@ def table(rows: list[dict], title: str) -> Table:
     for row in rows:
         out.add_row(*[f"{row[k]:,.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys])
     return out
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

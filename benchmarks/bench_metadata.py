@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
 from rich.console import Console
 from rich.table import Table
 
@@ -129,11 +130,6 @@ def table(rows: list[dict], json_seconds: float) -> Table:
                     f"{r['rss_mb_per_rank_max']:.1f}", f"{r['touched_rss_mb_per_rank_max']:.1f}",
                     f"{r['touched_pss_mb_node']:.1f}")
     return out
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
 
 
 def main() -> None:

@@ -108,7 +108,9 @@ def test_bench_losses_peer_rows_set_each_peer_beside_ours_and_report_a_failing_s
 
 
 def load_benchmark(script: str):
-    """A benchmark script as a module, to call its parts."""
+    """A benchmark script as a module, to call its parts (with its folder on the path, for its imports)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / "benchmarks" / script)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
     spec.loader.exec_module(module)
@@ -489,6 +491,10 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
         [test["logit-adjusted CE + BDC", s]["normal_vs_abnormal_accuracy"]
          - test["logit-adjusted CE", s]["normal_vs_abnormal_accuracy"] for s in (0, 1, 2)])
     assert "2 of 8 variants" in (args.out / "partial.md").read_text()
+    # the figures name the machine and the commit, on screen and in the JSON
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
+    assert partial["commit"].startswith(head.strip()) and partial["machine"].endswith(f"{os.cpu_count()} cores")
+    assert f"reported at commit {partial['commit']}" in " ".join(done.stdout.split())  # rich wraps lines
 
 
 def test_ablation_curves_draw_every_first_seed_run_with_metrics(tmp_path: Path) -> None:
