@@ -28,8 +28,9 @@ differences by seed, every variant against the best baseline (CE, logit-adjusted
 cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
 picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
 `--status` says where an ablation stands, from its --out folder, and runs nothing; once a
-baseline is done on every seed, it also shows and writes (partial.json and .md in --out,
-the JSON at --json too) both tables for the variants done on every seed so far. `--curves
+baseline is done on every seed, it also shows and writes (partial.json and .md in --out;
+never at --json, which is the finished ablation's) both tables for the variants done on
+every seed so far. `--curves
 PNG` with it plots the first seed's validation curves, finished runs or not.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
@@ -373,6 +374,9 @@ class Study:
                     waiting.remove(task)
                     settings, folder = self.settings(task)
                     running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
+                if not running:  # nothing runs and nothing can start: a second stage without its first
+                    raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
+                                     "a second stage needs its first stage (Variant.after) in the study")
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     task, folder = running.pop(future)
@@ -445,24 +449,25 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
                          for row in compared["rows"]], text_columns=3)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     machine, reported_at = cpu_machine(), commit()
-    console.print(f"{len(runs)} runs trained on {machine}, {args.jobs} at a time; reported at commit {reported_at}")
+    console.print(f"{len(runs)} runs; reported on {machine} at commit {reported_at}")
     payload = {"command": command, "machine": machine, "commit": reported_at, "config": args.config,
-               "seeds": args.seeds, "overrides": args.extra,
-               "jobs": args.jobs, "study": args.variants, "complete": len(shown) == len(study),
+               "seeds": args.seeds, "overrides": args.extra, "study": args.variants,
+               "complete": len(shown) == len(study),
                "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in shown},
                "chosen": {v.name: chosen[v.name] for v in shown}, "runs": runs, "summary": summary,
                "paired": compared}
     return payload, lines
 
 
-def write_report(console: Console, args: argparse.Namespace, payload: dict, lines: list[str], name: str) -> None:
-    """NAME.json and NAME.md in --out, and the JSON at --json too."""
+def write_report(console: Console, args: argparse.Namespace, payload: dict, lines: list[str], name: str,
+                 copy: Path | None) -> None:
+    """NAME.json and NAME.md in --out, and the JSON at `copy` too."""
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in {args.out / f"{name}.json", args.json or args.out / f"{name}.json"}:
+    for path in {args.out / f"{name}.json", copy or args.out / f"{name}.json"}:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    console.print(f"Wrote {args.json or args.out / f'{name}.json'} and {args.out / f'{name}.md'}")
+    console.print(f"Wrote {copy or args.out / f'{name}.json'} and {args.out / f'{name}.md'}")
 
 
 def main() -> None:
@@ -499,7 +504,7 @@ def main() -> None:
         finished = looked.finished_runs(standing)
         if any(v.baseline for v in study if any(r["variant"] == v.name for r in finished)):
             payload, lines = report(console, args, study, looked.chosen, finished)
-            write_report(console, args, payload, lines, "partial")
+            write_report(console, args, payload, lines, "partial", None)  # --json is the final report's
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -514,8 +519,8 @@ def main() -> None:
         runs = ablation.runs(run, args.jobs)
 
     payload, lines = report(console, args, study, ablation.chosen, runs)
-    payload["minutes"] = round((time.perf_counter() - start) / 60, 1)
-    write_report(console, args, payload, lines, "ablation")
+    payload |= {"jobs": args.jobs, "minutes": round((time.perf_counter() - start) / 60, 1)}
+    write_report(console, args, payload, lines, "ablation", args.json)
 
 
 if __name__ == "__main__":

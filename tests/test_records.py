@@ -142,6 +142,23 @@ def test_a_resumed_run_drops_the_records_of_the_epochs_it_runs_again(tmp_path):
     assert tensorboard_scalars(tmp_path / TENSORBOARD_DIR)["epoch/lr"] == {4: 501.0}
 
 
+def test_a_line_cut_short_by_a_kill_is_dropped_on_resume_and_a_corrupt_one_is_not_hidden(tmp_path):
+    from jrcl_fast.engine.records.metrics_files import read_jsonl as read_records
+
+    info = RunInfo(tmp_path, epochs=3, steps_per_epoch=4, epochs_done=0, config={})
+    feed([MetricsFiles()], info, range(1, 3), offset=0.0)
+    metrics = tmp_path / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"epoch": 3, "lr": 3.')  # killed while writing epoch 3's line
+    assert [r["epoch"] for r in read_records(metrics)] == [1, 2]
+    resumed = RunInfo(tmp_path, epochs=3, steps_per_epoch=4, epochs_done=2, config={})
+    feed([MetricsFiles()], resumed, range(3, 4), offset=1000.0)
+    assert [e["lr"] for e in read_jsonl(metrics)] == [1.0, 2.0, 1003.0]
+    metrics.write_text(whole.replace("}\n", "\n", 1))  # a whole line that is not JSON: an error, not a gap
+    with pytest.raises(json.JSONDecodeError):
+        read_records(metrics)
+
+
 def test_only_rank_0_writes_files():
     main = build_records(["csv", "tensorboard"], Console(quiet=True), is_main=True)
     assert [type(s) for s in main.sinks] == [MetricsFiles, MetricsCsv, TensorBoardSink, ProgressSink]

@@ -14,10 +14,13 @@ STEPS_NAME = "steps.jsonl"
 
 
 def read_jsonl(path: Path) -> list[Record]:
-    """The records of a JSON-lines file, [] where there is none yet."""
+    """The records of a JSON-lines file, [] where there is none yet. A last line without its
+    newline is a write that a kill cut short: it is left out (the epoch runs again on resume)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines if line]
 
 
 def trim_jsonl(path: Path, epochs_done: int) -> None:
