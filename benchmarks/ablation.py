@@ -30,8 +30,8 @@ picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, wit
 `--status` says where an ablation stands, from its --out folder, and runs nothing; once a
 baseline is done on every seed, it also shows and writes (partial.json and .md in --out;
 never at --json, which is the finished ablation's) both tables for the variants done on
-every seed so far. `--curves
-PNG` with it plots the first seed's validation curves, finished runs or not.
+every seed so far. `--curves PNG` with it plots the first seed's validation curves,
+finished runs or not.
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -393,10 +393,10 @@ class Study:
         if len(grid) < len(grid_points(task.variant)):
             return
         grid.sort(key=lambda entry: entry[0])  # a tie goes to the grid's first point
-        scores = {point_folder: result["val"]["balanced_accuracy"] for _, _, point_folder, result in grid}
+        by_folder = {point_folder: result for _, _, point_folder, result in grid}
         best = self.keep_best(task.variant.name, [(point, point_folder) for _, point, point_folder, _ in grid],
-                              scores.get)
-        self.results[task.variant.name, task.seed] = next(result for _, _, f, result in grid if f == best)
+                              lambda f: by_folder[f]["val"]["balanced_accuracy"])
+        self.results[task.variant.name, task.seed] = by_folder[best]
 
     def status(self) -> list[dict]:
         """Each variant's runs so far, read from --out without running anything: its grid on
