@@ -1,7 +1,9 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any kernel module is imported
 so that the Triton kernels run on the CPU under the interpreter."""
 
+import gc
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,22 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def dali_threads() -> int:
+    """How many of this process's threads DALI started (Linux names them "[DALI]...")."""
+    names = (task / "comm" for task in Path("/proc/self/task").glob("*"))
+    return sum(1 for name in names if name.exists() and name.read_text().startswith("[DALI]"))
+
+
+@pytest.fixture(autouse=True)
+def release_dali_pipelines():
+    """A DALI pipeline a test dropped keeps its threads until the garbage collector runs. A later
+    test that forks (a DataLoader worker, a torchrun) then copies a process whose DALI threads may
+    hold locks, and the child can deadlock: two CI runs hung that way. Collect them after the test."""
+    yield
+    if dali_threads():
+        gc.collect()
 
 
 @pytest.fixture
