@@ -218,8 +218,11 @@ def comparisons(runs: list[dict], study: list[Variant]) -> dict:
            for v in study if v.baseline}
     best = max(val, key=val.get)
     names = {v.name for v in study}
-    rows = [paired(runs, v.name, best, f"against the best baseline, {best}") for v in study if v.name != best]
-    rows += [paired(runs, a, b, why) for a, b, why in QUESTIONS if {a, b} <= names]
+    asked = {(a, b): why + (" (the best baseline)" if b == best else "")
+             for a, b, why in QUESTIONS if {a, b} <= names}
+    rows = [paired(runs, v.name, best, f"against the best baseline, {best}") for v in study
+            if v.name != best and (v.name, best) not in asked]  # a pair that is a question is shown once
+    rows += [paired(runs, a, b, why) for (a, b), why in asked.items()]
     return {"baseline": best, "baseline_val_means": val, "rows": rows}
 
 
@@ -442,11 +445,16 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
                                                     *(label for _, label in METRICS)],
                        [[v.name, weights_text(chosen[v.name]), *(points(summary[v.name][key]) for key, _ in METRICS)]
                         for v in shown])
-    lines += ["", f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}{scope}", ""]
-    lines += show_table(console, "paired differences on the test split, a - b, mean ± 95% interval over seeds "
-                        "(points)", ["a", "b", "why", *(label for _, label in PAIRED)],
-                        [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
-                         for row in compared["rows"]], text_columns=3)
+    caption = f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}{scope}"
+    if not compared["rows"]:  # only the baseline is done
+        console.print(f"{caption}; no pair to show yet")
+        lines += ["", f"{caption}; no pair to show yet"]
+    else:
+        pair_rows = [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
+                     for row in compared["rows"]]
+        lines += ["", caption, ""] + show_table(
+            console, "paired differences on the test split, a - b, mean ± 95% interval over seeds (points)",
+            ["a", "b", "why", *(label for _, label in PAIRED)], pair_rows, text_columns=3)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     machine, reported_at = cpu_machine(), commit()
     console.print(f"{len(runs)} runs; reported on {machine} at commit {reported_at}")

@@ -219,8 +219,12 @@ def test_ablation_chooses_weights_on_validation_and_reports_every_seed(tmp_path:
         assert mean == pytest.approx(sum(r["test"]["balanced_accuracy"] for r in runs) / 2)
     summary_table, caption, paired_table = (out / "ablation.md").read_text().split("\n\n")
     assert len(summary_table.splitlines()) == 2 + 7 and result["paired"]["baseline"] in caption
-    # 6 variants against the best baseline, and the 4 QUESTIONS whose variants mnist-lt has
-    assert len(paired_table.splitlines()) == 2 + 6 + 4 == 2 + len(result["paired"]["rows"])
+    # 6 variants against the best baseline, and the 4 QUESTIONS whose variants mnist-lt has, less
+    # the questions whose b is that baseline (CE + O2A - CE, if CE is best), shown once
+    best, rows = result["paired"]["baseline"], result["paired"]["rows"]
+    asked_of_best = sum(row["why"].endswith("(the best baseline)") for row in rows)
+    assert asked_of_best == (best == "CE")
+    assert len(paired_table.splitlines()) == 2 + 6 + 4 - asked_of_best == 2 + len(rows)
 
 
 def test_a_failed_ablation_run_stops_the_ablation(tmp_path: Path, mnist_root: Path) -> None:
@@ -415,6 +419,7 @@ def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation() -> Non
     compared = comparisons(runs, study)
     assert compared["baseline"] == best_on_val
     rows = {(row["a"], row["b"]): row for row in compared["rows"]}
+    assert len(rows) == len(compared["rows"])  # a question that is also "against the best baseline" shows once
     assert {a for a, b in rows if b == best_on_val} == {v.name for v in study} - {best_on_val}
     assert ("logit-adjusted CE + BDC", "logit-adjusted CE") in rows and ("JRCL", "CE + O2A") in rows
     test = {(r["variant"], r["seed"]): r["test"] for r in runs}
@@ -479,18 +484,26 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
             {**scores, "shot_accuracy": {k: scores[k] for k in ("many", "medium", "few")},
              "selection": {"best_value": val, "best_epoch": 7}}))
 
+    def status() -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", "c.yaml",
+                               "--variants", "animal_lt", "--seeds", "0", "1", "2", "--out", str(args.out),
+                               "--status", "--json", str(tmp_path / "docs.json")],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
     for name in ("logit-adjusted CE", "logit-adjusted CE + BDC"):
         points = [study.folder(VARIANTS[name], point) for point in grid_points(VARIANTS[name])]
         for i, folder in enumerate(points):
             finish(name, folder, 0, 0.5 + 0.1 * i)  # the last point is chosen
         for seed in (1, 2):
             finish(name, points[-1], seed, 0.5)
+        if name == "logit-adjusted CE":  # the baseline alone: its table, and no empty pair table
+            status()
+            assert json.loads((args.out / "partial.json").read_text())["paired"]["rows"] == []
+            assert (args.out / "partial.md").read_text().count("|\n") == 2 + 1  # header, rule, one variant
     finish("CE", study.folder(VARIANTS["CE"], {}), 0, 0.9)  # CE's other seeds have not run: left out
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", "c.yaml",
-                           "--variants", "animal_lt", "--seeds", "0", "1", "2", "--out", str(args.out), "--status",
-                           "--json", str(tmp_path / "docs.json")], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = status()
     assert not (tmp_path / "docs.json").exists()
     partial = json.loads((args.out / "partial.json").read_text())
     assert not partial["complete"]
@@ -499,7 +512,9 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
     for name in partial["summary"]:
         chosen = [test[name, 0]] + [test[name, seed] for seed in (1, 2)]  # seed 0: the chosen point's
         assert partial["summary"][name]["few"]["mean"] == pytest.approx(np.mean([t["few"] for t in chosen]))
-    bdc = [row for row in partial["paired"]["rows"] if row["why"].startswith("BDC")][0]
+    # the BDC question's b is the best baseline: one row answers both, and says so
+    [bdc] = partial["paired"]["rows"]
+    assert bdc["why"] == "BDC and its binary head, added to logit-adjusted CE (the best baseline)"
     assert bdc["normal_vs_abnormal_accuracy"]["per_seed"] == pytest.approx(
         [test["logit-adjusted CE + BDC", s]["normal_vs_abnormal_accuracy"]
          - test["logit-adjusted CE", s]["normal_vs_abnormal_accuracy"] for s in (0, 1, 2)])
