@@ -3,6 +3,7 @@ so that the Triton kernels run on the CPU under the interpreter."""
 
 import gc
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,13 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 def dali_threads() -> int:
     """How many of this process's threads DALI started (Linux names them "[DALI]...")."""
-    names = (task / "comm" for task in Path("/proc/self/task").glob("*"))
-    return sum(1 for name in names if name.exists() and name.read_text().startswith("[DALI]"))
+    count = 0
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            count += (task / "comm").read_text().startswith("[DALI]")
+        except OSError:  # the thread ended while we looked
+            continue
+    return count
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +34,9 @@ def release_dali_pipelines():
     yield
     if dali_threads():
         gc.collect()
+        if dali_threads():  # still referenced (a kept traceback, a global): a later fork may hang
+            warnings.warn(f"{dali_threads()} DALI threads outlive this test; a later fork may deadlock",
+                          stacklevel=1)
 
 
 @pytest.fixture
