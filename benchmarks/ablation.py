@@ -25,7 +25,8 @@ variant's other seeds start before a later variant's grid, so an ablation stoppe
 holds whole variants, in the study's order. Writes JSON (one entry per variant and
 seed) and Markdown, and prints two tables: each variant's test metrics, and paired
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
-cRT; the best by validation mean) and the QUESTIONS of what one term adds. `--variants`
+cRT; the best by validation mean) and the QUESTIONS of what one term adds (a question
+whose b is that baseline is shown once, marked so). `--variants`
 picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
 `--status` says where an ablation stands, from its --out folder, and runs nothing; once a
 baseline is done on every seed, it also shows and writes (partial.json and .md in --out;
@@ -81,8 +82,8 @@ CON = [0.1, 0.35]  # λ_con
 LA = [0.5, 1.0]  # τ of logit adjustment (Menon et al. 2021 use 1.0)
 # cRT (Kang et al., ICLR 2020): the classifier re-initialised and retrained alone on the CE
 # run's frozen features, class-balanced sampling, CE only, 10 epochs as Kang et al. retrain,
-# at the first stage's learning rate (animal_lt.yaml's), cosine, no warmup. Not yet checked
-# against animal-lt's validation curve: each cRT run's metrics.jsonl records it per epoch.
+# at the first stage's learning rate (animal_lt.yaml's), cosine, no warmup. On animal-lt its
+# validation curve is flat from the first epoch (docs/RESULTS.md); a lower rate was not tried.
 CRT = NO_AUX | {"train.trainable": "classifier", "data.sampler": "class_balanced", "train.epochs": 10,
                 "optim.lr": 0.1, "optim.warmup_epochs": 0}
 CE, LA_CE, SUPCON, O2A, CRT_NAME, LA_BDC = ("CE", "logit-adjusted CE", "CE + SupCon", "CE + O2A", "cRT",
@@ -446,13 +447,13 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
                        [[v.name, weights_text(chosen[v.name]), *(points(summary[v.name][key]) for key, _ in METRICS)]
                         for v in shown])
     caption = f"Paired by seed, a - b in points; best baseline on validation: {compared['baseline']}{scope}"
-    if not compared["rows"]:  # only the baseline is done
-        console.print(f"{caption}; no pair to show yet")
-        lines += ["", f"{caption}; no pair to show yet"]
-    else:
+    caption += "" if compared["rows"] else "; no pair to show yet"  # only the baseline is done
+    console.print(caption)
+    lines += ["", caption]
+    if compared["rows"]:
         pair_rows = [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
                      for row in compared["rows"]]
-        lines += ["", caption, ""] + show_table(
+        lines += [""] + show_table(
             console, "paired differences on the test split, a - b, mean ± 95% interval over seeds (points)",
             ["a", "b", "why", *(label for _, label in PAIRED)], pair_rows, text_columns=3)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
