@@ -34,6 +34,11 @@ never at --json, which is the finished ablation's) both tables for the variants 
 every seed so far. `--curves PNG` with it plots the first seed's validation curves,
 finished runs or not.
 
+`--ledger PATH` keeps what the ablation has settled in a file to commit beside the report:
+each finished run's record and each variant's weights once its grid chose them. The machines
+here are replaced between sessions and --out goes with them; a clone continues from the
+ledger, running only what it lacks (an unfinished run on a lost machine starts over).
+
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
 """
@@ -60,6 +65,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from scipy import stats
 
+from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.checkpoint import CHECKPOINT_DIR, SELECTION_KEY, latest_tag, read_model_states
 from jrcl_fast.engine.records.metrics_files import METRICS_NAME, read_jsonl
 from jrcl_fast.evaluation.evaluate import RESULTS_NAME
@@ -156,10 +162,6 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
     return cmd
 
 
-def read_results(run: Path) -> dict:
-    return json.loads((run / RESULTS_NAME).read_text())
-
-
 def train(config: str, settings: dict[str, object], extra: list[str], seed: int, out_dir: Path) -> dict:
     """One run, resumed or reused where an earlier ablation left it; returns its test
     metrics and its validation score."""
@@ -178,11 +180,48 @@ def train(config: str, settings: dict[str, object], extra: list[str], seed: int,
 
 def run_record(run: Path) -> dict:
     """A finished run's test metrics and validation score, from its results.json."""
-    results = read_results(run)
+    results = json.loads((run / RESULTS_NAME).read_text())
     test = {key: results[key] for key in ("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy")}
     selection = results["selection"]
     return {"val": {"balanced_accuracy": selection["best_value"], "epoch": selection["best_epoch"]},
             "test": test | results["shot_accuracy"]}
+
+
+class Ledger:
+    """What an ablation has settled, by run folder (relative to --out): each finished run's
+    record, and each variant's grid point once its grid chose it. Kept in `path` when given,
+    rewritten atomically at each change, so that it outlives the machine that holds --out."""
+
+    def __init__(self, path: Path | None, out: Path):
+        self.path, self.out = path, out
+        saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.chosen: dict[str, dict[str, object]] = saved.get("chosen", {})
+        self.runs: dict[str, dict] = saved.get("runs", {})
+
+    def key(self, run: Path) -> str:
+        return run.relative_to(self.out).as_posix()
+
+    def has(self, run: Path) -> bool:
+        return self.key(run) in self.runs or (run / RESULTS_NAME).exists()
+
+    def record(self, run: Path) -> dict | None:
+        """The run's record: the ledger's, else its results.json's, else None (not finished)."""
+        if self.key(run) in self.runs:
+            return self.runs[self.key(run)]
+        return run_record(run) if (run / RESULTS_NAME).exists() else None
+
+    def add(self, run: Path, record: dict) -> None:
+        self.runs[self.key(run)] = record
+        self.save()
+
+    def choose(self, variant: str, point: dict[str, object]) -> None:
+        self.chosen[variant] = point
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            text = json.dumps({"chosen": self.chosen, "runs": dict(sorted(self.runs.items()))}, indent=1) + "\n"
+            atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
 
 
 def interval(values: list[float | None]) -> dict[str, float | None]:
@@ -305,8 +344,9 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
         table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
     console.print(table)
     every = [state for row in rows for state in row["grid"] + list(row["seeds"].values())]
-    console.print(f"{every.count('done')} of {total} runs done; the unfinished ones resume when the same command "
-                  "runs without --status")
+    needless = f", {every.count('not needed')} not needed (their grid was settled before)" * ("not needed" in every)
+    console.print(f"{every.count('done')} of {total} runs done{needless}; the unfinished ones resume when the same "
+                  "command runs without --status")
 
 
 @dataclass(frozen=True)
@@ -322,19 +362,29 @@ class Task:
 class Study:
     """The runs of one ablation: each variant's grid on the first seed, then its chosen
     weights on every other seed; a second stage's runs (cRT) each start from its first
-    stage's chosen run of the same seed, so that seeds stay paired."""
+    stage's chosen run of the same seed, so that seeds stay paired. What the ledger holds
+    is not run again: its runs' records, and its variants' chosen weights (their grids)."""
 
-    def __init__(self, args: argparse.Namespace, variants: list[Variant]):
+    def __init__(self, args: argparse.Namespace, variants: list[Variant], ledger: Ledger | None = None):
         self.args, self.variants = args, variants
+        self.ledger = ledger or Ledger(None, args.out)
         self.first_seed = args.seeds[0]
         self.chosen: dict[str, dict[str, object]] = {}  # variant -> its grid point chosen on validation
         self.folders: dict[str, Path] = {}  # variant -> the chosen point's folder (one seed<S>/ per seed)
         self.results: dict[tuple[str, int], dict] = {}  # (variant, seed) -> the chosen point's run
+        for variant in variants:  # in the study's order: a first stage's folder before its second stage's
+            point = self.ledger.chosen.get(variant.name)
+            if point is None or (variant.after and variant.after not in self.folders):
+                continue
+            if point not in grid_points(variant):
+                raise ValueError(f"{self.ledger.path}: {variant.name}'s chosen weights {point} are not in its grid; "
+                                 "delete its entry under \"chosen\" to choose again")
+            self.chosen[variant.name], self.folders[variant.name] = point, self.folder(variant, point)
 
     def folder(self, variant: Variant, point: dict[str, object]) -> Path:
         identity = [variant.fixed, point, self.args.config, self.args.extra]
         if variant.after:  # a new first stage gives a new second stage
-            identity.append(str(self.folders[variant.after]))
+            identity.append(self.folders[variant.after].relative_to(self.args.out).as_posix())
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return self.args.out / slug(variant.name) / f"{slug(json.dumps(point)) or 'defaults'}-{digest}"
 
@@ -346,11 +396,16 @@ class Study:
         self.chosen[name], self.folders[name] = point, folder
         return folder
 
+    def state(self, run: Path) -> str:
+        return "done" if self.ledger.has(run) else run_state(run)
+
     def tasks(self) -> list[Task]:
+        """Each variant's grid on the first seed and its other seeds; a variant whose weights
+        the ledger holds has every seed at them and no grid."""
         grid = [Task((i, 0, j), v, self.first_seed, point) for i, v in enumerate(self.variants)
-                for j, point in enumerate(grid_points(v))]
+                if v.name not in self.chosen for j, point in enumerate(grid_points(v))]
         return grid + [Task((i, k, 0), v, seed, None) for i, v in enumerate(self.variants)
-                       for k, seed in enumerate(self.args.seeds[1:], 1)]
+                       for k, seed in enumerate(self.args.seeds) if k or v.name in self.chosen]
 
     def can_start(self, task: Task) -> bool:
         """Its variant's weights are chosen (a grid point needs none) and its first stage's
@@ -374,9 +429,16 @@ class Study:
         waiting, running, grids = self.tasks(), {}, {v.name: [] for v in self.variants}
         with ThreadPoolExecutor(jobs) as pool:  # a failure waits for the runs under way, starts no other
             while waiting or running:
-                for task in sorted(filter(self.can_start, waiting), key=lambda t: t.order)[:jobs - len(running)]:
+                ready = sorted(filter(self.can_start, waiting), key=lambda t: t.order)
+                if settled := [(t, folder) for t in ready if self.ledger.has(folder := self.settings(t)[1])]:
+                    for task, folder in settled:  # finished before: recorded without a slot
+                        waiting.remove(task)
+                        self.record(task, folder, self.ledger.record(folder), grids[task.variant.name])
+                    continue  # what they finish may let others start
+                for task in ready[:jobs - len(running)]:
                     waiting.remove(task)
                     settings, folder = self.settings(task)
+                    self.check_first_stage(task.variant, settings)
                     running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
                 if not running:  # nothing runs and nothing can start: a second stage without its first
                     raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
@@ -388,8 +450,19 @@ class Study:
         return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
                  **self.results[v.name, seed]} for v in self.variants for seed in self.args.seeds]
 
+    def check_first_stage(self, variant: Variant, settings: dict[str, object]) -> None:
+        """A second stage starts from its first stage's checkpoint, which the ledger does not keep."""
+        start = settings.get("train.init_from")
+        if start is not None and not Path(str(start)).exists():
+            raise ValueError(f"{variant.name} starts from {start}, which is not on this machine ({variant.after}'s "
+                             f"run is only in the ledger {self.ledger.path}): delete that run from the ledger "
+                             "to train it again")
+
     def record(self, task: Task, folder: Path, result: dict, grid: list[tuple]) -> None:
-        """Keep a finished run's result; the last of a grid chooses the variant's weights."""
+        """Keep a finished run's result (in the ledger too); the last of a grid chooses the
+        variant's weights."""
+        if self.ledger.key(folder) not in self.ledger.runs:
+            self.ledger.add(folder, result)
         if task.point is None:
             self.results[task.variant.name, task.seed] = result
             return
@@ -400,12 +473,13 @@ class Study:
         by_folder = {point_folder: result for _, _, point_folder, result in grid}
         best = self.keep_best(task.variant.name, [(point, point_folder) for _, point, point_folder, _ in grid],
                               lambda f: by_folder[f]["val"]["balanced_accuracy"])
+        self.ledger.choose(task.variant.name, self.chosen[task.variant.name])
         self.results[task.variant.name, task.seed] = by_folder[best]
 
     def status(self) -> list[dict]:
-        """Each variant's runs so far, read from --out without running anything: its grid on
-        the first seed (the runs' folders and states), its chosen weights once that grid is
-        done, and then the states of its other seeds."""
+        """Each variant's runs so far, read from the ledger and --out without running anything:
+        its grid on the first seed (the runs' folders and states), its chosen weights once that
+        grid is done or the ledger holds them, and then the states of its other seeds."""
         rows = []
         for variant in self.variants:
             row = {"variant": variant.name, "first_seed": self.first_seed, "grid_runs": [], "grid": [],
@@ -415,13 +489,17 @@ class Study:
                 continue  # its folders follow the first stage's choice
             points = [(point, self.folder(variant, point)) for point in grid_points(variant)]
             row["grid_runs"] = [(point, folder / f"seed{self.first_seed}") for point, folder in points]
-            row["grid"] = [run_state(run) for _, run in row["grid_runs"]]
-            if row["grid"].count("done") < len(points):
+            row["grid"] = [self.state(run) for _, run in row["grid_runs"]]
+            if variant.name in self.chosen:  # chosen before (the ledger): the rest of its grid will not run
+                row["grid"] = [state if state == "done" else "not needed" for state in row["grid"]]
+            elif row["grid"].count("done") < len(points):
                 continue
-            folder = self.keep_best(variant.name, points, lambda f: read_results(
-                f / f"seed{self.first_seed}")["selection"]["best_value"])
+            else:
+                self.keep_best(variant.name, points, lambda f: self.ledger.record(
+                    f / f"seed{self.first_seed}")["val"]["balanced_accuracy"])
             row["chosen"] = self.chosen[variant.name]
-            row["seeds"] = {seed: run_state(folder / f"seed{seed}") for seed in self.args.seeds[1:]}
+            row["seeds"] = {seed: self.state(self.folders[variant.name] / f"seed{seed}")
+                            for seed in self.args.seeds[1:]}
         return rows
 
     def finished_runs(self, standing: list[dict]) -> list[dict]:
@@ -429,7 +507,7 @@ class Study:
         done = [v for v, row in zip(self.variants, standing)
                 if row["chosen"] is not None and set(row["seeds"].values()) <= {"done"}]
         return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
-                 **run_record(self.folders[v.name] / f"seed{seed}")} for v in done for seed in self.args.seeds]
+                 **self.ledger.record(self.folders[v.name] / f"seed{seed}")} for v in done for seed in self.args.seeds]
 
 
 def report(console: Console, args: argparse.Namespace, study: list[Variant], chosen: dict[str, dict],
@@ -494,6 +572,9 @@ def main() -> None:
                         "runs nothing")
     parser.add_argument("--curves", type=Path, metavar="PNG",
                         help="with --status: also plot the first seed's validation curves to PNG")
+    parser.add_argument("--ledger", type=Path,
+                        help="keep the finished runs' records and the chosen weights here (a file to commit), and "
+                        "run only what it lacks: an ablation outlives the machine that holds --out")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. to size the budget")
     args = parser.parse_args()
@@ -505,7 +586,7 @@ def main() -> None:
     study = [VARIANTS[name] for name in STUDIES[args.variants]]
     total = sum(len(grid_points(v)) for v in study) + len(study) * (len(args.seeds) - 1)
     if args.status:
-        looked = Study(args, study)
+        looked = Study(args, study, Ledger(args.ledger, args.out))
         standing = looked.status()
         print_status(console, standing, total)
         if args.curves:
@@ -524,7 +605,7 @@ def main() -> None:
             progress.advance(task)
             return result
 
-        ablation = Study(args, study)
+        ablation = Study(args, study, Ledger(args.ledger, args.out))
         runs = ablation.runs(run, args.jobs)
 
     payload, lines = report(console, args, study, ablation.chosen, runs)

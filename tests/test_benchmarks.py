@@ -328,7 +328,8 @@ def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Pat
 
 def fake_runs(jobs: int) -> tuple[list, list, Callable]:
     """A stand-in for train(): records each run's start and end, checks that no more than
-    `jobs` run at once, scores each folder by a hash of its path."""
+    `jobs` run at once, leaves a checkpoint folder as train() does, scores each folder by a
+    hash of its path."""
     started, finished, lock = [], [], threading.Lock()
 
     def run(settings: dict, seed: int, folder: Path) -> dict:
@@ -336,11 +337,77 @@ def fake_runs(jobs: int) -> tuple[list, list, Callable]:
             started.append((settings, seed, folder))
             assert len(started) - len(finished) <= jobs
         time.sleep(random.uniform(0, 0.01))  # runs end in a fresh order
+        (folder / "checkpoints").mkdir(parents=True)
         with lock:
             finished.append(folder)
         return {"val": {"balanced_accuracy": zlib.crc32(str(folder).encode()) / 2**32, "epoch": 1}, "test": {}}
 
     return started, finished, run
+
+
+class MachineLost(Exception):
+    pass
+
+
+def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path) -> None:
+    """The ledger, rewritten after each run, lets a clone with an empty --out continue a lost
+    ablation: what it holds is not run again, a variant it has chosen runs no grid, and the
+    result is that of one uninterrupted ablation."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import shutil
+
+    from ablation import STUDIES, VARIANTS, Ledger, Study
+
+    args = argparse.Namespace(seeds=[0, 1], out=tmp_path / "out", config="c.yaml", extra=[])
+    study, ledger = [VARIANTS[name] for name in STUDIES["animal_lt"]], tmp_path / "ledger.json"
+    whole = Study(args, study).runs(fake_runs(jobs=2)[2], jobs=2)
+    shutil.rmtree(args.out)
+    # one run at a time, lost after a fresh number of runs past cRT's (the 10th), and the machine with it
+    lost_after, (started, _, run) = random.randint(11, len(whole) - 2), fake_runs(jobs=1)
+
+    def run_until_lost(settings: dict, seed: int, folder: Path) -> dict:
+        if len(started) == lost_after:
+            raise MachineLost
+        return run(settings, seed, folder)
+
+    with pytest.raises(MachineLost):
+        Study(args, study, Ledger(ledger, args.out)).runs(run_until_lost, jobs=1)
+    shutil.rmtree(args.out)
+    saved = json.loads(ledger.read_text())
+    assert len(saved["runs"]) == lost_after
+    first = set(map(str, (folder for _, _, folder in started)))
+
+    started, _, run = fake_runs(jobs=2)
+    assert Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2) == whole
+    again = set(map(str, (folder for _, _, folder in started)))
+    assert not first & again and len(first | again) == len(saved["runs"]) + len(again) == len(json.loads(
+        ledger.read_text())["runs"])
+    assert all(folder.name != "seed0" for _, _, folder in started if folder.parent.parent.name in
+               {variant_slug(name) for name in saved["chosen"]})  # a chosen variant's grid did not run again
+
+    # a grid point the ledger lacks is not needed once the variant is chosen; the records come from the ledger
+    saved = json.loads(ledger.read_text())
+    chosen_point = str(Study(args, study, Ledger(ledger, args.out)).folders["logit-adjusted CE"])
+    [unchosen] = [key for key in saved["runs"] if key.startswith("logit_adjusted_ce/") and key.endswith("/seed0")
+                  and not str(args.out / key).startswith(chosen_point)]
+    del saved["runs"][unchosen]
+    ledger.write_text(json.dumps(saved))
+    looked = Study(args, study, Ledger(ledger, args.out))
+    standing = looked.status()
+    assert sorted(standing[0]["grid"]) == ["done", "not needed"] and standing[0]["seeds"] == {1: "done"}
+    assert looked.finished_runs(standing) == whole
+
+    # a second stage needs its first stage's checkpoint, which the ledger does not keep
+    del saved["runs"][next(key for key in saved["runs"] if key.startswith("crt/"))]
+    ledger.write_text(json.dumps(saved))
+    started, _, run = fake_runs(jobs=2)
+    with pytest.raises(ValueError, match=r"cRT starts from .*checkpoints, which is not on this machine"):
+        Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2)
+    assert started == []
+    saved["chosen"]["logit-adjusted CE"] = {"loss.logit_adjust_tau": 0.7}  # a grid that changed since
+    ledger.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="logit-adjusted CE's chosen weights .* are not in its grid"):
+        Study(args, study, Ledger(ledger, args.out))
 
 
 def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
@@ -454,7 +521,9 @@ def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_pat
 
     def finish(run: Path, score: float) -> None:
         run.mkdir(parents=True)
-        (run / "results.json").write_text(json.dumps({"selection": {"best_value": float(score)}}))
+        scores = dict.fromkeys(("balanced_accuracy", "top1", "macro_f1", "normal_vs_abnormal_accuracy"), 0.5)
+        (run / "results.json").write_text(json.dumps(
+            {**scores, "shot_accuracy": {}, "selection": {"best_value": float(score), "best_epoch": 3}}))
 
     ce = study.folder(VARIANTS["CE"], {})
     finish(ce / "seed0", scores[0])
