@@ -34,9 +34,8 @@ def release_dali_pipelines():
     yield
     if dali_threads():
         gc.collect()
-        if dali_threads():  # still referenced (a kept traceback, a global): a later fork may hang
-            warnings.warn(f"{dali_threads()} DALI threads outlive this test; a later fork may deadlock",
-                          stacklevel=1)
+        if alive := dali_threads():  # still referenced (a kept traceback, a global): a later fork may hang
+            warnings.warn(f"{alive} DALI threads outlive this test; a later fork may deadlock", stacklevel=1)
 
 
 @pytest.fixture
