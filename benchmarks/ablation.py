@@ -18,16 +18,16 @@ results.json is reused; one that holds a checkpoint resumes from its last epoch 
 the torch thread count it started with, so that it ends as if never stopped), and one
 whose training finished without results.json is evaluated: an ablation stopped at any
 point continues where it was when the same command is run again. A changed budget or
-variant starts new runs rather than mixing old ones in (start from an empty --out after
-changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads,
+variant starts new runs rather than mixing old ones in (start from an empty --out and a
+new ledger after changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads,
 each as soon as what it needs is done, the earliest variant of the study first: a
 variant's other seeds start before a later variant's grid, so an ablation stopped early
 holds whole variants, in the study's order. Writes JSON (one entry per variant and
 seed) and Markdown, and prints two tables: each variant's test metrics, and paired
 differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
 cRT; the best by validation mean) and the QUESTIONS of what one term adds (a question
-whose b is that baseline is shown once, marked so). `--variants`
-picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
+that pairs a variant with that baseline is shown once, marked so where the baseline is
+its b). `--variants` picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
 `--status` says where an ablation stands, from its --out folder, and runs nothing; once a
 baseline is done on every seed, it also shows and writes (partial.json and .md in --out;
 never at --json, which is the finished ablation's) both tables for the variants done on
@@ -260,8 +260,9 @@ def comparisons(runs: list[dict], study: list[Variant]) -> dict:
     names = {v.name for v in study}
     asked = {(a, b): why + (" (the best baseline)" if b == best else "")
              for a, b, why in QUESTIONS if {a, b} <= names}
+    # a pair that is also a question, either way round, is shown once: as the question
     rows = [paired(runs, v.name, best, f"against the best baseline, {best}") for v in study
-            if v.name != best and (v.name, best) not in asked]  # a pair that is a question is shown once
+            if v.name != best and not {(v.name, best), (best, v.name)} & asked.keys()]
     rows += [paired(runs, a, b, why) for (a, b), why in asked.items()]
     return {"baseline": best, "baseline_val_means": val, "rows": rows}
 

@@ -511,6 +511,24 @@ def test_ablation_pairs_by_seed_against_the_baseline_best_on_validation(best_on_
             assert row[key]["ci95"] == pytest.approx(half)
 
 
+def test_a_question_that_asks_the_best_baseline_minus_a_variant_is_its_only_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No question today has a baseline as its a; one that did must not show its pair twice,
+    once each way round."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ablation
+
+    question = ("logit-adjusted CE", "CE + O2A", "logit adjustment instead of O2A")
+    monkeypatch.setattr(ablation, "QUESTIONS", [*ablation.QUESTIONS, question])
+    rng = np.random.default_rng()
+    runs = [{"variant": name, "seed": s, "test": {key: float(rng.uniform()) for key, _ in ablation.PAIRED},
+             "val": {"balanced_accuracy": 0.9 if name == "logit-adjusted CE" else float(rng.uniform(0.5, 0.8))}}
+            for name in ablation.STUDIES["animal_lt"] for s in (0, 1, 2)]
+    compared = ablation.comparisons(runs, [ablation.VARIANTS[name] for name in ablation.STUDIES["animal_lt"]])
+    pairs = [(row["a"], row["b"]) for row in compared["rows"]]
+    assert question[:2] in pairs and question[1::-1] not in pairs and len(pairs) == len(set(pairs)) == 7 + 6 - 2
+
+
 def test_ablation_status_reads_where_each_variant_stands_without_running(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ablation import STUDIES, VARIANTS, Study, grid_points
