@@ -14,30 +14,32 @@ with the same seed (train.init_from): the first stage's chosen weights and seed.
 Each run is a plain `jrcl-fast train` with `--set` overrides, so the ablation measures
 what a user runs; its output goes to train.log in its folder. A run's folder is named by
 its variant, grid point, seed and a hash of all its overrides. One that holds
-results.json is reused; one that holds a checkpoint resumes from its last epoch (with
-the torch thread count it started with, so that it ends as if never stopped), and one
-whose training finished without results.json is evaluated: an ablation stopped at any
-point continues where it was when the same command is run again. A changed budget or
-variant starts new runs rather than mixing old ones in (start from an empty --out and a
-new ledger after changing the code). `--jobs N` runs N at a time, each with cpu_count // N torch threads,
-each as soon as what it needs is done, the earliest variant of the study first: a
-variant's other seeds start before a later variant's grid, so an ablation stopped early
-holds whole variants, in the study's order. Writes JSON (one entry per variant and
-seed) and Markdown, and prints two tables: each variant's test metrics, and paired
-differences by seed, every variant against the best baseline (CE, logit-adjusted CE,
-cRT; the best by validation mean) and the QUESTIONS of what one term adds (a question
+results.json is reused; one that holds a checkpoint resumes from its last epoch (with the
+torch thread count it started with, so that it ends as if never stopped), and one whose
+training finished without results.json is evaluated: an ablation stopped at any point
+continues where it was when the same command is run again. A changed budget or variant
+starts new runs rather than mixing old ones in (start from an empty --out and a new
+ledger after changing the code). `--jobs N` runs N at a time, each with cpu_count // N
+torch threads, each as soon as what it needs is done, the earliest variant of the study
+first: a variant's other seeds start before a later variant's grid, so an ablation
+stopped early holds whole variants, in the study's order. Writes JSON (one entry per
+variant and seed) and Markdown, and prints two tables: each variant's test metrics, and
+paired differences by seed, every variant against the best baseline (CE, logit-adjusted
+CE, cRT; the best by validation mean) and the QUESTIONS of what one term adds (a question
 that pairs a variant with that baseline is shown once, marked so where the baseline is
-its b). `--variants` picks the study: mnist_lt (the default) or animal_lt (the issue-23 variants, with cRT).
-`--status` says where an ablation stands, from its --out folder, and runs nothing; once a
-baseline is done on every seed, it also shows and writes (partial.json and .md in --out;
-never at --json, which is the finished ablation's) both tables for the variants done on
-every seed so far. `--curves PNG` with it plots the first seed's validation curves,
-finished runs or not.
+its b). `--variants` picks the study: mnist_lt (the default) or animal_lt (the issue-23
+variants, with cRT). `--status` says where an ablation stands, from its --out folder, and
+runs nothing; once a baseline is done on every seed, it also shows and writes
+(partial.json and .md in --out; never at --json, which is the finished ablation's) both
+tables for the variants done on every seed so far. `--curves PNG` with it plots the first
+seed's validation curves, finished runs or not.
 
 `--ledger PATH` keeps what the ablation has settled in a file to commit beside the report:
-each finished run's record and each variant's weights once its grid chose them. The machines
-here are replaced between sessions and --out goes with them; a clone continues from the
-ledger, running only what it lacks (an unfinished run on a lost machine starts over).
+each finished run's record and each variant's weights once its grid chose them, for one
+study (config, overrides, first seed). The machines here are replaced between sessions and
+--out goes with them; a clone continues from the ledger, running only what it lacks (an
+unfinished run on a lost machine starts over; a second stage needs its first stage's
+checkpoint, which only the machine keeps).
 
     python benchmarks/ablation.py --config configs/mnist_lt.yaml --seeds 0 1 2 3 4 \\
         --out runs/mnist_lt_ablation --json docs/results/mnist_lt_ablation.json
@@ -190,13 +192,22 @@ def run_record(run: Path) -> dict:
 class Ledger:
     """What an ablation has settled, by run folder (relative to --out): each finished run's
     record, and each variant's grid point once its grid chose it. Kept in `path` when given,
-    rewritten atomically at each change, so that it outlives the machine that holds --out."""
+    rewritten atomically at each change, so that it outlives the machine that holds --out.
+    One ledger serves one study: the config, overrides and first seed it was written with."""
 
     def __init__(self, path: Path | None, out: Path):
         self.path, self.out = path, out
         saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.study: dict | None = saved.get("study")
         self.chosen: dict[str, dict[str, object]] = saved.get("chosen", {})
         self.runs: dict[str, dict] = saved.get("runs", {})
+
+    def claim(self, study: dict) -> None:
+        """Serve `study`, or refuse if the ledger holds another's choices."""
+        if self.study is not None and self.study != study:
+            raise ValueError(f"{self.path} holds another study's runs ({self.study}, not {study}): run with the "
+                             "arguments it was written with, or give this study its own --ledger")
+        self.study = study
 
     def key(self, run: Path) -> str:
         return run.relative_to(self.out).as_posix()
@@ -220,7 +231,8 @@ class Ledger:
 
     def save(self) -> None:
         if self.path is not None:
-            text = json.dumps({"chosen": self.chosen, "runs": dict(sorted(self.runs.items()))}, indent=1) + "\n"
+            saved = {"study": self.study, "chosen": self.chosen, "runs": dict(sorted(self.runs.items()))}
+            text = json.dumps(saved, indent=1) + "\n"
             atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
 
 
@@ -345,7 +357,8 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
         table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
     console.print(table)
     every = [state for row in rows for state in row["grid"] + list(row["seeds"].values())]
-    needless = f", {every.count('not needed')} not needed (their grid was settled before)" * ("not needed" in every)
+    needless = f", {every.count('not needed')} not needed (their grid was settled before)" if "not needed" in every \
+        else ""
     console.print(f"{every.count('done')} of {total} runs done{needless}; the unfinished ones resume when the same "
                   "command runs without --status")
 
@@ -370,6 +383,7 @@ class Study:
         self.args, self.variants = args, variants
         self.ledger = ledger or Ledger(None, args.out)
         self.first_seed = args.seeds[0]
+        self.ledger.claim({"config": args.config, "overrides": args.extra, "first_seed": self.first_seed})
         self.chosen: dict[str, dict[str, object]] = {}  # variant -> its grid point chosen on validation
         self.folders: dict[str, Path] = {}  # variant -> the chosen point's folder (one seed<S>/ per seed)
         self.results: dict[tuple[str, int], dict] = {}  # (variant, seed) -> the chosen point's run
@@ -424,40 +438,53 @@ class Study:
             settings |= {"train.init_from": str(self.folders[variant.after] / f"seed{task.seed}" / CHECKPOINT_DIR)}
         return settings, folder / f"seed{task.seed}"
 
-    def runs(self, run: Callable[[dict[str, object], int, Path], dict], jobs: int) -> list[dict]:
-        """Every run's record, variant by variant, seed by seed. At most `jobs` run at once;
-        a free slot takes the earliest (in the study's order) run that can start."""
+    def runs(self, run: Callable[[dict[str, object], int, Path], dict], jobs: int,
+             settled: Callable[[], None] = lambda: None) -> list[dict]:
+        """Every run's record, variant by variant, seed by seed, calling `settled` as each is
+        done or found done. At most `jobs` run at once; a free slot takes the earliest (in the
+        study's order) run that can start."""
         waiting, running, grids = self.tasks(), {}, {v.name: [] for v in self.variants}
-        with ThreadPoolExecutor(jobs) as pool:  # a failure waits for the runs under way, starts no other
-            while waiting or running:
-                ready = sorted(filter(self.can_start, waiting), key=lambda t: t.order)
-                if settled := [(t, folder) for t in ready if self.ledger.has(folder := self.settings(t)[1])]:
-                    for task, folder in settled:  # finished before: recorded without a slot
+
+        def keep(task: Task, folder: Path, result: dict) -> None:
+            self.record(task, folder, result, grids[task.variant.name])
+            settled()
+
+        with ThreadPoolExecutor(jobs) as pool:
+            try:
+                while waiting or running:
+                    ready = sorted(filter(self.can_start, waiting), key=lambda t: t.order)
+                    if found := [(t, folder) for t in ready if self.ledger.has(folder := self.settings(t)[1])]:
+                        for task, folder in found:  # finished before: recorded without a slot
+                            waiting.remove(task)
+                            keep(task, folder, self.ledger.record(folder))
+                        continue  # what they finish may let others start
+                    self.check_first_stages(ready)
+                    for task in ready[:jobs - len(running)]:
                         waiting.remove(task)
-                        self.record(task, folder, self.ledger.record(folder), grids[task.variant.name])
-                    continue  # what they finish may let others start
-                for task in ready[:jobs - len(running)]:
-                    waiting.remove(task)
-                    settings, folder = self.settings(task)
-                    self.check_first_stage(task.variant, settings)
-                    running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
-                if not running:  # nothing runs and nothing can start: a second stage without its first
-                    raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
-                                     "a second stage needs its first stage (Variant.after) in the study")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task, folder = running.pop(future)
-                    self.record(task, folder, future.result(), grids[task.variant.name])
+                        settings, folder = self.settings(task)
+                        running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
+                    if not running:  # nothing runs and nothing can start: a second stage without its first
+                        raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
+                                         "a second stage needs its first stage (Variant.after) in the study")
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        keep(*running.pop(future), future.result())
+            finally:  # a failure starts no other run; those under way finish and are kept
+                for future, (task, folder) in running.items():
+                    if future.exception() is None:
+                        keep(task, folder, future.result())
         return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
                  **self.results[v.name, seed]} for v in self.variants for seed in self.args.seeds]
 
-    def check_first_stage(self, variant: Variant, settings: dict[str, object]) -> None:
-        """A second stage starts from its first stage's checkpoint, which the ledger does not keep."""
-        start = settings.get("train.init_from")
-        if start is not None and not Path(str(start)).exists():
-            raise ValueError(f"{variant.name} starts from {start}, which is not on this machine ({variant.after}'s "
-                             f"run is only in the ledger {self.ledger.path}): delete that run from the ledger "
-                             "to train it again")
+    def check_first_stages(self, ready: list[Task]) -> None:
+        """A second stage starts from its first stage's checkpoint, which the ledger does not
+        keep: refuse, naming every such first-stage run, before starting any run that needs one."""
+        lost = [self.ledger.key(self.folders[t.variant.after] / f"seed{t.seed}") for t in ready
+                if t.variant.after and not Path(str(self.settings(t)[0]["train.init_from"])).exists()]
+        if lost:
+            raise ValueError(f"{', '.join(lost)} (in {self.args.out}) must be trained again: a second stage starts "
+                             f"from their checkpoints, which are not on this machine; delete them under \"runs\" in "
+                             f"{self.ledger.path or 'the ledger'} (or their results.json) to do so")
 
     def record(self, task: Task, folder: Path, result: dict, grid: list[tuple]) -> None:
         """Keep a finished run's result (in the ledger too); the last of a grid chooses the
@@ -492,7 +519,8 @@ class Study:
             row["grid_runs"] = [(point, folder / f"seed{self.first_seed}") for point, folder in points]
             row["grid"] = [self.state(run) for _, run in row["grid_runs"]]
             if variant.name in self.chosen:  # chosen before (the ledger): the rest of its grid will not run
-                row["grid"] = [state if state == "done" else "not needed" for state in row["grid"]]
+                row["grid"] = [state if state == "done" or point == self.chosen[variant.name] else "not needed"
+                               for (point, _), state in zip(points, row["grid"])]
             elif row["grid"].count("done") < len(points):
                 continue
             else:
@@ -505,8 +533,9 @@ class Study:
 
     def finished_runs(self, standing: list[dict]) -> list[dict]:
         """The records of the variants that `status()` found done on every seed, as runs() returns them."""
-        done = [v for v, row in zip(self.variants, standing)
-                if row["chosen"] is not None and set(row["seeds"].values()) <= {"done"}]
+        done = [v for v, row in zip(self.variants, standing) if row["chosen"] is not None
+                and self.state(self.folders[v.name] / f"seed{self.first_seed}") == "done"
+                and set(row["seeds"].values()) <= {"done"}]
         return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
                  **self.ledger.record(self.folders[v.name] / f"seed{seed}")} for v in done for seed in self.args.seeds]
 
@@ -598,16 +627,11 @@ def main() -> None:
             write_report(console, args, payload, lines, "partial", None)  # --json is the final report's
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    ablation = Study(args, study, Ledger(args.ledger, args.out))
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ablation", total=total)
-
-        def run(settings: dict[str, object], seed: int, folder: Path) -> dict:
-            result = train(args.config, settings, extra, seed, folder)
-            progress.advance(task)
-            return result
-
-        ablation = Study(args, study, Ledger(args.ledger, args.out))
-        runs = ablation.runs(run, args.jobs)
+        task = progress.add_task("ablation", total=len(ablation.tasks()))  # a grid settled before has no runs left
+        runs = ablation.runs(lambda settings, seed, folder: train(args.config, settings, extra, seed, folder),
+                             args.jobs, lambda: progress.advance(task))
 
     payload, lines = report(console, args, study, ablation.chosen, runs)
     payload |= {"jobs": args.jobs, "minutes": round((time.perf_counter() - start) / 60, 1)}

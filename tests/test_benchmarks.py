@@ -326,10 +326,15 @@ def test_ablation_resumes_a_killed_run_and_evaluates_a_trained_one(tmp_path: Pat
     assert last.split()[4] == "eval"
 
 
+def fake_score(run: Path) -> int:
+    """A run's made-up validation score: a hash of its folder below --out (variant, grid point, seed)."""
+    return zlib.crc32("/".join(run.parts[-3:]).encode())
+
+
 def fake_runs(jobs: int) -> tuple[list, list, Callable]:
     """A stand-in for train(): records each run's start and end, checks that no more than
-    `jobs` run at once, leaves a checkpoint folder as train() does, scores each folder by a
-    hash of its path."""
+    `jobs` run at once, leaves a checkpoint folder as train() does, scores each run by
+    fake_score."""
     started, finished, lock = [], [], threading.Lock()
 
     def run(settings: dict, seed: int, folder: Path) -> dict:
@@ -340,7 +345,7 @@ def fake_runs(jobs: int) -> tuple[list, list, Callable]:
         (folder / "checkpoints").mkdir(parents=True)
         with lock:
             finished.append(folder)
-        return {"val": {"balanced_accuracy": zlib.crc32(str(folder).encode()) / 2**32, "epoch": 1}, "test": {}}
+        return {"val": {"balanced_accuracy": fake_score(folder) / 2**32, "epoch": 1}, "test": {}}
 
     return started, finished, run
 
@@ -349,21 +354,30 @@ class MachineLost(Exception):
     pass
 
 
-def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path) -> None:
-    """The ledger, rewritten after each run, lets a clone with an empty --out continue a lost
-    ablation: what it holds is not run again, a variant it has chosen runs no grid, and the
-    result is that of one uninterrupted ablation."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+def animal_lt_study(out: Path, config: str = "c.yaml") -> tuple[argparse.Namespace, list]:
+    from ablation import STUDIES, VARIANTS
+
+    return (argparse.Namespace(seeds=[0, 1], out=out, config=config, extra=[]),
+            [VARIANTS[name] for name in STUDIES["animal_lt"]])
+
+
+@pytest.mark.parametrize("lost_after", range(11, 24))  # after cRT's runs (the 10th), to the last of 24
+def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                lost_after: int) -> None:
+    """The ledger, rewritten after each run, lets a clone with an empty --out (spelled another
+    way) continue a lost ablation: what it holds is not run again, a variant it has chosen
+    runs no grid, and the result is that of one uninterrupted ablation."""
     import shutil
 
-    from ablation import STUDIES, VARIANTS, Ledger, Study
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import Ledger, Study
 
-    args = argparse.Namespace(seeds=[0, 1], out=tmp_path / "out", config="c.yaml", extra=[])
-    study, ledger = [VARIANTS[name] for name in STUDIES["animal_lt"]], tmp_path / "ledger.json"
+    args, study = animal_lt_study(tmp_path / "out")
+    ledger = tmp_path / "ledger.json"
     whole = Study(args, study).runs(fake_runs(jobs=2)[2], jobs=2)
+    assert len(Study(args, study).tasks()) == 24
     shutil.rmtree(args.out)
-    # one run at a time, lost after a fresh number of runs past cRT's (the 10th), and the machine with it
-    lost_after, (started, _, run) = random.randint(11, len(whole) - 2), fake_runs(jobs=1)
+    started, _, run = fake_runs(jobs=1)  # one run at a time, and the machine lost before the next
 
     def run_until_lost(settings: dict, seed: int, folder: Path) -> dict:
         if len(started) == lost_after:
@@ -375,21 +389,36 @@ def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path) 
     shutil.rmtree(args.out)
     saved = json.loads(ledger.read_text())
     assert len(saved["runs"]) == lost_after
-    first = set(map(str, (folder for _, _, folder in started)))
+    first = {folder.relative_to(args.out) for _, _, folder in started}
 
+    monkeypatch.chdir(tmp_path)
+    args.out = Path("out")
     started, _, run = fake_runs(jobs=2)
-    assert Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2) == whole
-    again = set(map(str, (folder for _, _, folder in started)))
-    assert not first & again and len(first | again) == len(saved["runs"]) + len(again) == len(json.loads(
-        ledger.read_text())["runs"])
+    continued, settled = Study(args, study, Ledger(ledger, args.out)), []
+    left = len(continued.tasks())
+    assert continued.runs(run, 2, lambda: settled.append(1)) == whole
+    assert len(settled) == left  # the progress bar reaches its total
+    again = {folder.relative_to(args.out) for _, _, folder in started}
+    assert not first & again and len(first | again) == len(json.loads(ledger.read_text())["runs"])
     assert all(folder.name != "seed0" for _, _, folder in started if folder.parent.parent.name in
                {variant_slug(name) for name in saved["chosen"]})  # a chosen variant's grid did not run again
 
-    # a grid point the ledger lacks is not needed once the variant is chosen; the records come from the ledger
+
+def test_an_ablation_reads_its_status_from_the_ledger(tmp_path: Path) -> None:
+    """A grid point the ledger lacks is not needed once its variant is chosen, unless it is
+    the chosen one, whose first seed runs again; the records come from the ledger."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import Ledger, Study
+
+    args, study = animal_lt_study(tmp_path / "out")
+    ledger = tmp_path / "ledger.json"
+    whole = Study(args, study, Ledger(ledger, args.out)).runs(fake_runs(jobs=2)[2], jobs=2)
     saved = json.loads(ledger.read_text())
-    chosen_point = str(Study(args, study, Ledger(ledger, args.out)).folders["logit-adjusted CE"])
-    [unchosen] = [key for key in saved["runs"] if key.startswith("logit_adjusted_ce/") and key.endswith("/seed0")
-                  and not str(args.out / key).startswith(chosen_point)]
+    chosen = Study(args, study, Ledger(ledger, args.out)).folders["logit-adjusted CE"] / "seed0"
+    grid = [key for key in saved["runs"] if key.startswith("logit_adjusted_ce/") and key.endswith("/seed0")]
+    [unchosen] = [key for key in grid if args.out / key != chosen]
     del saved["runs"][unchosen]
     ledger.write_text(json.dumps(saved))
     looked = Study(args, study, Ledger(ledger, args.out))
@@ -397,17 +426,69 @@ def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path) 
     assert sorted(standing[0]["grid"]) == ["done", "not needed"] and standing[0]["seeds"] == {1: "done"}
     assert looked.finished_runs(standing) == whole
 
-    # a second stage needs its first stage's checkpoint, which the ledger does not keep
-    del saved["runs"][next(key for key in saved["runs"] if key.startswith("crt/"))]
+    del saved["runs"][chosen.relative_to(args.out).as_posix()]  # and a new machine
+    ledger.write_text(json.dumps(saved))
+    shutil.rmtree(args.out)
+    looked = Study(args, study, Ledger(ledger, args.out))
+    standing = looked.status()
+    assert sorted(standing[0]["grid"]) == ["not needed", "not started"]
+    assert [r for r in looked.finished_runs(standing) if r["variant"] == "logit-adjusted CE"] == []
+    started, _, run = fake_runs(jobs=2)
+    assert looked.runs(run, jobs=2) == whole and [folder for _, _, folder in started] == [chosen]
+
+
+def test_a_ledger_serves_one_study_and_cannot_give_a_second_stage_its_checkpoint(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import Ledger, Study
+
+    args, study = animal_lt_study(tmp_path / "out")
+    ledger = tmp_path / "ledger.json"
+    Study(args, study, Ledger(ledger, args.out)).runs(fake_runs(jobs=2)[2], jobs=2)
+    for other in (animal_lt_study(args.out, config="other.yaml")[0],
+                  argparse.Namespace(**{**vars(args), "seeds": [1, 0]}),
+                  argparse.Namespace(**{**vars(args), "extra": ["train.epochs=3"]})):
+        with pytest.raises(ValueError, match="holds another study's runs .*give this study its own --ledger"):
+            Study(other, study, Ledger(ledger, other.out))
+
+    # cRT starts from CE's checkpoints, which the ledger does not keep: refused at once, naming every CE run
+    import shutil
+
+    shutil.rmtree(args.out)
+    saved = json.loads(ledger.read_text())
+    saved["runs"] = {key: record for key, record in saved["runs"].items() if not key.startswith("crt/")}
     ledger.write_text(json.dumps(saved))
     started, _, run = fake_runs(jobs=2)
-    with pytest.raises(ValueError, match=r"cRT starts from .*checkpoints, which is not on this machine"):
+    ce = [key for key in saved["runs"] if key.startswith("ce/")]
+    with pytest.raises(ValueError, match=f"{', '.join(ce)} .* must be trained again: a second stage starts"):
         Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2)
-    assert started == []
+    assert started == [] and len(ce) == 2
+
     saved["chosen"]["logit-adjusted CE"] = {"loss.logit_adjust_tau": 0.7}  # a grid that changed since
     ledger.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="logit-adjusted CE's chosen weights .* are not in its grid"):
         Study(args, study, Ledger(ledger, args.out))
+
+
+def test_a_failed_run_keeps_the_runs_under_way_in_the_ledger(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import VARIANTS, Ledger, Study
+
+    args = argparse.Namespace(seeds=[0], out=tmp_path / "out", config="c.yaml", extra=[])
+    ledger, other_started = tmp_path / "ledger.json", threading.Event()
+    _, _, run = fake_runs(jobs=2)
+
+    def fail_ce(settings: dict, seed: int, folder: Path) -> dict:
+        if folder.parent.parent.name == "ce":  # fails while a logit-adjusted CE run is under way
+            assert other_started.wait(10)
+            raise RuntimeError("CE failed")
+        other_started.set()
+        time.sleep(0.3)
+        return run(settings, seed, folder)
+
+    with pytest.raises(RuntimeError, match="CE failed"):
+        Study(args, [VARIANTS["CE"], VARIANTS["logit-adjusted CE"]], Ledger(ledger, args.out)).runs(fail_ce, jobs=2)
+    [kept] = json.loads(ledger.read_text())["runs"]
+    assert kept.startswith("logit_adjusted_ce/loss_logit_adjust_tau___0_5")
 
 
 def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Path) -> None:
@@ -432,7 +513,7 @@ def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Pa
         assert finished.index(ce_run) < finished.index(folder)  # started after its first stage ended
     # each variant's chosen point is its grid's best on the first seed, and every seed uses it
     for name in STUDIES["animal_lt"]:
-        grid = [(zlib.crc32(str(folder).encode()), folder) for _, seed, folder in started
+        grid = [(fake_score(folder), folder) for _, seed, folder in started
                 if seed == 3 and folder.parent.parent.name == variant_slug(name)]
         assert study.folders[name] / "seed3" == max(grid)[1]
         assert all(folder.parent == study.folders[name] for _, seed, folder in started
