@@ -165,18 +165,17 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
 
 
 def train(config: str, settings: dict[str, object], extra: list[str], seed: int, out_dir: Path) -> dict:
-    """One run, resumed or reused where an earlier ablation left it; returns its test
-    metrics and its validation score."""
-    if not (out_dir / RESULTS_NAME).exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = run_command(config, settings, extra, seed, out_dir)
-        with (out_dir / "train.log").open("a") as log:
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        if done.returncode:
-            tail = (out_dir / "train.log").read_text()[-2000:]
-            sys.exit(f"{' '.join(cmd)} failed (its output: {out_dir / 'train.log'}):\n{tail}")
+    """One run, resumed or evaluated where an earlier ablation left it; returns its test
+    metrics and its validation score. (A finished run never gets here: the ledger settles it.)"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = run_command(config, settings, extra, seed, out_dir)
+    with (out_dir / "train.log").open("a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        tail = (out_dir / "train.log").read_text()[-2000:]
+        sys.exit(f"{' '.join(cmd)} failed (its output: {out_dir / 'train.log'}):\n{tail}")
     return run_record(out_dir)
 
 
@@ -222,8 +221,10 @@ class Ledger:
         return run_record(run) if (run / RESULTS_NAME).exists() else None
 
     def add(self, run: Path, record: dict) -> None:
-        self.runs[self.key(run)] = record
-        self.save()
+        """Keep `record` as the run's (a record it already holds leaves the file untouched)."""
+        if self.runs.get(self.key(run)) != record:
+            self.runs[self.key(run)] = record
+            self.save()
 
     def choose(self, variant: str, point: dict[str, object]) -> None:
         self.chosen[variant] = point
@@ -452,16 +453,16 @@ class Study:
         with ThreadPoolExecutor(jobs) as pool:
             try:
                 while waiting or running:
-                    ready = sorted(filter(self.can_start, waiting), key=lambda t: t.order)
-                    if found := [(t, folder) for t in ready if self.ledger.has(folder := self.settings(t)[1])]:
+                    ready = [(t, *self.settings(t)) for t in sorted(filter(self.can_start, waiting),
+                                                                    key=lambda t: t.order)]
+                    if found := [(t, folder) for t, _, folder in ready if self.ledger.has(folder)]:
                         for task, folder in found:  # finished before: recorded without a slot
                             waiting.remove(task)
                             keep(task, folder, self.ledger.record(folder))
                         continue  # what they finish may let others start
                     self.check_first_stages(ready)
-                    for task in ready[:jobs - len(running)]:
+                    for task, settings, folder in ready[:jobs - len(running)]:
                         waiting.remove(task)
-                        settings, folder = self.settings(task)
                         running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
                     if not running:  # nothing runs and nothing can start: a second stage without its first
                         raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
@@ -476,11 +477,12 @@ class Study:
         return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
                  **self.results[v.name, seed]} for v in self.variants for seed in self.args.seeds]
 
-    def check_first_stages(self, ready: list[Task]) -> None:
+    def check_first_stages(self, ready: list[tuple[Task, dict[str, object], Path]]) -> None:
         """A second stage starts from its first stage's checkpoint, which the ledger does not
-        keep: refuse, naming every such first-stage run, before starting any run that needs one."""
-        lost = [self.ledger.key(self.folders[t.variant.after] / f"seed{t.seed}") for t in ready
-                if t.variant.after and not Path(str(self.settings(t)[0]["train.init_from"])).exists()]
+        keep: refuse, naming every such first-stage run, before starting any run (of `ready`:
+        tasks with their settings and folders) that needs one."""
+        lost = [self.ledger.key(self.folders[t.variant.after] / f"seed{t.seed}") for t, settings, _ in ready
+                if t.variant.after and not Path(str(settings["train.init_from"])).exists()]
         if lost:
             raise ValueError(f"{', '.join(lost)} (in {self.args.out}) must be trained again: a second stage starts "
                              f"from their checkpoints, which are not on this machine; delete them under \"runs\" in "
@@ -489,8 +491,7 @@ class Study:
     def record(self, task: Task, folder: Path, result: dict, grid: list[tuple]) -> None:
         """Keep a finished run's result (in the ledger too); the last of a grid chooses the
         variant's weights."""
-        if self.ledger.key(folder) not in self.ledger.runs:
-            self.ledger.add(folder, result)
+        self.ledger.add(folder, result)
         if task.point is None:
             self.results[task.variant.name, task.seed] = result
             return
