@@ -402,11 +402,17 @@ def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path, 
     assert not first & again and len(first | again) == len(json.loads(ledger.read_text())["runs"])
     assert all(folder.name != "seed0" for _, _, folder in started if folder.parent.parent.name in
                {variant_slug(name) for name in saved["chosen"]})  # a chosen variant's grid did not run again
+    saved = json.loads(ledger.read_text())
+    forgotten = sorted(key for key in saved["runs"] if key.endswith("/seed1"))[-1]
+    del saved["runs"][forgotten]
+    ledger.write_text(json.dumps(saved))
     started, _, run = fake_runs(jobs=2)
     rewrites = []
-    monkeypatch.setattr(Ledger, "save", lambda self: rewrites.append(self))
+    monkeypatch.setattr(Ledger, "save", lambda self: rewrites.append(sorted(self.runs)))
     assert Study(args, study, Ledger(ledger, args.out)).runs(run, 2) == whole
-    assert not started and not rewrites  # all settled: nothing runs, the ledger is not rewritten
+    # only the run the ledger lacks runs again, and the ledger is rewritten once, for it
+    assert [folder.relative_to(args.out).as_posix() for _, _, folder in started] == [forgotten]
+    assert len(rewrites) == 1 and forgotten in rewrites[0]
 
 
 def test_an_ablation_reads_its_status_from_the_ledger(tmp_path: Path) -> None:
