@@ -6,7 +6,8 @@ and iNaturalist's 8,142 classes), one optimizer step of the real model through D
 with the default config (bf16, BatchNorm) and in fp16 with loss scaling, DALI's GPU
 decode, and an NCCL all-gather when there are two GPUs. Without a GPU it runs the CPU
 parts (the kernels under the Triton interpreter, the DeepSpeed step on the CPU) and lists
-every GPU check as skipped.
+every GPU check as skipped, and it times bf16 against fp32 convolutions on the CPU: a
+warning, not a failure, where bf16 (the shipped DeepSpeed config) would be much slower.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SHAPES = {"small odd": {"rows": 37, "dim": 24, "classes": 5}, "C=8142": {"rows":
 @dataclass
 class Check:
     name: str
-    status: str  # pass | fail | skipped
+    status: str  # pass | fail | warn (advice: the machine works) | skipped
     seconds: float
     detail: str
 
@@ -134,14 +135,16 @@ def ce_bdc_case(rows: int, dim: int, classes: int, dtype: torch.dtype, device: t
     return run
 
 
-def timed(name: str, body: Callable[[], tuple[bool, str]]) -> Check:
-    """Run one check; an exception is a failure that names it, not a crash."""
+def timed(name: str, body: Callable[[], tuple[bool, str]], otherwise: str = "fail") -> Check:
+    """Run one check; not ok is `otherwise` (fail, or warn for advice); an exception is a
+    failure that names it, not a crash."""
     start = time.perf_counter()
     try:
         ok, detail = body()
+        status = "pass" if ok else otherwise
     except Exception as err:  # noqa: BLE001 - every failure is reported, the other checks still run
-        ok, detail = False, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return Check(name, "pass" if ok else "fail", time.perf_counter() - start, detail)
+        status, detail = "fail", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return Check(name, status, time.perf_counter() - start, detail)
 
 
 def skipped(name: str, why: str) -> Check:
@@ -163,6 +166,42 @@ def kernel_checks(device: torch.device) -> list[Check]:
 
 
 FP16_MAX_SKIPPED = 16  # overflow steps while the scale falls from 2^16: a healthy run skips a few
+
+
+# bf16 convolutions may be this much slower than fp32 before a CPU run in bf16 is a mistake
+# (where the CPU has bf16 instructions they were 1.5x faster, docs/PRECISION.md).
+CPU_BF16_SLOWDOWN_LIMIT = 3.0
+
+
+def conv_seconds(dtype: torch.dtype) -> float:
+    """Best of three forward + backward passes of a 64-channel 3x3 convolution (ResNet-32's
+    widest) over a batch of 8 x 8 maps, on the CPU."""
+    images = torch.randn(32, 64, 8, 8, dtype=dtype, requires_grad=True)
+    weight = torch.randn(64, 64, 3, 3, dtype=dtype, requires_grad=True)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        F.conv2d(images, weight, padding=1).float().sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_bf16_speed() -> tuple[bool, str]:
+    """Without bf16 instructions (AVX-512 BF16, AMX) oneDNN runs bf16 convolutions on a
+    reference path, 12-75x slower than fp32 on an AVX2 CPU: CPU ranks should train in fp32 there.
+    One thread, as each CPU rank of a launch on few cores, and steady while other work runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        slowdown = conv_seconds(torch.bfloat16) / conv_seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    capability = torch.backends.cpu.get_cpu_capability()
+    detail = f"bf16 convolutions take {slowdown:.1f}x fp32's time (CPU capability {capability})"
+    if slowdown <= CPU_BF16_SLOWDOWN_LIMIT:
+        return True, detail
+    return False, (detail + ": train CPU ranks in fp32, a DeepSpeed config with \"bf16\": {\"enabled\": false} "
+                   "(train.deepspeed_config) or train.engine=local")
 
 
 def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[bool, str]:
@@ -267,6 +306,7 @@ def run_checks(device: torch.device, installed: dict[str, str | None]) -> list[C
     """Every check on `device`; `installed` is versions(), which says what can run."""
     gpu = device.type == "cuda"
     checks = kernel_checks(device)
+    checks.append(timed("bf16 against fp32 convolutions, CPU", cpu_bf16_speed, otherwise="warn"))
     with tempfile.TemporaryDirectory() as tmp:
         name = "DeepSpeed step, default config (bf16, BatchNorm), " + ("GPU" if gpu else "CPU")
         checks.append(timed(name, lambda: deepspeed_step(device, "bf16", Path(tmp))))
@@ -297,7 +337,7 @@ def report(info: dict, checks: list[Check], console: Console) -> None:
     table = Table(title="jrcl-fast doctor")
     for column in ("check", "result", "time", "detail"):
         table.add_column(column, justify="right" if column == "time" else "left")
-    colours = {"pass": "green", "fail": "bold red", "skipped": "yellow"}
+    colours = {"pass": "green", "fail": "bold red", "warn": "bold yellow", "skipped": "yellow"}
     for c in checks:
         table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", f"{c.seconds:.1f} s", c.detail)
     console.print(table)

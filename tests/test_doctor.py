@@ -22,6 +22,7 @@ def test_doctor_on_a_cpu_machine(tmp_path):
     assert status["O2A kernel, float32, small odd"] == status["CE+BDC kernel, float32, small odd"] == "pass"
     assert status["DeepSpeed step, default config (bf16, BatchNorm), CPU"] == "pass"
     assert status["DALI CPU decode"] == "pass"
+    assert status["bf16 against fp32 convolutions, CPU"] in {"pass", "warn"}  # this CPU's answer; never a failure
     gpu_only = [n for n in status if "C=8142" in n or "bfloat16" in n or "GPU" in n or "NCCL" in n]
     assert len(gpu_only) == 9 and all(status[n] == "skipped" for n in gpu_only)
     assert "skipped" in done.stdout and "No GPU" in done.stdout
@@ -60,3 +61,26 @@ def test_a_crashing_check_is_a_failure_and_exit_code_1(monkeypatch, capsys, tmp_
     (failed, skipped) = json.loads((tmp_path / "d.json").read_text())["checks"]
     assert failed["status"] == "fail" and "no kernel image" in failed["detail"]
     assert skipped["status"] == "skipped"
+
+
+@pytest.mark.parametrize("bf16_seconds", [0.5, 2.9, 3.1, 20.0])
+def test_slow_bf16_convolutions_are_a_warning_with_advice(monkeypatch, capsys, tmp_path, bf16_seconds):
+    """Where bf16 convolutions take over 3x fp32's time (AVX2: 12-75x), doctor warns and
+    names the fp32 settings; the machine still passes (exit code 0). Measured on one thread,
+    and the caller's thread count is left as it was."""
+    from jrcl_fast import doctor
+    from jrcl_fast.cli import main
+
+    threads = []
+    monkeypatch.setattr(doctor, "conv_seconds", lambda dtype: threads.append(torch.get_num_threads())
+                        or (bf16_seconds if dtype == torch.bfloat16 else 1.0))
+    monkeypatch.setattr(doctor, "run_checks", lambda device, installed: [
+        doctor.timed("bf16 against fp32 convolutions, CPU", doctor.cpu_bf16_speed, otherwise="warn")])
+    before = torch.get_num_threads()
+    assert main(["doctor", "--out", str(tmp_path / "d.json")]) == 0
+    (check,) = json.loads((tmp_path / "d.json").read_text())["checks"]
+    slow = bf16_seconds > 3
+    assert check["status"] == ("warn" if slow else "pass") and f"{bf16_seconds:.1f}x fp32's time" in check["detail"]
+    assert ('"bf16": {"enabled": false}' in check["detail"]) == slow
+    assert threads == [1, 1] and torch.get_num_threads() == before
+    assert ("warn" in capsys.readouterr().out) == slow
