@@ -188,7 +188,7 @@ def conv_seconds(dtype: torch.dtype) -> float:
 
 def cpu_bf16_speed() -> tuple[bool, str]:
     """Without bf16 instructions (AVX-512 BF16, AMX) oneDNN runs bf16 convolutions on a
-    reference path, 12-75x slower than fp32 on an AVX2 CPU: CPU ranks should train in fp32 there.
+    reference path, 18-73x slower than fp32 on an AVX2 CPU: CPU ranks should train in fp32 there.
     One thread, as each CPU rank of a launch on few cores, and steady while other work runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -65,7 +65,7 @@ def test_a_crashing_check_is_a_failure_and_exit_code_1(monkeypatch, capsys, tmp_
 
 @pytest.mark.parametrize("bf16_seconds", [0.5, 2.9, 3.1, 20.0])
 def test_slow_bf16_convolutions_are_a_warning_with_advice(monkeypatch, capsys, tmp_path, bf16_seconds):
-    """Where bf16 convolutions take over 3x fp32's time (AVX2: 12-75x), doctor warns and
+    """Where bf16 convolutions take over 3x fp32's time (AVX2: 18-73x), doctor warns and
     names the fp32 settings; the machine still passes (exit code 0). Measured on one thread,
     and the caller's thread count is left as it was."""
     from jrcl_fast import doctor
