@@ -50,7 +50,7 @@ def bf16_config(tmp: Path, digits_root: Path, ranks: int, seed: int) -> Path:
     folder = tmp / f"ranks{ranks}_seed{seed}"
     folder.mkdir()
     # ResNet-32 (16-64 channels), not digits-lt's ResNet-18: on a CPU without AVX-512, bf16
-    # convolutions take oneDNN's reference path, 12x slower than fp32 at 64 channels and 75x
+    # convolutions take oneDNN's reference path, 18-22x slower than fp32 at 64 channels and 73x
     # at 512 (2-core AMD EPYC, AVX2), and ResNet-18 made these nine runs take over 90 minutes.
     return tiny_config(folder, digits_root, model={"backbone": "resnet32", "norm": "group", "projection_dim": 16,
                                                    "projection_hidden_dim": 32},
