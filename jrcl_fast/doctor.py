@@ -19,6 +19,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from jrcl_fast.atomic import atomic_write_bytes
+from jrcl_fast.engine.cpu_bf16 import CPU_BF16_SLOWDOWN_LIMIT, FP32_ADVICE, slow_bf16_note
+from jrcl_fast.errors import ConfigWarning
 
 # Largest relative error against float64 on the same (rounded) inputs: fp32 kernels
 # accumulate in fp32; bf16 ones also round the probabilities fed to the backward dots.
@@ -168,40 +171,12 @@ def kernel_checks(device: torch.device) -> list[Check]:
 FP16_MAX_SKIPPED = 16  # overflow steps while the scale falls from 2^16: a healthy run skips a few
 
 
-# bf16 convolutions may be this much slower than fp32 before a CPU run in bf16 is a mistake
-# (where the CPU has bf16 instructions they were 1.5x faster, docs/PRECISION.md).
-CPU_BF16_SLOWDOWN_LIMIT = 3.0
-
-
-def conv_seconds(dtype: torch.dtype) -> float:
-    """Best of three forward + backward passes of a 64-channel 3x3 convolution (ResNet-32's
-    widest) over a batch of 8 x 8 maps, on the CPU."""
-    images = torch.randn(32, 64, 8, 8, dtype=dtype, requires_grad=True)
-    weight = torch.randn(64, 64, 3, 3, dtype=dtype, requires_grad=True)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        F.conv2d(images, weight, padding=1).float().sum().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def cpu_bf16_speed() -> tuple[bool, str]:
-    """Without bf16 instructions (AVX-512 BF16, AMX) oneDNN runs bf16 convolutions on a
-    reference path, 18-73x slower than fp32 on an AVX2 CPU: CPU ranks should train in fp32 there.
-    One thread, as each CPU rank of a launch on few cores, and steady while other work runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        slowdown = conv_seconds(torch.bfloat16) / conv_seconds(torch.float32)
-    finally:
-        torch.set_num_threads(threads)
-    capability = torch.backends.cpu.get_cpu_capability()
-    detail = f"bf16 convolutions take {slowdown:.1f}x fp32's time (CPU capability {capability})"
+    """Whether CPU ranks gain from bf16 here (engine/cpu_bf16.py): where they lose, advice."""
+    slowdown, note = slow_bf16_note()
     if slowdown <= CPU_BF16_SLOWDOWN_LIMIT:
-        return True, detail
-    return False, (detail + ": train CPU ranks in fp32, a DeepSpeed config with \"bf16\": {\"enabled\": false} "
-                   "(train.deepspeed_config) or train.engine=local")
+        return True, note
+    return False, f"{note}: {FP32_ADVICE}"
 
 
 def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[bool, str]:
@@ -224,9 +199,12 @@ def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[
     cfg = parse_config({"data": {"name": "nih_cxr_lt", "root": "unused", "image_size": size},
                         "model": {"backbone": backbone, "small_input_stem": not gpu}, "train": train},
                        "jrcl-fast doctor")
-    # The trainer's own set-up of model, optimizer, schedule, engine and objective.
-    stack = build_training_stack(cfg, Ranks(), device, classes, np.linspace(1000, 10, classes).astype(int),
-                                 np.arange(classes) == 0, steps_per_epoch=1)
+    # The trainer's own set-up of model, optimizer, schedule, engine and objective; its
+    # warning about slow bf16 on this CPU is doctor's own check (cpu_bf16_speed).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        stack = build_training_stack(cfg, Ranks(), device, classes, np.linspace(1000, 10, classes).astype(int),
+                                     np.arange(classes) == 0, steps_per_epoch=1)
     engine, description, objective = stack.engine, stack.description, stack.objective
     before = [p.detach().float().clone() for p in engine.module.parameters()]
     images = torch.randn(batch, cfg.data.num_views, 3, size, size)

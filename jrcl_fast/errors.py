@@ -24,4 +24,5 @@ class CheckFailure(Exception):
 
 class ConfigWarning(UserWarning):
     """A config whose keys combine into less than they ask for (a setting that does
-    nothing, a warmup that outlasts training); the CLI prints it as one line."""
+    nothing, a warmup that outlasts training, bf16 on a CPU that runs it far slower than
+    fp32); the CLI prints it as one line."""

@@ -107,6 +107,45 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
 
 
+@pytest.mark.parametrize("precision, bf16_seconds", [("bf16", 3.1), ("bf16", 2.9), ("fp32", 20.0)])
+def test_bf16_on_cpu_ranks_that_run_it_slowly_is_warned_at_start_up(tmp_path, digits_root, monkeypatch, precision,
+                                                                    bf16_seconds, one_rank_deepspeed):
+    """Where bf16 convolutions take over 3x fp32's time (an AVX2 CPU: 18-73x), a run whose
+    DeepSpeed config asks for bf16 on CPU ranks is warned as the engine is built, with the
+    file and the fp32 setting named; fp32, or a CPU that runs bf16 well, is not warned.
+    The measurement is emulated: it runs on one thread, as doctor's (test_doctor.py)."""
+    import warnings
+
+    from jrcl_fast.config import load_config
+    from jrcl_fast.engine import cpu_bf16
+    from jrcl_fast.engine.backends import build_engine
+    from jrcl_fast.engine.optim import build_optimizer, build_scheduler
+    from jrcl_fast.errors import ConfigWarning
+    from jrcl_fast.models import JRCLNet
+    from jrcl_fast.runtime import Ranks
+
+    monkeypatch.setattr(cpu_bf16, "conv_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16 else 1.0)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**json.loads((REPO / "configs" / "ds_config.json").read_text()),
+                              "bf16": {"enabled": precision == "bf16"}}))
+    cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "engine": "deepspeed",
+                                                                "deepspeed_config": str(ds)}))
+    model = JRCLNet(cfg.model, 10)
+    optimizer = build_optimizer(cfg.optim, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, description = build_engine(cfg, Ranks(), torch.device("cpu"), model, optimizer,
+                                      build_scheduler(cfg.optim, optimizer, 100, 1))
+    assert f"rank(s), {precision}," in description
+    messages = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+    if precision == "bf16" and bf16_seconds > 3:
+        (message,) = messages
+        assert message.startswith(f"{ds} trains CPU ranks in bf16") and f"{bf16_seconds:.1f}x fp32's time" in message
+        assert '"bf16": {"enabled": false}' in message and "\n" not in message
+    else:
+        assert messages == []
+
+
 @pytest.fixture
 def fp16_capable(monkeypatch):
     """DeepSpeed's CPU backend taking fp16, as its CUDA backend does (and CPUs with oneDNN

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from jrcl_fast.checkpoint import MODEL_STATES, save_model_states
 from jrcl_fast.config import Config
 from jrcl_fast.engine.contract import TrainingEngine
+from jrcl_fast.engine.cpu_bf16 import warn_if_bf16_is_slow
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet
 from jrcl_fast.runtime import Ranks, init_process_group
@@ -345,6 +346,8 @@ def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet
     import deepspeed
 
     deepspeed_check(ds, deepspeed_json_name(cfg))
+    if device.type == "cpu" and precision_of(ds) == "bf16" and ranks.is_main:
+        warn_if_bf16_is_slow(deepspeed_json_name(cfg))
     init_process_group(ranks, device, cfg.train.collective_timeout_s)
     if cfg.model.norm == "sync_batch" and ranks.world_size > 1:
         if device.type != "cuda":
