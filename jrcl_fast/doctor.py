@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jrcl_fast.atomic import atomic_write_bytes
-from jrcl_fast.engine.cpu_bf16 import CPU_BF16_SLOWDOWN_LIMIT, FP32_ADVICE, slow_bf16_note
+from jrcl_fast.engine.cpu_bf16 import SLOW_BF16_WARNING, bf16_verdict
 from jrcl_fast.errors import ConfigWarning
 
 # Largest relative error against float64 on the same (rounded) inputs: fp32 kernels
@@ -171,14 +171,6 @@ def kernel_checks(device: torch.device) -> list[Check]:
 FP16_MAX_SKIPPED = 16  # overflow steps while the scale falls from 2^16: a healthy run skips a few
 
 
-def cpu_bf16_speed() -> tuple[bool, str]:
-    """Whether CPU ranks gain from bf16 here (engine/cpu_bf16.py): where they lose, advice."""
-    slowdown, note = slow_bf16_note()
-    if slowdown <= CPU_BF16_SLOWDOWN_LIMIT:
-        return True, note
-    return False, f"{note}: {FP32_ADVICE}"
-
-
 def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[bool, str]:
     """One applied optimizer step of the real model through DeepSpeed on this device:
     the default config (bf16, BatchNorm), the set-up that crashed on the first GPU run, or
@@ -200,9 +192,9 @@ def deepspeed_step(device: torch.device, precision: str, folder: Path) -> tuple[
                         "model": {"backbone": backbone, "small_input_stem": not gpu}, "train": train},
                        "jrcl-fast doctor")
     # The trainer's own set-up of model, optimizer, schedule, engine and objective; its
-    # warning about slow bf16 on this CPU is doctor's own check (cpu_bf16_speed).
+    # warning about slow bf16 on this CPU is doctor's own check (bf16_verdict).
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConfigWarning)
+        warnings.filterwarnings("ignore", f".*{SLOW_BF16_WARNING}", ConfigWarning)
         stack = build_training_stack(cfg, Ranks(), device, classes, np.linspace(1000, 10, classes).astype(int),
                                      np.arange(classes) == 0, steps_per_epoch=1)
     engine, description, objective = stack.engine, stack.description, stack.objective
@@ -284,7 +276,7 @@ def run_checks(device: torch.device, installed: dict[str, str | None]) -> list[C
     """Every check on `device`; `installed` is versions(), which says what can run."""
     gpu = device.type == "cuda"
     checks = kernel_checks(device)
-    checks.append(timed("bf16 against fp32 convolutions, CPU", cpu_bf16_speed, otherwise="warn"))
+    checks.append(timed("bf16 against fp32 convolutions, CPU", bf16_verdict, otherwise="warn"))
     with tempfile.TemporaryDirectory() as tmp:
         name = "DeepSpeed step, default config (bf16, BatchNorm), " + ("GPU" if gpu else "CPU")
         checks.append(timed(name, lambda: deepspeed_step(device, "bf16", Path(tmp))))

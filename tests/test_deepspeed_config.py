@@ -5,6 +5,7 @@ and the keys this trainer needs are filled in. Cheap: one process, no launcher."
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -18,12 +19,13 @@ from jrcl_fast.errors import UserError
 CPU = torch.device("cpu")
 
 
-def user_config(tmp_path, digits_root, ds, backbone="resnet18", **train):
-    """The tiny digits-lt config with `ds` as its DeepSpeed JSON, on CPU ranks."""
+def user_config(tmp_path, digits_root, ds, model=None, **train):
+    """The tiny digits-lt config with `ds` as its DeepSpeed JSON, on CPU ranks; `model`'s
+    keys over the tiny model's."""
     path = tmp_path / "user_ds.json"
     path.write_text(json.dumps(ds))
-    return tiny_config(tmp_path, digits_root, model={"backbone": backbone, "norm": "group", "projection_dim": 16,
-                                                     "projection_hidden_dim": 32},
+    return tiny_config(tmp_path, digits_root,
+                       model={"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **(model or {})},
                        train={**TINY_OVERRIDES["train"], "device": "cpu", "deepspeed_config": str(path), **train})
 
 
@@ -235,7 +237,7 @@ def test_what_the_user_set_is_kept(tmp_path, digits_root):
     assert 'data_types.grad_accum_dtype="fp32"' in note
 
 
-@pytest.mark.parametrize("name", ["ds_config.json", "ds_config_fp16.json"])
+@pytest.mark.parametrize("name", ["ds_config.json", "ds_config_fp16.json", "ds_config_fp32.json"])
 def test_the_shipped_configs_need_nothing_filled(name):
     from jrcl_fast.engine.backends import fill_required_keys
 
@@ -250,7 +252,7 @@ def test_a_user_json_at_zero_stage_1_without_the_untested_optimizer_key_trains(t
     ResNet-32: a CPU without bf16 instructions trained ResNet-18 here for almost 5 minutes."""
     config = user_config(tmp_path, digits_root, {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
                                                  "steps_per_print": 1000000},
-                         backbone="resnet32", engine="deepspeed", epochs=1, threads=1)
+                         model={"backbone": "resnet32"}, engine="deepspeed", epochs=1, threads=1)
     done = run_cli("train", "--config", str(config), env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = " ".join(done.stdout.split())  # rich wraps long lines
@@ -267,3 +269,23 @@ def test_deepspeeds_bfloat16_alias_is_read_as_bf16(tmp_path, digits_root):
     assert note.endswith('communication_data_type="fp32"')
     with pytest.raises(UserError, match="both 'bf16' and 'bfloat16' are set"):
         built(tmp_path, digits_root, {"bfloat16": {"enabled": True}, "bf16": {"enabled": False}})
+
+
+@pytest.mark.slow
+def test_the_shipped_fp32_config_trains_without_the_bf16_warning(tmp_path, digits_root):
+    """configs/ds_config_fp32.json, which the slow-bf16 warning and doctor recommend for CPU
+    ranks, through the CLI: DeepSpeed in fp32, no such warning, and the model learns (CE
+    well below the prior's entropy, several classes above chance)."""
+    config = tiny_config(tmp_path, digits_root, model={"backbone": "resnet32", "projection_dim": 16,
+                                                       "projection_hidden_dim": 32},
+                         train={**TINY_OVERRIDES["train"], "engine": "deepspeed", "device": "cpu", "epochs": 5,
+                                "deepspeed_config": str(REPO / "configs" / "ds_config_fp32.json")})
+    done = run_cli("train", "--config", str(config), env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "DeepSpeed, 1 rank(s), fp32, ZeRO stage 0" in done.stdout and "warning" not in done.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    counts = [row["train_count"] for row in results["per_class"]]
+    prior_entropy = -sum(c / sum(counts) * math.log(c / sum(counts)) for c in counts)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss_ce"] < 0.8 * prior_entropy, last
+    assert sum(row["accuracy"] > 0.25 for row in results["per_class"]) >= 3, results["per_class"]

@@ -23,7 +23,7 @@ def test_doctor_on_a_cpu_machine(tmp_path):
     assert status["DeepSpeed step, default config (bf16, BatchNorm), CPU"] == "pass"
     assert status["DALI CPU decode"] == "pass"
     assert status["bf16 against fp32 convolutions, CPU"] in {"pass", "warn"}  # this CPU's answer; never a failure
-    assert "warning:" not in done.stdout + done.stderr  # on a slow-bf16 CPU the training check's warning is that row
+    assert "trains CPU ranks in bf16" not in done.stdout + done.stderr  # the trainer's warning is a row here
     gpu_only = [n for n in status if "C=8142" in n or "bfloat16" in n or "GPU" in n or "NCCL" in n]
     assert len(gpu_only) == 9 and all(status[n] == "skipped" for n in gpu_only)
     assert "skipped" in done.stdout and "No GPU" in done.stdout
@@ -77,12 +77,12 @@ def test_slow_bf16_convolutions_are_a_warning_with_advice(monkeypatch, capsys, t
     monkeypatch.setattr(cpu_bf16, "conv_seconds", lambda dtype: threads.append(torch.get_num_threads())
                         or (bf16_seconds if dtype == torch.bfloat16 else 1.0))
     monkeypatch.setattr(doctor, "run_checks", lambda device, installed: [
-        doctor.timed("bf16 against fp32 convolutions, CPU", doctor.cpu_bf16_speed, otherwise="warn")])
+        doctor.timed("bf16 against fp32 convolutions, CPU", doctor.bf16_verdict, otherwise="warn")])
     before = torch.get_num_threads()
     assert main(["doctor", "--out", str(tmp_path / "d.json")]) == 0
     (check,) = json.loads((tmp_path / "d.json").read_text())["checks"]
     slow = bf16_seconds > 3
     assert check["status"] == ("warn" if slow else "pass") and f"{bf16_seconds:.1f}x fp32's time" in check["detail"]
-    assert ('"bf16": {"enabled": false}' in check["detail"]) == slow
+    assert ('"bf16": {"enabled": false}' in check["detail"] and "configs/ds_config_fp32.json" in check["detail"]) == slow
     assert threads == [1, 1] and torch.get_num_threads() == before
     assert ("warn" in capsys.readouterr().out) == slow

@@ -107,24 +107,33 @@ def test_bf16_deepspeed_engine_gives_each_layer_one_dtype_and_trains(tmp_path, d
     assert any(not torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters()))
 
 
-@pytest.mark.parametrize("precision, bf16_seconds", [("bf16", 3.1), ("bf16", 2.9), ("fp32", 20.0)])
+class JoiningTheGroup(Exception):
+    """Where a rank of a several-rank job would wait for the others: the test stops there."""
+
+
+@pytest.mark.parametrize("precision, bf16_seconds, ranks", [
+    ("bf16", 3.1, (0, 1, 0)), ("bf16", 2.9, (0, 1, 0)), ("fp32", 20.0, (0, 1, 0)),
+    ("bf16", 20.0, (0, 2, 0)), ("bf16", 20.0, (1, 2, 1))])
 def test_bf16_on_cpu_ranks_that_run_it_slowly_is_warned_at_start_up(tmp_path, digits_root, monkeypatch, precision,
-                                                                    bf16_seconds, one_rank_deepspeed):
+                                                                    bf16_seconds, ranks, one_rank_deepspeed):
     """Where bf16 convolutions take over 3x fp32's time (an AVX2 CPU: 18-73x), a run whose
-    DeepSpeed config asks for bf16 on CPU ranks is warned as the engine is built, with the
-    file and the fp32 setting named; fp32, or a CPU that runs bf16 well, is not warned.
-    The measurement is emulated: it runs on one thread, as doctor's (test_doctor.py)."""
+    DeepSpeed config asks for bf16 on CPU ranks is warned as the engine is built, once (by
+    rank 0), with the file and the fp32 settings named (the local engine only for one
+    process); fp32, or a CPU that runs bf16 well, is not warned, and an fp32 run or a rank
+    other than 0 does not measure. The timing is emulated; that it runs on one thread is
+    test_doctor.py's."""
     import warnings
 
     from jrcl_fast.config import load_config
-    from jrcl_fast.engine import cpu_bf16
-    from jrcl_fast.engine.backends import build_engine
+    from jrcl_fast.engine import backends, cpu_bf16
     from jrcl_fast.engine.optim import build_optimizer, build_scheduler
     from jrcl_fast.errors import ConfigWarning
     from jrcl_fast.models import JRCLNet
     from jrcl_fast.runtime import Ranks
 
-    monkeypatch.setattr(cpu_bf16, "conv_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16 else 1.0)
+    timed = []
+    monkeypatch.setattr(cpu_bf16, "conv_seconds", lambda dtype: timed.append(dtype)
+                        or (bf16_seconds if dtype == torch.bfloat16 else 1.0))
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**json.loads((REPO / "configs" / "ds_config.json").read_text()),
                               "bf16": {"enabled": precision == "bf16"}}))
@@ -132,16 +141,27 @@ def test_bf16_on_cpu_ranks_that_run_it_slowly_is_warned_at_start_up(tmp_path, di
                                                                 "deepspeed_config": str(ds)}))
     model = JRCLNet(cfg.model, 10)
     optimizer = build_optimizer(cfg.optim, model)
+    world_size = ranks[1]
+    if world_size > 1:
+        def join(*_):
+            raise JoiningTheGroup
+
+        monkeypatch.setattr(backends, "init_process_group", join)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, description = build_engine(cfg, Ranks(), torch.device("cpu"), model, optimizer,
-                                      build_scheduler(cfg.optim, optimizer, 100, 1))
-    assert f"rank(s), {precision}," in description
+        try:
+            _, description = backends.build_engine(cfg, Ranks(*ranks), torch.device("cpu"), model, optimizer,
+                                                   build_scheduler(cfg.optim, optimizer, 100, 1))
+            assert f"rank(s), {precision}," in description
+        except JoiningTheGroup:
+            assert world_size > 1
     messages = [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
-    if precision == "bf16" and bf16_seconds > 3:
+    assert timed == ([torch.bfloat16, torch.float32] if precision == "bf16" and ranks[0] == 0 else [])
+    if timed and bf16_seconds > 3:
         (message,) = messages
         assert message.startswith(f"{ds} trains CPU ranks in bf16") and f"{bf16_seconds:.1f}x fp32's time" in message
-        assert '"bf16": {"enabled": false}' in message and "\n" not in message
+        assert '"bf16": {"enabled": false}' in message and "configs/ds_config_fp32.json" in message
+        assert ("train.engine=local" in message) == (world_size == 1) and "\n" not in message
     else:
         assert messages == []
 
@@ -249,13 +269,16 @@ def test_match_buffers_to_parameters_follows_each_layer():
 
 def test_default_deepspeed_config_is_the_shipped_file():
     """A config without train.deepspeed_config gets what configs/ds_config.json says,
-    and the doctor's fp16 step runs what configs/ds_config_fp16.json says."""
+    the doctor's fp16 step runs what configs/ds_config_fp16.json says, and
+    configs/ds_config_fp32.json is the default in fp32."""
     from jrcl_fast.engine.backends import DEFAULT_DEEPSPEED_CONFIG, FP16_DEEPSPEED_CONFIG
 
     shipped = json.loads((REPO / "configs" / "ds_config.json").read_text())
     assert not shipped.pop("fp16")["enabled"]
     assert shipped == DEFAULT_DEEPSPEED_CONFIG
     assert json.loads((REPO / "configs" / "ds_config_fp16.json").read_text()) == FP16_DEEPSPEED_CONFIG
+    fp32 = json.loads((REPO / "configs" / "ds_config_fp32.json").read_text())
+    assert fp32 == {**shipped, "fp16": fp32["fp16"], "bf16": {"enabled": False}} and not fp32["fp16"]["enabled"]
 
 
 def test_zero_stage_3_is_refused(tmp_path, digits_root):

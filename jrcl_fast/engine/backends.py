@@ -347,7 +347,7 @@ def build_engine(cfg: Config, ranks: Ranks, device: torch.device, model: JRCLNet
 
     deepspeed_check(ds, deepspeed_json_name(cfg))
     if device.type == "cpu" and precision_of(ds) == "bf16" and ranks.is_main:
-        warn_if_bf16_is_slow(deepspeed_json_name(cfg))
+        warn_if_bf16_is_slow(deepspeed_json_name(cfg), ranks.world_size)
     init_process_group(ranks, device, cfg.train.collective_timeout_s)
     if cfg.model.norm == "sync_batch" and ranks.world_size > 1:
         if device.type != "cuda":

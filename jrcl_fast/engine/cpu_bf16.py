@@ -18,8 +18,8 @@ from jrcl_fast.errors import ConfigWarning
 
 # bf16 convolutions may be this much slower than fp32 before a CPU run in bf16 is a mistake.
 CPU_BF16_SLOWDOWN_LIMIT = 3.0
-FP32_ADVICE = ('train CPU ranks in fp32: "bf16": {"enabled": false} in the DeepSpeed config '
-               "(train.deepspeed_config), or train.engine=local for one process")
+# The start of the trainer's warning, which doctor leaves out (it is doctor's own check).
+SLOW_BF16_WARNING = "trains CPU ranks in bf16"
 
 
 def conv_seconds(dtype: torch.dtype) -> float:
@@ -35,28 +35,29 @@ def conv_seconds(dtype: torch.dtype) -> float:
     return best
 
 
-def bf16_slowdown() -> float:
-    """bf16's time over fp32's for that convolution, on one thread (as each CPU rank of a
-    launch on few cores); the caller's thread count is restored."""
+def bf16_verdict(world_size: int = 1) -> tuple[bool, str]:
+    """Whether bf16 pays on this CPU, and the measurement in words; where it does not, with
+    the fp32 settings for a job of `world_size` ranks. Timed on one thread (as each CPU rank
+    of a launch on few cores), leaving the caller's thread count and random state as they were."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return conv_seconds(torch.bfloat16) / conv_seconds(torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            slowdown = conv_seconds(torch.bfloat16) / conv_seconds(torch.float32)
     finally:
         torch.set_num_threads(threads)
+    note = (f"bf16 convolutions take {slowdown:.1f}x fp32's time "
+            f"(CPU capability {torch.backends.cpu.get_cpu_capability()})")
+    if slowdown <= CPU_BF16_SLOWDOWN_LIMIT:
+        return True, note
+    one_process = ", or train.engine=local" if world_size == 1 else ""
+    return False, (f"{note}; train CPU ranks in fp32 with a DeepSpeed config that sets \"bf16\": "
+                   f"{{\"enabled\": false}}, such as configs/ds_config_fp32.json (train.deepspeed_config){one_process}")
 
 
-def slow_bf16_note() -> tuple[float, str]:
-    """The slowdown, and a note of it with the CPU's capability ("... (CPU capability AVX2)")."""
-    slowdown = bf16_slowdown()
-    return slowdown, (f"bf16 convolutions take {slowdown:.1f}x fp32's time "
-                      f"(CPU capability {torch.backends.cpu.get_cpu_capability()})")
-
-
-def warn_if_bf16_is_slow(config_name: str) -> None:
+def warn_if_bf16_is_slow(config_name: str, world_size: int) -> None:
     """A ConfigWarning, before the first step, when `config_name` asks for bf16 on CPU ranks
     and this CPU runs it over CPU_BF16_SLOWDOWN_LIMIT times slower than fp32."""
-    slowdown, note = slow_bf16_note()
-    if slowdown > CPU_BF16_SLOWDOWN_LIMIT:
-        warnings.warn(f"{config_name} trains CPU ranks in bf16, and on this CPU {note}; {FP32_ADVICE}",
-                      ConfigWarning, stacklevel=2)
+    pays, note = bf16_verdict(world_size)
+    if not pays:
+        warnings.warn(f"{config_name} {SLOW_BF16_WARNING}, and on this CPU {note}", ConfigWarning, stacklevel=2)
