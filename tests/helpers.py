@@ -84,8 +84,8 @@ def dist_config(tmp_path, name, ds=None, **sections):
     folder = tmp_path / name
     folder.mkdir()
     ds_path = folder / "ds.json"
-    base = json.loads((REPO / "configs" / "ds_config.json").read_text())
-    ds_path.write_text(json.dumps({**base, "bf16": {"enabled": False}, **(ds or {})}))
+    base = json.loads((REPO / "configs" / "ds_config_fp32.json").read_text())
+    ds_path.write_text(json.dumps({**base, **(ds or {})}))
     train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), "device": "cpu",
              **sections.pop("train", {})}
     model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}

@@ -134,9 +134,7 @@ def test_bf16_on_cpu_ranks_that_run_it_slowly_is_warned_at_start_up(tmp_path, di
     timed = []
     monkeypatch.setattr(cpu_bf16, "conv_seconds", lambda dtype: timed.append(dtype)
                         or (bf16_seconds if dtype == torch.bfloat16 else 1.0))
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({**json.loads((REPO / "configs" / "ds_config.json").read_text()),
-                              "bf16": {"enabled": precision == "bf16"}}))
+    ds = REPO / "configs" / ("ds_config.json" if precision == "bf16" else "ds_config_fp32.json")
     cfg = load_config(tiny_config(tmp_path, digits_root, train={**TINY_OVERRIDES["train"], "engine": "deepspeed",
                                                                 "deepspeed_config": str(ds)}))
     model = JRCLNet(cfg.model, 10)
