@@ -78,26 +78,27 @@ def launch(config, *extra, timeout=600, port=None):
                           cwd=REPO, env=run_env())
 
 
-def dist_config(tmp_path, name, ds=None, **sections):
-    """The tiny config, fp32 group norm, 2 epochs x 10 steps of 16 per rank (32 in all),
-    on CPU ranks (gloo) whatever hardware the machine has."""
+def dist_config(tmp_path, name, ds=None, base="digits_lt", **sections):
+    """The tiny config (of configs/<base>.yaml), fp32 group norm, 2 epochs of 16 per rank (32 in
+    all; 10 steps on digits-lt), on CPU ranks (gloo) whatever hardware the machine has."""
     folder = tmp_path / name
     folder.mkdir()
     ds_path = folder / "ds.json"
-    base = json.loads((REPO / "configs" / "ds_config_fp32.json").read_text())
-    ds_path.write_text(json.dumps({**base, **(ds or {})}))
+    shipped = json.loads((REPO / "configs" / "ds_config_fp32.json").read_text())
+    ds_path.write_text(json.dumps({**shipped, **(ds or {})}))
     train = {"epochs": 2, "batch_size": 16, "threads": 1, "deepspeed_config": str(ds_path), "device": "cpu",
              **sections.pop("train", {})}
     model = {"norm": "group", "projection_dim": 16, "projection_hidden_dim": 32, **sections.pop("model", {})}
-    return tiny_config(folder, sections.pop("digits_root"), model=model, train=train, **sections)
+    return tiny_config(folder, sections.pop("data_root"), base, model=model, train=train, **sections)
 
 
-def equivalence_config(tmp_path, name, digits_root, ds=None, **train):
+def equivalence_config(tmp_path, name, data_root, ds=None, **train):
     """16 px, plain SGD at a small rate: a smooth trajectory. In a chaotic one (8 px,
     momentum, lr 0.05) rounding differences, such as another summation order or even
     another thread count in one process, grow past any tolerance within 20 steps."""
-    return dist_config(tmp_path, name, ds, digits_root=digits_root, data={"image_size": 16},
+    return dist_config(tmp_path, name, ds, data_root=data_root, data={"image_size": 16},
                        optim={"lr": 0.0005, "momentum": 0.0, "warmup_epochs": 1}, train=train)
+
 
 def one_epoch_run(tmp_path: Path, base: str, data_root: Path) -> tuple[subprocess.CompletedProcess, dict]:
     """`jrcl-fast train` on configs/<base>.yaml for one epoch at 8 px, batch 128, small

@@ -274,10 +274,39 @@ def test_killed_launcher_job_resumes_on_the_same_trajectory(two_rank_run, tmp_pa
 
 
 @pytest.mark.slow
+def test_two_ranks_select_and_stop_early_on_one_validation_score(tmp_path, mnist_root):
+    """Selection under data parallelism. Each rank evaluates its shard of the validation split
+    and the trainer gathers the score; were a rank to choose on its own shard, the ranks would
+    stop at different epochs (a hang) or report their test shards with different epochs' weights.
+    A constant, high learning rate with strong weight decay makes the validation curve noisy,
+    so patience 1 stops the run within a few epochs, on an epoch that is not the selected one."""
+    config = dist_config(tmp_path, "select", base="mnist_lt", data_root=mnist_root, data={"image_size": 8},
+                         optim={"lr": 0.1, "min_lr": 0.1, "weight_decay": 0.2},
+                         train={"epochs": 8, "batch_size": 32, "select_on": "val_balanced_accuracy",
+                                "early_stop_patience": 1})
+    done = launch(config, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = config.parent / "run"
+    results = json.loads((run / "results.json").read_text())
+    selection = results["selection"]
+    curve = [m["val_balanced_accuracy"] for m in read_jsonl(run / "metrics.jsonl")]
+    assert selection["stopped_early"], f"the curve {curve} rose for 8 epochs; make it noisier"
+    assert len(curve) == selection["epochs_trained"] == selection["best_epoch"] + 1
+    assert selection["best_epoch"] == 1 + int(np.argmax(curve)) and selection["best_value"] == max(curve)
+    last = f"epoch_{selection['epochs_trained']:04d}"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        f"epoch_{selection['best_epoch']:04d}", last, "latest"]
+    # one process on the whole test split, with the selected epoch's weights, reports what the ranks did
+    again = run_cli("eval", "--checkpoint", str(run / "checkpoints"), "--output-dir", str(tmp_path / "eval"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_in_bf16_with_accumulation_and_clipping(tmp_path, digits_root, stage):
     """ResNet-32: bf16 on a CPU without bf16 instructions is 18-73x slower (docs/PRECISION.md)."""
-    config = dist_config(tmp_path, f"zero{stage}", digits_root=digits_root,
+    config = dist_config(tmp_path, f"zero{stage}", data_root=digits_root,
                          ds={"bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
                              "gradient_clipping": 1.0},
                          train={"epochs": 1, "gradient_accumulation_steps": 2},
@@ -291,7 +320,7 @@ def test_zero_stages_in_bf16_with_accumulation_and_clipping(tmp_path, digits_roo
 
 
 def test_batch_keys_of_the_deepspeed_config_must_agree(tmp_path, digits_root):
-    config = dist_config(tmp_path, "mismatch", digits_root=digits_root, ds={"train_micro_batch_size_per_gpu": 8})
+    config = dist_config(tmp_path, "mismatch", data_root=digits_root, ds={"train_micro_batch_size_per_gpu": 8})
     done = run_cli("train", "--config", str(config))
     assert done.returncode == 2
     assert "train_micro_batch_size_per_gpu=8 disagrees with the YAML config" in done.stderr
@@ -302,7 +331,7 @@ def test_fp16_on_cpu_ranks_without_fp16_is_a_clear_error(tmp_path, digits_root):
 
     if cpu_has_fp16():
         pytest.skip("this CPU runs fp16 (oneDNN), so DeepSpeed's CPU backend takes it")
-    config = dist_config(tmp_path, "fp16", digits_root=digits_root,
+    config = dist_config(tmp_path, "fp16", data_root=digits_root,
                          ds={"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})
     done = run_cli("train", "--config", str(config))
     assert done.returncode == 2 and "DeepSpeed's CPU backend has no fp16 on this CPU" in done.stderr
@@ -317,7 +346,7 @@ def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digi
     from jrcl_fast.engine.backends import deepspeed_config
     from jrcl_fast.errors import UserError
 
-    cfg = load_config(dist_config(tmp_path, "fp16", digits_root=digits_root,
+    cfg = load_config(dist_config(tmp_path, "fp16", data_root=digits_root,
                                   ds={"fp16": {"enabled": True}, "zero_optimization": {"stage": stage}}))
     if stage == 0:
         with pytest.raises(UserError, match="fp16 with zero_optimization.stage 0 does not learn .*#8393.*stage to 1"):
@@ -328,7 +357,7 @@ def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digi
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path, digits_root):
-    config = dist_config(tmp_path, "dead", digits_root=digits_root,
+    config = dist_config(tmp_path, "dead", data_root=digits_root,
                          train={"epochs": 50, "collective_timeout_s": 30})
     env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(WORLD)}
     procs = [subprocess.Popen([sys.executable, "-m", "jrcl_fast", "train", "--config", str(config)], cwd=REPO,
