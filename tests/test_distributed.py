@@ -276,8 +276,9 @@ def test_killed_launcher_job_resumes_on_the_same_trajectory(two_rank_run, tmp_pa
 @pytest.mark.slow
 def test_two_ranks_select_and_stop_early_on_one_validation_score(tmp_path, mnist_root):
     """Selection under data parallelism. Each rank evaluates its shard of the validation split
-    and the trainer gathers the score; were a rank to choose on its own shard, the ranks would
-    stop at different epochs (a hang) or report their test shards with different epochs' weights.
+    and the predictions are gathered into one score; were a rank to choose on another score, the
+    ranks would stop at different epochs (the job fails or hangs) or report their test shards with
+    different epochs' weights.
     A constant, high learning rate with strong weight decay makes the validation curve noisy,
     so patience 1 stops the run within a few epochs, on an epoch that is not the selected one."""
     config = dist_config(tmp_path, "select", base="mnist_lt", data_root=mnist_root, data={"image_size": 8},
