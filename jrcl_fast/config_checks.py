@@ -84,9 +84,25 @@ def double_rebalancing(cfg: Config) -> str | None:
     return None
 
 
+def losses_on_frozen_heads(cfg: Config) -> str | None:
+    if cfg.train.trainable != "classifier":
+        return None
+    frozen_only = [key for key, reaches_frozen_only in (
+        ("loss.lambda_bin", cfg.loss.lambda_bin > 0),  # the binary head's CE
+        ("loss.lambda_con", cfg.loss.lambda_con > 0  # reaches the classifier only through prototypes made of it
+         and not (cfg.model.prototypes == "classifier" and cfg.loss.use_prototypes)),
+        ("loss.lambda_bdc", cfg.loss.lambda_bdc > 0 and cfg.loss.bdc_stop_grad == "classifier"),
+    ) if reaches_frozen_only]
+    if frozen_only:
+        return (f"key 'train.trainable' is classifier, so {', '.join(repr(k) for k in frozen_only)} weigh losses "
+                "whose gradients reach only frozen weights: they train nothing and cost time; set them to 0")
+    return None
+
+
 ERRORS: tuple[Check, ...] = (warmup_outlasts_training, classifier_stage_without_features)
 WARNINGS: tuple[Check, ...] = (warmup_is_the_whole_run, patience_outlasts_training, extra_views_unused,
-                               prototype_head_unused, bdc_stop_grad_unused, normal_group_unused, double_rebalancing)
+                               prototype_head_unused, bdc_stop_grad_unused, normal_group_unused, double_rebalancing,
+                               losses_on_frozen_heads)
 
 
 def check_combinations(cfg: Config, source: str) -> None:

@@ -33,11 +33,26 @@ def test_a_warmup_longer_than_training_is_an_error():
     (["loss.bdc_stop_grad=classifier", "loss.lambda_bdc=0"], r"no BDC gradient to stop"),
     (["data.normal_classes=['0']", "loss.lambda_bdc=0", "loss.lambda_bin=0"], r"no loss uses the normal group"),
     (["loss.logit_adjust_tau=1.0", "data.sampler=class_balanced"], r"over-correct"),
+    # cRT with the config's auxiliary losses left on: free prototypes, so O2A reaches no trainable weight
+    (["train.trainable=classifier", "train.init_from=ce/checkpoints"],
+     r"'train\.trainable' is classifier, so 'loss\.lambda_bin', 'loss\.lambda_con' weigh losses whose gradients "
+     r"reach only frozen weights"),
+    (["train.trainable=classifier", "train.init_from=ce/checkpoints", "loss.lambda_con=0", "data.num_views=1",
+      "loss.bdc_stop_grad=classifier"], r"so 'loss\.lambda_bin', 'loss\.lambda_bdc' weigh"),
 ])
 def test_keys_that_do_nothing_together_warn_once(overrides, message):
     with pytest.warns(ConfigWarning, match=message) as caught:
         load_config(DIGITS, overrides)
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
+
+
+def test_a_classifier_stage_whose_losses_reach_the_classifier_does_not_warn():
+    """BDC (not stopped at the classifier) and O2A with prototypes made of the classifier's
+    weights both train it: only the binary head's CE is left to switch off."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config(DIGITS, ["train.trainable=classifier", "train.init_from=ce/checkpoints", "loss.lambda_bin=0",
+                             "model.prototypes=classifier"])
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -94,10 +94,26 @@ def test_mismatches_are_user_errors(first_stage, tmp_path):
     wider = dataclasses.replace(cfg, model=dataclasses.replace(small_model_config(), projection_dim=16))
     with pytest.raises(UserError, match="another model section"):
         init_from(JRCLNet(wider.model, 10), second_stage(wider, checkpoints), CLASSES)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match=r"^train\.init_from \S*nowhere holds no checkpoint; point it at a run's "
+                                        r"checkpoints/ folder"):
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "nowhere"), CLASSES)
+    with pytest.raises(UserError, match=rf"^train\.init_from \S*ce holds no checkpoint; point it at {checkpoints}, "
+                                        "that run's checkpoints$"):  # the run folder, the likeliest slip
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints.parent), CLASSES)
     with pytest.raises(UserError, match="train.init_from"):
         load_config(REPO / "configs" / "mnist_lt.yaml", ["train.trainable=classifier"])
+
+
+@pytest.mark.parametrize("key,value", [("name", "digits_lt"), ("split_seed", 1), ("test_fraction", 0.2),
+                                       ("imbalance_ratio", 10.0)])
+def test_a_first_stage_on_other_splits_is_refused(first_stage, key, value):
+    """Its training images may be this run's validation or test images (another split_seed
+    of animal-lt put 377 of the 2,000 test images in the first stage's training split)."""
+    cfg, _, checkpoints = first_stage
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{key: value}))
+    with pytest.raises(UserError, match=rf"was trained with data\.{key} \S+, this run has {value}: .* use the same "
+                                        rf"data\.{key}$"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(other, checkpoints), CLASSES)
 
 
 def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):

@@ -15,12 +15,15 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from jrcl_fast.checkpoint import REVISION_KEY, read_selected_model_states
-from jrcl_fast.config import Config, parse_config
+from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, latest_tag, read_selected_model_states
+from jrcl_fast.config import Config, DataConfig, parse_config
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet, check_architecture
 
 CLASSIFIER = "classifier"  # the JRCLNet submodule the classifier-only stage trains
+# The data keys that decide which image lands in which split: a first stage trained on
+# another split may have trained on this run's validation or test images.
+SPLIT_KEYS = ("name", "split_seed", "test_fraction", "imbalance_ratio")
 
 
 def keep_eval(module: nn.Module) -> None:
@@ -37,7 +40,12 @@ def _to_eval(module: nn.Module, inputs: tuple) -> None:
 
 
 def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str, Tensor]:
-    """The weights of the epoch the run at `source` selected, checked to fit `cfg`'s network."""
+    """The weights of the epoch the run at `source` selected, checked to fit `cfg`'s network
+    and to come from the same splits of the same data set."""
+    if not (latest_tag(source) or (source / MODEL_STATES).is_file() or source.is_file()):
+        hint = (f"point it at {source / CHECKPOINT_DIR}, that run's checkpoints" if (source / CHECKPOINT_DIR).is_dir()
+                else "point it at a run's checkpoints/ folder (its train.output_dir/checkpoints) after an epoch")
+        raise UserError(f"train.init_from {source} holds no checkpoint; {hint}")
     saved = read_selected_model_states(source)
     if not isinstance(saved, dict) or "config" not in saved or "module" not in saved:
         raise UserError(f"train.init_from {source} is not a jrcl-fast run's checkpoint; "
@@ -46,10 +54,22 @@ def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str
         raise UserError(f"train.init_from {source} was trained on other classes than {cfg.data.name}'s; "
                         "start from a run on the same data set")
     check_architecture(saved.get(REVISION_KEY), cfg.model, f"train.init_from {source}")
-    if parse_config(saved["config"], str(source)).model != cfg.model:
+    first_stage = parse_config(saved["config"], str(source))
+    check_same_splits(first_stage.data, cfg.data, source)
+    if first_stage.model != cfg.model:
         raise UserError(f"train.init_from {source} was trained with another model section; "
                         "use the same model.* keys as that run")
     return saved["module"]
+
+
+def check_same_splits(first_stage: DataConfig, data: DataConfig, source: Path) -> None:
+    """Refuse a first stage whose training split may hold this run's held-out images."""
+    for key in SPLIT_KEYS:
+        theirs, ours = getattr(first_stage, key), getattr(data, key)
+        if theirs != ours:
+            raise UserError(f"train.init_from {source} was trained with data.{key} {theirs}, this run has {ours}: "
+                            "its training images may be this run's validation or test images; use the same "
+                            f"data.{key}")
 
 
 def freeze_all_but_classifier(model: JRCLNet) -> None:
