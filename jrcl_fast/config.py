@@ -48,7 +48,8 @@ class DecoderConfig:
 @dataclass
 class DataConfig:
     name: str
-    # Folder of the data set as published. For digits_lt, the cache folder it is written to.
+    # Folder of the data set as published. For the embedded sets (digits_lt, mnist_lt,
+    # animal_lt), the cache folder they are written to.
     root: str
     image_size: int = 224
     num_views: int = 2
@@ -57,10 +58,10 @@ class DataConfig:
     # Loader worker processes (torch) or threads (DALI) per rank. None (the default): the
     # cores available to this process divided among the node's local ranks (cores.py).
     num_workers: int | None = None
-    # digits_lt and mnist_lt: exponential long-tail profile, head/tail ratio of training counts.
+    # The embedded sets: exponential long-tail profile, head/tail ratio of training counts.
     imbalance_ratio: float = 50.0
-    test_fraction: float = 0.3  # digits_lt only; mnist_lt has fixed per-class splits
-    split_seed: int = 0
+    test_fraction: float = 0.3  # digits_lt only; mnist_lt and animal_lt hold out fixed counts per class
+    split_seed: int = 0  # the embedded sets: which images go to which split
     # Normal group G of the BDC loss, by class name. None: the data set's own normal
     # class (No Finding for CXR-LT) or else the many-shot classes.
     normal_classes: list[str] | None = None
@@ -331,10 +332,19 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
         resolve_paths(raw, Path.cwd())
         source = f"{source} with --set overrides"
     config = _build(Config, raw, source, "")
+    check_values(config, source)
+    check_combinations(config, source)
+    return config
+
+
+def check_values(config: Config, source: str) -> None:
+    """The bounds a key's type cannot say, alone or against another key."""
     if config.data.few_shot_max > config.data.many_shot_min:
         raise UserError(f"{source}: key 'data.few_shot_max' must not exceed 'data.many_shot_min'")
     if not 0 < config.data.test_fraction < 1:
         raise UserError(f"{source}: key 'data.test_fraction' must lie strictly between 0 and 1")
+    if config.data.split_seed < 0:
+        raise UserError(f"{source}: key 'data.split_seed' must be 0 or more")
     if config.data.imbalance_ratio < 1:
         raise UserError(f"{source}: key 'data.imbalance_ratio' is the head/tail count ratio and must be at least 1")
     if config.optim.min_lr > config.optim.lr:
@@ -345,8 +355,6 @@ def parse_config(raw: Any, source: str, overrides: list[str] = ()) -> Config:
     if config.loss.bdc_stop_grad == "binary" and config.loss.lambda_bin == 0:
         raise UserError(f"{source}: key 'loss.bdc_stop_grad' binary with 'loss.lambda_bin' 0 leaves the binary head "
                         "untrained; set loss.lambda_bin above 0 or choose another loss.bdc_stop_grad")
-    check_combinations(config, source)
-    return config
 
 
 def config_to_dict(config: Config) -> dict:

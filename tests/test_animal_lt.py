@@ -87,6 +87,15 @@ def test_counts_normal_head_ratio_100_and_balanced_val_test(dataset):
     assert np.bincount(dataset.test.labels, minlength=10).tolist() == [200] * 10
 
 
+def test_a_ratio_too_low_for_the_smallest_class_names_the_key(arrays):
+    """At ratio 2 the second class down the tail asks for more training images than it
+    has once copies are dropped and 250 are held out: a user error, not a ValueError."""
+    images, labels = arrays
+    with pytest.raises(UserError, match=r"^data\.imbalance_ratio is too low for this data set: class \d+ has \d+ "
+                                        r"images, too few for \d+ train, 50 val and 200 test; raise it$"):
+        animal_lt.splits(images, labels, 2.0, seed=0)
+
+
 def test_splits_are_the_packages_images_and_disjoint(arrays, dataset):
     images, labels = arrays
     seen = []

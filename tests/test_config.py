@@ -46,6 +46,7 @@ def test_overrides_are_typed_and_applied(tmp_path):
         ("data: [1, 2]\n", r"c\.yaml: section 'data' must be a mapping"),
         ("data: {name: digits_lt, root: x\n", r"c\.yaml line \d+: not valid YAML"),
         ("data: {name: digits_lt, root: x, imbalance_ratio: 0.5}\n", r"'data\.imbalance_ratio' .* at least 1"),
+        ("data: {name: digits_lt, root: x, split_seed: -1}\n", r"c\.yaml: key 'data\.split_seed' must be 0 or more$"),
         ("data: {name: digits_lt, root: x}\noptim: {lr: 0.1, min_lr: 0.2}\n", r"'optim\.min_lr' must not exceed"),
         ("data: {name: digits_lt, root: x, few_shot_max: -1}\n", r"'data\.few_shot_max' must not be negative"),
     ],

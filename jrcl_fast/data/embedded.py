@@ -19,6 +19,7 @@ from PIL import Image
 
 from jrcl_fast.data.filelist import read_file_list, write_file_list
 from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
+from jrcl_fast.errors import UserError
 
 # The last list a write produces: its presence means the folder is complete.
 COMPLETE_MARKER = "test.txt"
@@ -47,7 +48,8 @@ def held_out_splits(labels: np.ndarray, train_counts: list[int], val: int, test:
         idx = rng.permutation(np.flatnonzero(labels == c))
         pool = len(idx) - val - test
         if count > pool:
-            raise ValueError(f"class {c} has {len(idx)} images, too few for {count} train, {val} val and {test} test")
+            raise UserError(f"data.imbalance_ratio is too low for this data set: class {c} has {len(idx)} images, "
+                            f"too few for {count} train, {val} val and {test} test; raise it")
         splits["train"] += [(int(i), c) for i in idx[:count]]
         splits["val"] += [(int(i), c) for i in idx[pool:pool + val]]
         splits["test"] += [(int(i), c) for i in idx[pool + val:]]
