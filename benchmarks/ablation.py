@@ -549,7 +549,7 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
                         for key, _ in METRICS} for v in shown}
     compared = comparisons(runs, shown)
-    scope = "" if len(shown) == len(study) else f"; so far {len(shown)} of {len(study)} variants: those done on all"
+    scope = "" if len(shown) == len(study) else f"; so far {len(shown)} of {len(study)} variants, each on every seed"
     lines = show_table(console, f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds "
                        f"{args.seeds} (%){scope}", ["variant", "weights (chosen on val)",
                                                     *(label for _, label in METRICS)],
