@@ -69,31 +69,39 @@ def run_dir_of(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_model_states(path: Path) -> dict[str, Any]:
-    """The weights file of a checkpoint: `path` is a run's checkpoints/ folder (its
-    latest tag), a tag folder, or the weights file itself."""
+def read_model_states(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
+    """The weights file of a checkpoint, with its client state: `path` is a run's
+    checkpoints/ folder (its latest tag), a tag folder, or the weights file itself.
+    `option` names the argument or key that gave `path`, for the user's errors."""
+    weights = path
     if path.is_dir():
         tag = latest_tag(path)
-        path = path / tag / MODEL_STATES if tag else path / MODEL_STATES
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass --checkpoint RUN/checkpoints "
-                        "(train.output_dir/checkpoints) of a run that finished an epoch")
+        weights = path / tag / MODEL_STATES if tag else path / MODEL_STATES
+    if not weights.is_file():
+        # A run folder is the likeliest slip: name its checkpoints/ folder.
+        hint = (f"point it at {path / CHECKPOINT_DIR}, that run's checkpoints" if (path / CHECKPOINT_DIR).is_dir()
+                else f"point it at a run's {CHECKPOINT_DIR}/ folder (its train.output_dir/{CHECKPOINT_DIR}) "
+                     "after an epoch")
+        raise UserError(f"{option} {path} {'holds no checkpoint' if path.exists() else 'does not exist'}; {hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(weights, map_location="cpu", weights_only=False)
     except Exception as err:  # a foreign or damaged file: say which, not a pickle traceback
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
+        raise UserError(f"{option} {path}: {weights} cannot be read ({type(err).__name__}); "
                         "it is not a jrcl-fast checkpoint") from None
+    if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
+        raise UserError(f"{option} {path} holds no weights and config; it is not a jrcl-fast checkpoint")
+    return saved
 
 
-def read_selected_model_states(path: Path) -> dict[str, Any]:
+def read_selected_model_states(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
     """Like read_model_states, but a run's checkpoints/ folder gives the weights of the
     epoch its run selected (train.select_on), with the latest epoch's account of the choice."""
-    saved = read_model_states(path)
-    selection = saved.get(SELECTION_KEY) if isinstance(saved, dict) else None
+    saved = read_model_states(path, option)
+    selection = saved.get(SELECTION_KEY)
     if path.is_dir() and latest_tag(path) and selection and selection["best_epoch"] != saved["epochs_done"]:
         tag = path / epoch_tag(selection["best_epoch"])
         if not tag.is_dir():
-            raise UserError(f"checkpoint {path}: the folder of the selected epoch {selection['best_epoch']} ({tag}) "
-                            "is missing; pass --checkpoint with another epoch's folder to evaluate that epoch")
-        return {**read_model_states(tag), SELECTION_KEY: selection}
+            raise UserError(f"{option} {path}: the folder of the selected epoch {selection['best_epoch']} ({tag}) "
+                            f"is missing; point {option} at another epoch's folder to use that epoch")
+        return {**read_model_states(tag, option), SELECTION_KEY: selection}
     return saved

@@ -118,8 +118,6 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.runtime import Ranks, select_device
 
     saved = read_selected_model_states(args.checkpoint)
-    if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
-        raise UserError(f"checkpoint {args.checkpoint} holds no weights and config; it is not a jrcl-fast checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
     check_architecture(saved.get(REVISION_KEY), cfg.model, f"checkpoint {args.checkpoint}")
     dataset = load_dataset(cfg.data)

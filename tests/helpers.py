@@ -116,3 +116,22 @@ def one_epoch_run(tmp_path: Path, base: str, data_root: Path) -> tuple[subproces
     done = run_cli("train", "--config", str(config))
     assert done.returncode == 0, done.stderr
     return done, json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def train_until_killed(cfg, dataset, monkeypatch) -> None:
+    """Train `cfg` and stop it right after epoch 1's checkpoint is written, as a kill would."""
+    import pytest
+    from rich.console import Console
+
+    from jrcl_fast.engine import trainer
+
+    save_epoch = trainer.save_epoch
+
+    def stop_after_epoch_1(run, epochs_done):
+        save_epoch(run, epochs_done)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer, "save_epoch", stop_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg, dataset, False, False, Console(quiet=True))

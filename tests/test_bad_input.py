@@ -114,7 +114,12 @@ def test_batch_larger_than_train_split(tmp_path, digits_root):
 
 
 def test_eval_of_missing_or_foreign_checkpoint(tmp_path):
-    assert_user_error(run_cli("eval", "--checkpoint", str(tmp_path / "none.pt")), "does not exist")
+    assert_user_error(run_cli("eval", "--checkpoint", str(tmp_path / "none.pt")),
+                      f"--checkpoint {tmp_path / 'none.pt'} does not exist; point it at a run's checkpoints/ folder")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run folder, the likeliest slip
+    assert_user_error(run_cli("eval", "--checkpoint", str(tmp_path / "run")),
+                      f"--checkpoint {tmp_path / 'run'} holds no checkpoint; point it at "
+                      f"{tmp_path / 'run' / 'checkpoints'}, that run's checkpoints")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert_user_error(run_cli("eval", "--checkpoint", str(junk)), "is not a jrcl-fast checkpoint")

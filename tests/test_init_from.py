@@ -4,14 +4,18 @@ statistics included), re-initialises the classifier and trains it alone."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli, tiny_config
+from helpers import REPO, run_cli, tiny_config, train_until_killed
+from rich.console import Console
 
 from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, commit_latest, read_model_states
 from jrcl_fast.config import ModelConfig, config_to_dict, load_config
+from jrcl_fast.data.catalog import load_dataset
+from jrcl_fast.engine import trainer
 from jrcl_fast.engine.init_from import init_from
 from jrcl_fast.engine.optim import build_optimizer
 from jrcl_fast.errors import UserError
@@ -94,9 +98,16 @@ def test_mismatches_are_user_errors(first_stage, tmp_path):
     wider = dataclasses.replace(cfg, model=dataclasses.replace(small_model_config(), projection_dim=16))
     with pytest.raises(UserError, match="another model section"):
         init_from(JRCLNet(wider.model, 10), second_stage(wider, checkpoints), CLASSES)
-    with pytest.raises(UserError, match=r"^train\.init_from \S*nowhere holds no checkpoint; point it at a run's "
+    with pytest.raises(UserError, match=r"^train\.init_from \S*nowhere does not exist; point it at a run's "
                                         r"checkpoints/ folder"):
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "nowhere"), CLASSES)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^train\.init_from \S*empty holds no checkpoint; point it at a run's "
+                                        r"checkpoints/ folder"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "empty"), CLASSES)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match=r"^train\.init_from \S*foreign\.pt holds no weights and config; it is not "):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "foreign.pt"), CLASSES)
     with pytest.raises(UserError, match=rf"^train\.init_from \S*ce holds no checkpoint; point it at {checkpoints}, "
                                         "that run's checkpoints$"):  # the run folder, the likeliest slip
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints.parent), CLASSES)
@@ -141,3 +152,27 @@ def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
     ce, crt = (json.loads((tmp_path / stage / "run" / "results.json").read_text()) for stage in ("ce", "crt"))
     assert crt["balanced_accuracy"] > ce["balanced_accuracy"]
     assert crt["shot_accuracy"]["few"] > ce["shot_accuracy"]["few"]
+
+
+def test_a_crt_run_resumes_after_its_first_stage_is_gone(tmp_path, digits_root, monkeypatch):
+    """A resumed classifier-only stage takes every weight from its own checkpoint: it goes
+    on with the first stage's folder deleted, its backbone still the first stage's."""
+    def load(stage, **train):
+        (tmp_path / stage).mkdir(exist_ok=True)
+        return load_config(tiny_config(tmp_path / stage, digits_root, loss=CE_ONLY,
+                                       train={"epochs": 2, "batch_size": 64, "threads": 1, **train}))
+
+    ce_cfg = load("ce", epochs=1)
+    dataset = load_dataset(ce_cfg.data)
+    trainer.train(ce_cfg, dataset, False, False, Console(quiet=True))
+    ce_weights = read_model_states(tmp_path / "ce" / "run" / CHECKPOINT_DIR)["module"]
+    crt_cfg = load("crt", trainable="classifier", init_from=str(tmp_path / "ce" / "run" / CHECKPOINT_DIR))
+    train_until_killed(crt_cfg, dataset, monkeypatch)
+    after_epoch_1 = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR)["module"]
+    shutil.rmtree(tmp_path / "ce")
+    model, _, _ = trainer.train(crt_cfg, dataset, True, False, Console(quiet=True))
+    for key, value in model.state_dict().items():
+        if key.startswith("classifier."):
+            assert not torch.equal(value, after_epoch_1[key]), key  # epoch 2 trained it
+        else:
+            assert torch.equal(value, ce_weights[key]), key  # frozen, BatchNorm statistics included

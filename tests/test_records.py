@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, train_until_killed
 from rich.console import Console
 
 from jrcl_fast.engine.records import MetricsFiles, ProgressSink, RecordSink, RunInfo, build_records
@@ -193,16 +193,7 @@ def test_resume_may_turn_loggers_on_but_not_change_the_training(tmp_path, digits
     config = tiny_config(tmp_path, digits_root, train={"epochs": 2, "batch_size": 64, "threads": 1})
     cfg = load_config(config)
     dataset = load_dataset(cfg.data)
-    save_epoch = trainer.save_epoch
-
-    def stop_after_epoch_1(run, epochs_done):
-        save_epoch(run, epochs_done)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patched:
-        patched.setattr(trainer, "save_epoch", stop_after_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train(cfg, dataset, False, False, Console(quiet=True))
+    train_until_killed(cfg, dataset, monkeypatch)
     with pytest.raises(UserError, match="--resume: the config differs"):
         trainer.train(load_config(config, ["optim.lr=0.01"]), dataset, True, False, Console(quiet=True))
     # another worker count is accepted (checked, not trained: workers would fork this process after DALI's threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, latest_tag, read_selected_model_states
+from jrcl_fast.checkpoint import REVISION_KEY, read_selected_model_states
 from jrcl_fast.config import Config, DataConfig, parse_config
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet, check_architecture
@@ -42,14 +42,7 @@ def _to_eval(module: nn.Module, inputs: tuple) -> None:
 def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str, Tensor]:
     """The weights of the epoch the run at `source` selected, checked to fit `cfg`'s network
     and to come from the same splits of the same data set."""
-    if not (latest_tag(source) or (source / MODEL_STATES).is_file() or source.is_file()):
-        hint = (f"point it at {source / CHECKPOINT_DIR}, that run's checkpoints" if (source / CHECKPOINT_DIR).is_dir()
-                else "point it at a run's checkpoints/ folder (its train.output_dir/checkpoints) after an epoch")
-        raise UserError(f"train.init_from {source} holds no checkpoint; {hint}")
-    saved = read_selected_model_states(source)
-    if not isinstance(saved, dict) or "config" not in saved or "module" not in saved:
-        raise UserError(f"train.init_from {source} is not a jrcl-fast run's checkpoint; "
-                        "point it at a finished run's checkpoints/ folder")
+    saved = read_selected_model_states(source, "train.init_from")
     if saved.get("class_names") != class_names:
         raise UserError(f"train.init_from {source} was trained on other classes than {cfg.data.name}'s; "
                         "start from a run on the same data set")
@@ -82,15 +75,19 @@ def freeze_all_but_classifier(model: JRCLNet) -> None:
         param.requires_grad_(False)
 
 
-def init_from(model: JRCLNet, cfg: Config, class_names: list[str]) -> None:
+def init_from(model: JRCLNet, cfg: Config, class_names: list[str], resuming: bool = False) -> None:
     """Load train.init_from's selected weights into `model` (fresh, random) and, with
     train.trainable=classifier, freeze all but the classifier, which keeps its fresh
-    initialisation. Does nothing without train.init_from."""
+    initialisation. A resumed run only freezes: its own checkpoint holds every weight, and
+    the first stage may be gone by then. Does nothing without train.init_from."""
     if cfg.train.init_from is None:
+        return
+    if cfg.train.trainable == CLASSIFIER:
+        freeze_all_but_classifier(model)
+    if resuming:
         return
     weights = saved_weights(Path(cfg.train.init_from), cfg, class_names)
     if cfg.train.trainable == CLASSIFIER:
         weights = {k: v for k, v in weights.items() if not k.startswith(f"{CLASSIFIER}.")}
-        freeze_all_but_classifier(model)
     # The model sections are equal, so only the classifier's keys can be missing.
     model.load_state_dict(weights, strict=cfg.train.trainable != CLASSIFIER)

@@ -129,7 +129,7 @@ def trained_config(cfg: Config) -> dict[str, Any]:
 def check_resume(cfg: Config, ckpt_dir: Path) -> dict[str, Any]:
     """The latest checkpoint's model states, once they are known to continue `cfg`:
     checked before anything is built, and before the engine loads the weights."""
-    saved = read_model_states(ckpt_dir)
+    saved = read_model_states(ckpt_dir, "--resume")
     # Parsed again, so that keys added since the checkpoint take their defaults.
     if trained_config(parse_config(saved["config"], str(ckpt_dir))) != trained_config(cfg):
         raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
@@ -157,15 +157,17 @@ def build_train_data(cfg: Config, dataset: LongTailedDataset, ranks: Ranks) -> t
 
 def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_classes: int,
                          train_counts: np.ndarray, normal_mask: np.ndarray, steps_per_epoch: int,
-                         console: Console | None = None, class_names: list[str] = ()) -> TrainingStack:
+                         console: Console | None = None, class_names: list[str] = (),
+                         resuming: bool = False) -> TrainingStack:
     """The model (seeded with train.seed), its optimizer and schedule, the engine for this
     run (backends.build_engine) and the objective; each phase shown on `console`. With
     train.init_from the model starts from that run's weights (`class_names` checked against
-    it), frozen as train.trainable says, before the optimizer sees its parameters."""
+    it), frozen as train.trainable says, before the optimizer sees its parameters; `resuming`
+    only freezes, as the engine then loads every weight from the run's own checkpoint."""
     torch.manual_seed(cfg.train.seed)
     with phase(console, "model") as shown:
         model = JRCLNet(cfg.model, num_classes).to(device)
-        init_from(model, cfg, list(class_names))
+        init_from(model, cfg, list(class_names), resuming)
         shown.detail = (f"{cfg.model.backbone}, {num_classes:,} classes, "
                         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}")
     with phase(console, "engine") as shown:
@@ -203,7 +205,7 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
         workers, why = workers_per_rank(cfg.data.num_workers)
         shown.detail = f"{cfg.data.loader}, {workers} workers per rank ({why})"
     stack = build_training_stack(cfg, ranks, device, dataset.num_classes, dataset.train_counts,
-                                 groups.normal_mask, steps, console, dataset.class_names)
+                                 groups.normal_mask, steps, console, dataset.class_names, resume)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
               epochs_done=saved.get("epochs_done", 0), resumed=resume)
     resume_or_start_over(run, console)
