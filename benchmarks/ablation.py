@@ -146,7 +146,8 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
     """The jrcl-fast command that brings the run in `out_dir` to results.json from where it is:
     evaluate a finished training, resume an unfinished one, or start it."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    saved = read_model_states(ckpt_dir) if latest_tag(ckpt_dir) else None
+    saved = read_model_states(ckpt_dir, "--out", fix=f"delete {out_dir} to run it again") if latest_tag(ckpt_dir) \
+        else None
     if saved is not None and (saved["epochs_done"] == saved["config"]["train"]["epochs"]
                               or saved[SELECTION_KEY]["stopped_early"]):
         return [sys.executable, "-m", "jrcl_fast", "eval", "--checkpoint", str(ckpt_dir), "--output-dir", str(out_dir)]
@@ -480,9 +481,11 @@ class Study:
     def check_first_stages(self, ready: list[tuple[Task, dict[str, object], Path]]) -> None:
         """A second stage starts from its first stage's checkpoint, which the ledger does not
         keep: refuse, naming every such first-stage run, before starting any run (of `ready`:
-        tasks with their settings and folders) that needs one."""
-        lost = [self.ledger.key(self.folders[t.variant.after] / f"seed{t.seed}") for t, settings, _ in ready
-                if t.variant.after and not Path(str(settings["train.init_from"])).exists()]
+        tasks with their settings and folders) that needs one. A second stage with an epoch
+        done needs it no more: it resumes from its own checkpoint."""
+        lost = [self.ledger.key(self.folders[t.variant.after] / f"seed{t.seed}") for t, settings, folder in ready
+                if t.variant.after and not latest_tag(folder / CHECKPOINT_DIR)
+                and not Path(str(settings["train.init_from"])).exists()]
         if lost:
             raise ValueError(f"{', '.join(lost)} (in {self.args.out}) must be trained again: a second stage starts "
                              f"from their checkpoints, which are not on this machine; delete them under \"runs\" in "

@@ -53,7 +53,8 @@ def commit_latest(save_dir: Path, tag: str, keep: str | None = None) -> None:
 
 def latest_tag(save_dir: Path) -> str | None:
     path = save_dir / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    # Decoded leniently: a damaged `latest` then names a missing tag, which readers report.
+    return path.read_bytes().decode(errors="replace").strip() if path.is_file() else None
 
 
 def save_model_states(path: Path, state: dict[str, Any]) -> None:
@@ -69,39 +70,44 @@ def run_dir_of(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_model_states(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
+def read_model_states(path: Path, option: str, fix: str | None = None) -> dict[str, Any]:
     """The weights file of a checkpoint, with its client state: `path` is a run's
-    checkpoints/ folder (its latest tag), a tag folder, or the weights file itself.
-    `option` names the argument or key that gave `path`, for the user's errors."""
-    weights = path
-    if path.is_dir():
-        tag = latest_tag(path)
-        weights = path / tag / MODEL_STATES if tag else path / MODEL_STATES
+    checkpoints/ folder (its latest tag), a tag folder, or the weights file itself. The
+    user's errors name `option`, the argument or key that gave `path`; `fix` replaces the
+    advice for an incomplete or foreign checkpoint (default: point `option` elsewhere)."""
+    tag = latest_tag(path) if path.is_dir() else None
+    weights = path / tag / MODEL_STATES if tag else path / MODEL_STATES if path.is_dir() else path
+    if tag and not weights.is_file():
+        raise UserError(f"{option} {path}: its latest epoch's weights, {weights}, are missing; "
+                        f"{fix or f'point {option} at another epoch folder in {path}'}")
     if not weights.is_file():
-        # A run folder is the likeliest slip: name its checkpoints/ folder.
-        hint = (f"point it at {path / CHECKPOINT_DIR}, that run's checkpoints" if (path / CHECKPOINT_DIR).is_dir()
+        run = path / CHECKPOINT_DIR  # a run folder is the likeliest slip
+        hint = (f"point it at {run}, that run's checkpoints" if latest_tag(run)
                 else f"point it at a run's {CHECKPOINT_DIR}/ folder (its train.output_dir/{CHECKPOINT_DIR}) "
                      "after an epoch")
         raise UserError(f"{option} {path} {'holds no checkpoint' if path.exists() else 'does not exist'}; {hint}")
+    named = f"{option} {path}" + (f": {weights}" if weights != path else "")
+    fix = fix or f"point {option} at a jrcl-fast run's {CHECKPOINT_DIR}/ folder"
     try:
         saved = torch.load(weights, map_location="cpu", weights_only=False)
     except Exception as err:  # a foreign or damaged file: say which, not a pickle traceback
-        raise UserError(f"{option} {path}: {weights} cannot be read ({type(err).__name__}); "
-                        "it is not a jrcl-fast checkpoint") from None
+        raise UserError(f"{named} cannot be read ({type(err).__name__}): it is not a jrcl-fast checkpoint, "
+                        f"or a damaged one; {fix}") from None
     if not isinstance(saved, dict) or not {"module", "config"} <= saved.keys():
-        raise UserError(f"{option} {path} holds no weights and config; it is not a jrcl-fast checkpoint")
+        raise UserError(f"{named} is not a jrcl-fast checkpoint (no 'module' and 'config' entries); {fix}")
     return saved
 
 
-def read_selected_model_states(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
+def read_selected_model_states(path: Path, option: str) -> dict[str, Any]:
     """Like read_model_states, but a run's checkpoints/ folder gives the weights of the
     epoch its run selected (train.select_on), with the latest epoch's account of the choice."""
     saved = read_model_states(path, option)
     selection = saved.get(SELECTION_KEY)
     if path.is_dir() and latest_tag(path) and selection and selection["best_epoch"] != saved["epochs_done"]:
         tag = path / epoch_tag(selection["best_epoch"])
-        if not tag.is_dir():
-            raise UserError(f"{option} {path}: the folder of the selected epoch {selection['best_epoch']} ({tag}) "
-                            f"is missing; point {option} at another epoch's folder to use that epoch")
+        if not (tag / MODEL_STATES).is_file():
+            raise UserError(f"{option} {path}: the weights of the selected epoch {selection['best_epoch']} "
+                            f"({tag / MODEL_STATES}) are missing; point {option} at another epoch folder in {path} "
+                            "to use that epoch")
         return {**read_model_states(tag, option), SELECTION_KEY: selection}
     return saved

@@ -117,9 +117,9 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     from jrcl_fast.models import JRCLNet, check_architecture
     from jrcl_fast.runtime import Ranks, select_device
 
-    saved = read_selected_model_states(args.checkpoint)
+    saved = read_selected_model_states(args.checkpoint, "--checkpoint")
     cfg = parse_config(saved["config"], str(args.checkpoint), args.overrides)
-    check_architecture(saved.get(REVISION_KEY), cfg.model, f"checkpoint {args.checkpoint}")
+    check_architecture(saved.get(REVISION_KEY), cfg.model, f"--checkpoint {args.checkpoint}")
     dataset = load_dataset(cfg.data)
     device = select_device(cfg.train.device, Ranks())
     model = JRCLNet.to_load(cfg.model, dataset.num_classes).to(device)

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from helpers import run_cli, tiny_config
 from rich.console import Console
 
@@ -117,13 +118,30 @@ def test_eval_of_missing_or_foreign_checkpoint(tmp_path):
     assert_user_error(run_cli("eval", "--checkpoint", str(tmp_path / "none.pt")),
                       f"--checkpoint {tmp_path / 'none.pt'} does not exist; point it at a run's checkpoints/ folder")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run folder, the likeliest slip
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("epoch_0001")
     assert_user_error(run_cli("eval", "--checkpoint", str(tmp_path / "run")),
                       f"--checkpoint {tmp_path / 'run'} holds no checkpoint; point it at "
                       f"{tmp_path / 'run' / 'checkpoints'}, that run's checkpoints")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    assert_user_error(run_cli("eval", "--checkpoint", str(junk)), "is not a jrcl-fast checkpoint")
+    assert_user_error(run_cli("eval", "--checkpoint", str(junk)), f"--checkpoint {junk} cannot be read",
+                      "is not a jrcl-fast checkpoint")
+    weights_only = tmp_path / "state_dict.pt"  # a bare state dict, the likeliest foreign .pt
+    torch.save({"conv.weight": torch.zeros(1)}, weights_only)
+    assert_user_error(run_cli("eval", "--checkpoint", str(weights_only)),
+                      f"--checkpoint {weights_only} is not a jrcl-fast checkpoint (no 'module' and 'config' entries)")
 
+
+
+def test_resume_of_a_checkpoint_whose_weights_are_gone(tmp_path, digits_root):
+    from jrcl_fast.engine.run_setup import check_resume
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "latest").write_text("epoch_0002")  # its folder deleted by hand
+    with pytest.raises(UserError, match=rf"^--resume {ckpt_dir}: its latest epoch's weights, {ckpt_dir}/epoch_0002/"
+                                        r"\S+, are missing; start the run over with --overwrite$"):
+        check_resume(load_config(tiny_config(tmp_path, digits_root)), ckpt_dir)
 
 def test_diverging_run_stops_with_a_clear_message(tmp_path, digits_root):
     config = tiny_config(tmp_path, digits_root, optim={"lr": 1e12, "warmup_epochs": 0}, train={"epochs": 2})

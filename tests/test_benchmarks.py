@@ -26,6 +26,7 @@ from helpers import REPO, tiny_config
 from PIL import Image
 from scipy import stats
 
+from jrcl_fast.checkpoint import CHECKPOINT_DIR, LATEST
 from jrcl_fast.config import load_config
 from jrcl_fast.data.augment import AUGMENTATIONS
 from jrcl_fast.data.torch_loader import train_transform
@@ -473,6 +474,13 @@ def test_a_ledger_serves_one_study_and_cannot_give_a_second_stage_its_checkpoint
     with pytest.raises(ValueError, match=f"{', '.join(ce)} .* must be trained again: a second stage starts"):
         Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2)
     assert started == [] and len(ce) == 2
+    # a cRT run with an epoch done resumes from its own checkpoint: only the other seed's CE run is named
+    crt_seed0 = Study(args, study, Ledger(ledger, args.out)).folders["cRT"] / "seed0" / CHECKPOINT_DIR
+    crt_seed0.mkdir(parents=True)
+    (crt_seed0 / LATEST).write_text("epoch_0001")
+    with pytest.raises(ValueError, match=f"^{ce[1]} \\(in .* must be trained again"):
+        Study(args, study, Ledger(ledger, args.out)).runs(run, jobs=2)
+    assert started == [] and ce[1].endswith("seed1")
 
     saved["chosen"]["logit-adjusted CE"] = {"loss.logit_adjust_tau": 0.7}  # a grid that changed since
     ledger.write_text(json.dumps(saved))

@@ -106,11 +106,24 @@ def test_mismatches_are_user_errors(first_stage, tmp_path):
                                         r"checkpoints/ folder"):
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "empty"), CLASSES)
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    with pytest.raises(UserError, match=r"^train\.init_from \S*foreign\.pt holds no weights and config; it is not "):
+    with pytest.raises(UserError, match=r"^train\.init_from \S*foreign\.pt is not a jrcl-fast checkpoint \(no 'module' "
+                                        r"and 'config' entries\); point train\.init_from at a jrcl-fast run's"):
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "foreign.pt"), CLASSES)
     with pytest.raises(UserError, match=rf"^train\.init_from \S*ce holds no checkpoint; point it at {checkpoints}, "
                                         "that run's checkpoints$"):  # the run folder, the likeliest slip
         init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints.parent), CLASSES)
+    (tmp_path / "unfinished" / CHECKPOINT_DIR).mkdir(parents=True)  # a run folder before its first epoch
+    with pytest.raises(UserError, match=r"^train\.init_from \S*unfinished holds no checkpoint; point it at a run's "
+                                        r"checkpoints/ folder \(its train\.output_dir/checkpoints\) after an epoch$"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tmp_path / "unfinished"), CLASSES)
+    (checkpoints / "latest").write_text("epoch_0009")  # names a folder that is gone
+    with pytest.raises(UserError, match=rf"^train\.init_from {checkpoints}: its latest epoch's weights, "
+                                        rf"{checkpoints}/epoch_0009/{MODEL_STATES}, are missing; point train\.init_from "
+                                        rf"at another epoch folder in {checkpoints}$"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES)
+    (checkpoints / "latest").write_bytes(b"\xffepoch")  # a damaged file: a user error, not a UnicodeDecodeError
+    with pytest.raises(UserError, match=r"^train\.init_from \S*: its latest epoch's weights, .* are missing"):
+        init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES)
     with pytest.raises(UserError, match="train.init_from"):
         load_config(REPO / "configs" / "mnist_lt.yaml", ["train.trainable=classifier"])
 
@@ -144,8 +157,8 @@ def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
                                  "init_from": str(ce_run / CHECKPOINT_DIR)})
     done = run_cli("train", "--config", str(crt_cfg))
     assert done.returncode == 0, done.stderr
-    ce_weights = read_model_states(ce_run / CHECKPOINT_DIR)["module"]
-    crt_weights = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR)["module"]
+    ce_weights = read_model_states(ce_run / CHECKPOINT_DIR, "--checkpoint")["module"]
+    crt_weights = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     assert ce_weights.keys() == crt_weights.keys()
     for key, value in ce_weights.items():
         assert torch.equal(crt_weights[key], value) != key.startswith("classifier."), key
@@ -165,12 +178,13 @@ def test_a_crt_run_resumes_after_its_first_stage_is_gone(tmp_path, digits_root, 
     ce_cfg = load("ce", epochs=1)
     dataset = load_dataset(ce_cfg.data)
     trainer.train(ce_cfg, dataset, False, False, Console(quiet=True))
-    ce_weights = read_model_states(tmp_path / "ce" / "run" / CHECKPOINT_DIR)["module"]
+    ce_weights = read_model_states(tmp_path / "ce" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     crt_cfg = load("crt", trainable="classifier", init_from=str(tmp_path / "ce" / "run" / CHECKPOINT_DIR))
     train_until_killed(crt_cfg, dataset, monkeypatch)
-    after_epoch_1 = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR)["module"]
+    after_epoch_1 = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     shutil.rmtree(tmp_path / "ce")
     model, _, _ = trainer.train(crt_cfg, dataset, True, False, Console(quiet=True))
+    assert read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["epochs_done"] == 2
     for key, value in model.state_dict().items():
         if key.startswith("classifier."):
             assert not torch.equal(value, after_epoch_1[key]), key  # epoch 2 trained it

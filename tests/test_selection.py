@@ -53,9 +53,9 @@ def test_early_stopping_keeps_the_selected_epochs_weights(tmp_path, digits_root)
 
     ckpt = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0002", "epoch_0004", "latest"]
-    selected = read_selected_model_states(ckpt)  # what `jrcl-fast eval` loads
+    selected = read_selected_model_states(ckpt, "--checkpoint")  # what `jrcl-fast eval` loads
     assert selected["epochs_done"] == 2 and selected[SELECTION_KEY] == selection
-    assert read_model_states(ckpt)["epochs_done"] == 4
+    assert read_model_states(ckpt, "--checkpoint")["epochs_done"] == 4
     with pytest.raises(UserError, match="is complete .stopped early after epoch 4"):
         train(cfg, dataset, True, False, Console(quiet=True), validate=validate)
 
@@ -90,7 +90,7 @@ def test_eval_of_another_epochs_folder_does_not_claim_the_selection(tmp_path, di
     (ckpt / "epoch_0002" / "mp_rank_00_model_states.pt").unlink()
     (ckpt / "epoch_0002").rmdir()
     done = run_cli("eval", "--checkpoint", str(ckpt))
-    assert done.returncode == 2 and "the folder of the selected epoch 2" in done.stderr
+    assert done.returncode == 2 and "the weights of the selected epoch 2" in done.stderr
 
 
 class _Interrupted(Exception):
@@ -124,7 +124,7 @@ def test_a_resumed_run_keeps_the_selection_made_before_it_stopped(tmp_path, digi
     (straight_model, _, straight_selection), straight_seen = run("straight", False)
     with pytest.raises(_Interrupted):
         run("stopped", False, stop_at=3)
-    assert read_model_states(tmp_path / "stopped" / "run" / "checkpoints")["epochs_done"] == 2
+    assert read_model_states(tmp_path / "stopped" / "run" / "checkpoints", "--checkpoint")["epochs_done"] == 2
     (model, _, selection), seen = run("stopped", True)
     assert len(seen) == 2  # epochs 3 and 4
     assert selection == straight_selection and selection["best_epoch"] == 2 and selection["best_value"] == 0.5

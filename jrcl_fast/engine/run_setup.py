@@ -129,7 +129,7 @@ def trained_config(cfg: Config) -> dict[str, Any]:
 def check_resume(cfg: Config, ckpt_dir: Path) -> dict[str, Any]:
     """The latest checkpoint's model states, once they are known to continue `cfg`:
     checked before anything is built, and before the engine loads the weights."""
-    saved = read_model_states(ckpt_dir, "--resume")
+    saved = read_model_states(ckpt_dir, "--resume", fix="start the run over with --overwrite")
     # Parsed again, so that keys added since the checkpoint take their defaults.
     if trained_config(parse_config(saved["config"], str(ckpt_dir))) != trained_config(cfg):
         raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "

@@ -125,7 +125,9 @@ def selected_model(run: Run) -> JRCLNet:
     earlier one's from the folder save() kept."""
     model = fp32_copy(run.engine.module, run.cfg, run.dataset.num_classes, run.device)
     if run.selection.best_epoch != run.selection.epochs_trained:
-        model.load_state_dict(read_model_states(run.ckpt_dir / epoch_tag(run.selection.best_epoch))["module"])
+        selected = read_model_states(run.ckpt_dir / epoch_tag(run.selection.best_epoch), "train.output_dir",
+                                     fix="start the run over with --overwrite")
+        model.load_state_dict(selected["module"])
     return model
 
 
