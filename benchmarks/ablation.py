@@ -146,8 +146,9 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
     """The jrcl-fast command that brings the run in `out_dir` to results.json from where it is:
     evaluate a finished training, resume an unfinished one, or start it."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    saved = read_model_states(ckpt_dir, "--out", fix=f"delete {out_dir} to run it again") if latest_tag(ckpt_dir) \
-        else None
+    saved = None
+    if latest_tag(ckpt_dir):
+        saved = read_model_states(ckpt_dir, "--out", fix=f"delete {out_dir} to run it again")
     if saved is not None and (saved["epochs_done"] == saved["config"]["train"]["epochs"]
                               or saved[SELECTION_KEY]["stopped_early"]):
         return [sys.executable, "-m", "jrcl_fast", "eval", "--checkpoint", str(ckpt_dir), "--output-dir", str(out_dir)]
@@ -359,8 +360,9 @@ def print_status(console: Console, rows: list[dict], total: int) -> None:
         table.add_row(row["variant"], states(row["grid"]), chosen, states(list(row["seeds"].values())))
     console.print(table)
     every = [state for row in rows for state in row["grid"] + list(row["seeds"].values())]
-    needless = f", {every.count('not needed')} not needed (their grid was settled before)" if "not needed" in every \
-        else ""
+    needless = ""
+    if "not needed" in every:
+        needless = f", {every.count('not needed')} not needed (their grid was settled before)"
     console.print(f"{every.count('done')} of {total} runs done{needless}; the unfinished ones resume when the same "
                   "command runs without --status")
 
