@@ -26,6 +26,8 @@ LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights file
 REVISION_KEY = "architecture_revision"  # of the network the weights belong to (models.jrcl_net)
 SELECTION_KEY = "selection"  # engine.selection.Selection's state: which epoch is selected
+INIT_FROM_KEY = "init_from"  # where a run's starting weights came from (engine.init_from)
+START_OVER = "start the run over with --overwrite"  # the fix for a run's own damaged checkpoints
 
 
 def epoch_tag(epochs_done: int) -> str:
@@ -76,7 +78,12 @@ def read_model_states(path: Path, option: str, fix: str | None = None) -> dict[s
     user's errors name `option`, the argument or key that gave `path`; `fix` replaces the
     advice for an incomplete or foreign checkpoint (default: point `option` elsewhere)."""
     tag = latest_tag(path) if path.is_dir() else None
-    weights = path / tag / MODEL_STATES if tag else path / MODEL_STATES if path.is_dir() else path
+    if tag:
+        weights = path / tag / MODEL_STATES
+    elif path.is_dir():
+        weights = path / MODEL_STATES
+    else:
+        weights = path
     if tag and not weights.is_file():
         raise UserError(f"{option} {path}: its latest epoch's weights, {weights}, are missing; "
                         f"{fix or f'point {option} at another epoch folder in {path}'}")

@@ -101,8 +101,8 @@ def _train(args: argparse.Namespace, console: Console) -> None:
     def validate(model: JRCLNet, device: torch.device) -> float:
         return evaluate(model, dataset, cfg, device, ranks, "val", groups)["balanced_accuracy"]
 
-    model, device, selection = train(cfg, dataset, args.resume, args.overwrite, console, ranks, validate, groups)
-    results = {**evaluate_for_report(model, dataset, cfg, device, ranks, groups), "selection": selection}
+    model, device, provenance = train(cfg, dataset, args.resume, args.overwrite, console, ranks, validate, groups)
+    results = {**evaluate_for_report(model, dataset, cfg, device, ranks, groups), **provenance}
     if ranks.is_main:
         publish(results, Path(cfg.train.output_dir), dataset.name, console)
     if dist.is_initialized():
@@ -111,7 +111,13 @@ def _train(args: argparse.Namespace, console: Console) -> None:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:
-    from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, read_selected_model_states, run_dir_of
+    from jrcl_fast.checkpoint import (
+        INIT_FROM_KEY,
+        REVISION_KEY,
+        SELECTION_KEY,
+        read_selected_model_states,
+        run_dir_of,
+    )
     from jrcl_fast.data.catalog import load_dataset
     from jrcl_fast.evaluation.evaluate import evaluate_for_report, publish
     from jrcl_fast.models import JRCLNet, check_architecture
@@ -126,7 +132,9 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
     model.load_state_dict(saved["module"])  # half-precision runs saved half weights: loaded as fp32
     results = evaluate_for_report(model, dataset, cfg, device)
     if SELECTION_KEY in saved and saved[SELECTION_KEY]["best_epoch"] == saved["epochs_done"]:
-        results["selection"] = saved[SELECTION_KEY]  # not for another epoch's folder passed by hand
+        results[SELECTION_KEY] = saved[SELECTION_KEY]  # not for another epoch's folder passed by hand
+    if saved.get(INIT_FROM_KEY):
+        results[INIT_FROM_KEY] = saved[INIT_FROM_KEY]
     publish(results, args.output_dir or run_dir_of(args.checkpoint), dataset.name, console)
 
 

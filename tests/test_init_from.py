@@ -16,7 +16,7 @@ from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, com
 from jrcl_fast.config import ModelConfig, config_to_dict, load_config
 from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.engine import trainer
-from jrcl_fast.engine.init_from import init_from
+from jrcl_fast.engine.init_from import describe_provenance, init_from
 from jrcl_fast.engine.optim import build_optimizer
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import ARCHITECTURE_REVISION, JRCLNet
@@ -29,12 +29,13 @@ def small_model_config() -> ModelConfig:
     return ModelConfig(backbone="resnet32", projection_dim=8, projection_hidden_dim=16)
 
 
-def write_run(run: Path, cfg, model: JRCLNet) -> Path:
+def write_run(run: Path, cfg, model: JRCLNet, epochs_done: int = 1) -> Path:
     """A run folder holding `model` as its one checkpoint, in the trainer's layout."""
-    tag = "epoch_0001"
+    tag = f"epoch_{epochs_done:04d}"
     (run / CHECKPOINT_DIR / tag).mkdir(parents=True)
     torch.save({"module": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASSES,
-                "epochs_done": 1, REVISION_KEY: ARCHITECTURE_REVISION}, run / CHECKPOINT_DIR / tag / MODEL_STATES)
+                "epochs_done": epochs_done, REVISION_KEY: ARCHITECTURE_REVISION},
+               run / CHECKPOINT_DIR / tag / MODEL_STATES)
     commit_latest(run / CHECKPOINT_DIR, tag)
     return run / CHECKPOINT_DIR
 
@@ -81,6 +82,26 @@ def test_classifier_stage_freezes_all_but_a_fresh_classifier(first_stage):
             assert not torch.equal(now[key], value), key
         else:  # weights and BatchNorm statistics, bit for bit
             assert torch.equal(now[key], value), key
+
+
+def test_the_provenance_names_the_epoch_and_an_unfinished_first_stage(first_stage, tmp_path):
+    """An unfinished first stage is flagged (1 of mnist-lt's epochs); a finished one is not;
+    a tag folder named by hand is the epoch chosen, with no claim about its run."""
+    cfg, ce, checkpoints = first_stage
+    assert cfg.train.epochs > 1
+    assert init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES) == {
+        "checkpoint": str(checkpoints.resolve()), "epoch": 1, "run_epochs_trained": 1, "run_complete": False}
+    assert describe_provenance(init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES)) == (
+        f"epoch 1 of {checkpoints.resolve()}, of a run that had trained only 1 epochs")
+    tag = checkpoints / "epoch_0001"
+    assert init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tag), CLASSES) == {
+        "checkpoint": str(tag.resolve()), "epoch": 1}
+    done = write_run(tmp_path / "done", cfg, ce, epochs_done=cfg.train.epochs)
+    source = init_from(JRCLNet(cfg.model, 10), second_stage(cfg, done), CLASSES)
+    assert source["run_complete"] and source["epoch"] == cfg.train.epochs
+    assert describe_provenance(source) == f"epoch {cfg.train.epochs} of {done.resolve()}"
+    fresh = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    assert init_from(JRCLNet(cfg.model, 10), fresh, CLASSES) is None
 
 
 def test_all_trainable_loads_every_weight_and_freezes_nothing(first_stage):
@@ -157,6 +178,7 @@ def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
                                  "init_from": str(ce_run / CHECKPOINT_DIR)})
     done = run_cli("train", "--config", str(crt_cfg))
     assert done.returncode == 0, done.stderr
+    assert f"from epoch 4 of {(ce_run / CHECKPOINT_DIR).resolve()}" in " ".join(done.stdout.split())
     ce_weights = read_model_states(ce_run / CHECKPOINT_DIR, "--checkpoint")["module"]
     crt_weights = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     assert ce_weights.keys() == crt_weights.keys()
@@ -165,6 +187,13 @@ def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
     ce, crt = (json.loads((tmp_path / stage / "run" / "results.json").read_text()) for stage in ("ce", "crt"))
     assert crt["balanced_accuracy"] > ce["balanced_accuracy"]
     assert crt["shot_accuracy"]["few"] > ce["shot_accuracy"]["few"]
+    assert "init_from" not in ce and crt["init_from"] == {
+        "checkpoint": str((ce_run / CHECKPOINT_DIR).resolve()), "epoch": 4, "run_epochs_trained": 4,
+        "run_complete": True}
+    evaluated = run_cli("eval", "--checkpoint", str(tmp_path / "crt" / "run" / CHECKPOINT_DIR),
+                        "--output-dir", str(tmp_path / "eval"))
+    assert evaluated.returncode == 0, evaluated.stderr  # eval reports the provenance its checkpoint keeps
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["init_from"] == crt["init_from"]
 
 
 def test_a_crt_run_resumes_after_its_first_stage_is_gone(tmp_path, digits_root, monkeypatch):
@@ -183,7 +212,9 @@ def test_a_crt_run_resumes_after_its_first_stage_is_gone(tmp_path, digits_root, 
     train_until_killed(crt_cfg, dataset, monkeypatch)
     after_epoch_1 = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     shutil.rmtree(tmp_path / "ce")
-    model, _, _ = trainer.train(crt_cfg, dataset, True, False, Console(quiet=True))
+    model, _, provenance = trainer.train(crt_cfg, dataset, True, False, Console(quiet=True))
+    assert provenance["init_from"]["checkpoint"] == str((tmp_path / "ce" / "run" / CHECKPOINT_DIR).resolve())
+    assert provenance["init_from"]["epoch"] == 1 and provenance["init_from"]["run_complete"]
     assert read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["epochs_done"] == 2
     for key, value in model.state_dict().items():
         if key.startswith("classifier."):

@@ -45,7 +45,9 @@ def test_early_stopping_keeps_the_selected_epochs_weights(tmp_path, digits_root)
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scores)
 
-    model, _, selection = train(cfg, dataset, False, False, Console(quiet=True), validate=validate)
+    model, _, provenance = train(cfg, dataset, False, False, Console(quiet=True), validate=validate)
+    assert provenance.keys() == {SELECTION_KEY}  # and no init_from: this run started from random weights
+    selection = provenance[SELECTION_KEY]
     assert len(seen) == 4 and selection["stopped_early"] and selection["epochs_trained"] == 4
     assert selection["best_epoch"] == 2 and selection["best_value"] == 0.3
     for name, value in model.state_dict().items():  # the returned model is epoch 2's, not epoch 4's
@@ -121,13 +123,14 @@ def test_a_resumed_run_keeps_the_selection_made_before_it_stopped(tmp_path, digi
 
     (tmp_path / "straight").mkdir()
     (tmp_path / "stopped").mkdir()
-    (straight_model, _, straight_selection), straight_seen = run("straight", False)
+    (straight_model, _, straight), straight_seen = run("straight", False)
     with pytest.raises(_Interrupted):
         run("stopped", False, stop_at=3)
     assert read_model_states(tmp_path / "stopped" / "run" / "checkpoints", "--checkpoint")["epochs_done"] == 2
-    (model, _, selection), seen = run("stopped", True)
+    (model, _, provenance), seen = run("stopped", True)
     assert len(seen) == 2  # epochs 3 and 4
-    assert selection == straight_selection and selection["best_epoch"] == 2 and selection["best_value"] == 0.5
+    selection = provenance[SELECTION_KEY]
+    assert provenance == straight and selection["best_epoch"] == 2 and selection["best_value"] == 0.5
     for name, value in model.state_dict().items():  # epoch 2's weights, as the straight run's
         torch.testing.assert_close(value, straight_model.state_dict()[name], rtol=0, atol=0)
         torch.testing.assert_close(value, straight_seen[1][name], rtol=0, atol=0)

@@ -12,10 +12,11 @@ data.sampler=class_balanced and the auxiliary losses off (loss.lambda_* = 0).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from jrcl_fast.checkpoint import REVISION_KEY, read_selected_model_states
+from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, latest_tag, read_selected_model_states
 from jrcl_fast.config import Config, DataConfig, parse_config
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet, check_architecture
@@ -39,9 +40,9 @@ def _to_eval(module: nn.Module, inputs: tuple) -> None:
         module.eval()  # returns the module, which a pre-hook must not: it would replace the inputs
 
 
-def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str, Tensor]:
-    """The weights of the epoch the run at `source` selected, checked to fit `cfg`'s network
-    and to come from the same splits of the same data set."""
+def read_first_stage(source: Path, cfg: Config, class_names: list[str]) -> tuple[dict[str, Any], Config]:
+    """The model states of the epoch the run at `source` selected, and that run's config,
+    checked to fit `cfg`'s network and to come from the same splits of the same data set."""
     saved = read_selected_model_states(source, "train.init_from")
     if saved.get("class_names") != class_names:
         raise UserError(f"train.init_from {source} was trained on other classes than {cfg.data.name}'s; "
@@ -52,7 +53,27 @@ def saved_weights(source: Path, cfg: Config, class_names: list[str]) -> dict[str
     if first_stage.model != cfg.model:
         raise UserError(f"train.init_from {source} was trained with another model section; "
                         "use the same model.* keys as that run")
-    return saved["module"]
+    return saved, first_stage
+
+
+def provenance(source: Path, saved: dict[str, Any], first_stage: Config) -> dict[str, Any]:
+    """Where the starting weights came from, for the checkpoints and results.json: the
+    epoch loaded and, from a run's checkpoints/ folder, how far that run had got (a first
+    stage may still be training). A tag folder named by hand is the epoch the user chose."""
+    record = {"checkpoint": str(source.resolve()), "epoch": saved["epochs_done"]}
+    if latest_tag(source):
+        selection = saved.get(SELECTION_KEY) or {}
+        trained = selection.get("epochs_trained", saved["epochs_done"])
+        record |= {"run_epochs_trained": trained,
+                   "run_complete": trained == first_stage.train.epochs or bool(selection.get("stopped_early"))}
+    return record
+
+
+def describe_provenance(source: dict[str, Any]) -> str:
+    """`provenance` in words, for the model phase's line."""
+    unfinished = source.get("run_complete") is False
+    return (f"epoch {source['epoch']} of {source['checkpoint']}"
+            + (f", of a run that had trained only {source['run_epochs_trained']} epochs" if unfinished else ""))
 
 
 def check_same_splits(first_stage: DataConfig, data: DataConfig, source: Path) -> None:
@@ -75,19 +96,23 @@ def freeze_all_but_classifier(model: JRCLNet) -> None:
         param.requires_grad_(False)
 
 
-def init_from(model: JRCLNet, cfg: Config, class_names: list[str], resuming: bool = False) -> None:
+def init_from(model: JRCLNet, cfg: Config, class_names: list[str], resuming: bool = False) -> dict[str, Any] | None:
     """Load train.init_from's selected weights into `model` (fresh, random) and, with
     train.trainable=classifier, freeze all but the classifier, which keeps its fresh
-    initialisation. A resumed run only freezes: its own checkpoint holds every weight, and
-    the first stage may be gone by then. Does nothing without train.init_from."""
+    initialisation; returns their provenance. A resumed run only freezes (and returns
+    None): its own checkpoint holds every weight and the provenance, and the first stage may
+    be gone by then. Does nothing without train.init_from."""
     if cfg.train.init_from is None:
-        return
+        return None
     if cfg.train.trainable == CLASSIFIER:
         freeze_all_but_classifier(model)
     if resuming:
-        return
-    weights = saved_weights(Path(cfg.train.init_from), cfg, class_names)
+        return None
+    source = Path(cfg.train.init_from)
+    saved, first_stage = read_first_stage(source, cfg, class_names)
+    weights = saved["module"]
     if cfg.train.trainable == CLASSIFIER:
         weights = {k: v for k, v in weights.items() if not k.startswith(f"{CLASSIFIER}.")}
     # The model sections are equal, so only the classifier's keys can be missing.
     model.load_state_dict(weights, strict=cfg.train.trainable != CLASSIFIER)
+    return provenance(source, saved, first_stage)

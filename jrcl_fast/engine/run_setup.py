@@ -25,8 +25,10 @@ from rich.console import Console
 
 from jrcl_fast.checkpoint import (
     CHECKPOINT_DIR,
+    INIT_FROM_KEY,
     REVISION_KEY,
     SELECTION_KEY,
+    START_OVER,
     epoch_tag,
     latest_tag,
     read_model_states,
@@ -39,7 +41,7 @@ from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.contract import TrainingEngine
-from jrcl_fast.engine.init_from import init_from
+from jrcl_fast.engine.init_from import describe_provenance, init_from
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
@@ -60,6 +62,7 @@ class TrainingStack:
     engine: TrainingEngine
     description: str  # of the engine, for the log: "DeepSpeed, 2 rank(s), bf16, ZeRO stage 0"
     objective: JRCLObjective
+    init_from: dict[str, Any] | None  # where the starting weights came from (None: random, or resumed)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Run:
     validate: Validate | None
     epochs_done: int  # before the loop: 0, or the epochs of the checkpoint resumed
     resumed: bool
+    init_from: dict[str, Any] | None  # engine.init_from's provenance, kept in every checkpoint
 
     @property
     def out_dir(self) -> Path:
@@ -129,7 +133,7 @@ def trained_config(cfg: Config) -> dict[str, Any]:
 def check_resume(cfg: Config, ckpt_dir: Path) -> dict[str, Any]:
     """The latest checkpoint's model states, once they are known to continue `cfg`:
     checked before anything is built, and before the engine loads the weights."""
-    saved = read_model_states(ckpt_dir, "--resume", fix="start the run over with --overwrite")
+    saved = read_model_states(ckpt_dir, "--resume", fix=START_OVER)
     # Parsed again, so that keys added since the checkpoint take their defaults.
     if trained_config(parse_config(saved["config"], str(ckpt_dir))) != trained_config(cfg):
         raise UserError(f"--resume: the config differs from the one {ckpt_dir} was trained with; "
@@ -167,9 +171,10 @@ def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_cl
     torch.manual_seed(cfg.train.seed)
     with phase(console, "model") as shown:
         model = JRCLNet(cfg.model, num_classes).to(device)
-        init_from(model, cfg, list(class_names), resuming)
+        source = init_from(model, cfg, list(class_names), resuming)
         shown.detail = (f"{cfg.model.backbone}, {num_classes:,} classes, "
-                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}")
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}"
+                        + (f"; from {describe_provenance(source)}" if source else ""))
     with phase(console, "engine") as shown:
         optimizer = build_optimizer(cfg.optim, model)
         scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch // cfg.train.gradient_accumulation_steps,
@@ -179,7 +184,7 @@ def build_training_stack(cfg: Config, ranks: Ranks, device: torch.device, num_cl
     with phase(console, "kernels") as shown:
         objective = JRCLObjective(cfg.loss, train_counts, normal_mask, device)
         shown.detail = load_implementations(cfg.loss.backend, device)
-    return TrainingStack(engine, description, objective)
+    return TrainingStack(engine, description, objective, source)
 
 
 def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool, console: Console,
@@ -207,7 +212,8 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
     stack = build_training_stack(cfg, ranks, device, dataset.num_classes, dataset.train_counts,
                                  groups.normal_mask, steps, console, dataset.class_names, resume)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
-              epochs_done=saved.get("epochs_done", 0), resumed=resume)
+              epochs_done=saved.get("epochs_done", 0), resumed=resume,
+              init_from=saved.get(INIT_FROM_KEY) if resume else stack.init_from)
     resume_or_start_over(run, console)
     console.print(f"Training with the {stack.description}; global batch "
                   f"{cfg.train.batch_size * ranks.world_size * cfg.train.gradient_accumulation_steps} images")

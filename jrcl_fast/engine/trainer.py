@@ -21,7 +21,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, commit_latest, epoch_tag, fsync_tree, read_model_states
+from jrcl_fast.checkpoint import (
+    INIT_FROM_KEY,
+    REVISION_KEY,
+    SELECTION_KEY,
+    START_OVER,
+    commit_latest,
+    epoch_tag,
+    fsync_tree,
+    read_model_states,
+)
 from jrcl_fast.config import Config, config_to_dict
 from jrcl_fast.data.class_groups import ClassGroups
 from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
@@ -44,9 +53,10 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
           ranks: Ranks = Ranks(), validate: Validate | None = None,
           groups: ClassGroups | None = None) -> tuple[JRCLNet, torch.device, dict]:
     """Train `cfg` on `dataset` as rank `ranks.rank`. Returns the selected weights
-    (train.select_on) in an fp32 model, the device it lives on, and how they were selected
-    (Selection.summary). `validate(model, device)` scores a model on the validation split;
-    the caller supplies it (evaluation sits above the engine), and `groups`, the run's
+    (train.select_on) in an fp32 model, the device it lives on, and their provenance for
+    results.json: how they were selected (Selection.summary) and, with train.init_from,
+    where the run started. `validate(model, device)` scores a model on the validation
+    split; the caller supplies it (evaluation sits above the engine), and `groups`, the run's
     class groups, which it evaluates with too (derived here when not given). Checkpoints
     go to train.output_dir/checkpoints."""
     records = build_records(cfg.train.loggers, console, ranks.is_main)  # a logger that cannot run fails here
@@ -63,7 +73,12 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                               f"for {run.selection.patience} epochs (best {run.selection.best_value:.4f}, "
                               f"epoch {run.selection.best_epoch})")
                 break
-    return selected_model(run), run.device, run.selection.summary()
+    return selected_model(run), run.device, provenance(run)
+
+
+def provenance(run: Run) -> dict:
+    """How the run's weights came to be: the selection, and train.init_from's source."""
+    return {SELECTION_KEY: run.selection.summary(), **({INIT_FROM_KEY: run.init_from} if run.init_from else {})}
 
 
 def run_info(run: Run) -> RunInfo:
@@ -116,7 +131,8 @@ def save_epoch(run: Run, epochs_done: int) -> None:
     save(run.engine, run.ckpt_dir, epochs_done, {"epochs_done": epochs_done, "config": config_to_dict(run.cfg),
                                                  "class_names": run.dataset.class_names,
                                                  REVISION_KEY: ARCHITECTURE_REVISION,
-                                                 SELECTION_KEY: run.selection.summary()}, run.ranks,
+                                                 SELECTION_KEY: run.selection.summary(),
+                                                 INIT_FROM_KEY: run.init_from}, run.ranks,
          keep=epoch_tag(run.selection.best_epoch))
 
 
@@ -126,7 +142,7 @@ def selected_model(run: Run) -> JRCLNet:
     model = fp32_copy(run.engine.module, run.cfg, run.dataset.num_classes, run.device)
     if run.selection.best_epoch != run.selection.epochs_trained:
         selected = read_model_states(run.ckpt_dir / epoch_tag(run.selection.best_epoch), "train.output_dir",
-                                     fix="start the run over with --overwrite")
+                                     fix=START_OVER)
         model.load_state_dict(selected["module"])
     return model
 
