@@ -12,12 +12,21 @@ import torch
 from helpers import REPO, run_cli, tiny_config, train_until_killed
 from rich.console import Console
 
-from jrcl_fast.checkpoint import CHECKPOINT_DIR, MODEL_STATES, REVISION_KEY, commit_latest, read_model_states
+from jrcl_fast.checkpoint import (
+    CHECKPOINT_DIR,
+    INIT_FROM_KEY,
+    MODEL_STATES,
+    REVISION_KEY,
+    SELECTION_KEY,
+    commit_latest,
+    read_model_states,
+)
 from jrcl_fast.config import ModelConfig, config_to_dict, load_config
 from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.engine import trainer
-from jrcl_fast.engine.init_from import describe_provenance, init_from
+from jrcl_fast.engine.init_from import describe_provenance, init_from, resumed_provenance
 from jrcl_fast.engine.optim import build_optimizer
+from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import ARCHITECTURE_REVISION, JRCLNet
 
@@ -29,14 +38,22 @@ def small_model_config() -> ModelConfig:
     return ModelConfig(backbone="resnet32", projection_dim=8, projection_hidden_dim=16)
 
 
-def write_run(run: Path, cfg, model: JRCLNet, epochs_done: int = 1) -> Path:
-    """A run folder holding `model` as its one checkpoint, in the trainer's layout."""
-    tag = f"epoch_{epochs_done:04d}"
-    (run / CHECKPOINT_DIR / tag).mkdir(parents=True)
-    torch.save({"module": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASSES,
-                "epochs_done": epochs_done, REVISION_KEY: ARCHITECTURE_REVISION},
-               run / CHECKPOINT_DIR / tag / MODEL_STATES)
-    commit_latest(run / CHECKPOINT_DIR, tag)
+def write_run(run: Path, cfg, model: JRCLNet, epochs_done: int = 1, selection: Selection | None = None) -> Path:
+    """A run folder holding `model` as its checkpoint after `epochs_done` epochs, in the
+    trainer's layout; with `selection`, also as its selected epoch's (an earlier one)."""
+    def write(epochs: int) -> str:
+        tag = f"epoch_{epochs:04d}"
+        (run / CHECKPOINT_DIR / tag).mkdir(parents=True)
+        torch.save({"module": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASSES,
+                    "epochs_done": epochs, REVISION_KEY: ARCHITECTURE_REVISION,
+                    **({SELECTION_KEY: selection.summary()} if selection else {})},
+                   run / CHECKPOINT_DIR / tag / MODEL_STATES)
+        return tag
+
+    if selection and selection.best_epoch != epochs_done:
+        commit_latest(run / CHECKPOINT_DIR, write(epochs_done), keep=write(selection.best_epoch))
+    else:
+        commit_latest(run / CHECKPOINT_DIR, write(epochs_done))
     return run / CHECKPOINT_DIR
 
 
@@ -85,23 +102,48 @@ def test_classifier_stage_freezes_all_but_a_fresh_classifier(first_stage):
 
 
 def test_the_provenance_names_the_epoch_and_an_unfinished_first_stage(first_stage, tmp_path):
-    """An unfinished first stage is flagged (1 of mnist-lt's epochs); a finished one is not;
-    a tag folder named by hand is the epoch chosen, with no claim about its run."""
+    """An unfinished first stage is flagged (1 of mnist-lt's epochs; a selected epoch 2 of
+    4 trained); a finished or early-stopped one is not; a tag folder named by hand is the
+    epoch chosen, with no claim about its run."""
     cfg, ce, checkpoints = first_stage
-    assert cfg.train.epochs > 1
-    assert init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES) == {
-        "checkpoint": str(checkpoints.resolve()), "epoch": 1, "run_epochs_trained": 1, "run_complete": False}
-    assert describe_provenance(init_from(JRCLNet(cfg.model, 10), second_stage(cfg, checkpoints), CLASSES)) == (
-        f"epoch 1 of {checkpoints.resolve()}, of a run that had trained only 1 epochs")
+    epochs = cfg.train.epochs
+    assert epochs > 4
+
+    def provenance(source: Path) -> dict:
+        return init_from(JRCLNet(cfg.model, 10), second_stage(cfg, source), CLASSES)
+
+    assert provenance(checkpoints) == {"checkpoint": str(checkpoints.resolve()), "epoch": 1, "run_epochs_trained": 1,
+                                       "run_epochs": epochs, "run_complete": False}
+    assert describe_provenance(provenance(checkpoints)) == (
+        f"epoch 1 of {checkpoints.resolve()}, of a run that had trained only 1 of its {epochs} epochs")
     tag = checkpoints / "epoch_0001"
-    assert init_from(JRCLNet(cfg.model, 10), second_stage(cfg, tag), CLASSES) == {
-        "checkpoint": str(tag.resolve()), "epoch": 1}
-    done = write_run(tmp_path / "done", cfg, ce, epochs_done=cfg.train.epochs)
-    source = init_from(JRCLNet(cfg.model, 10), second_stage(cfg, done), CLASSES)
-    assert source["run_complete"] and source["epoch"] == cfg.train.epochs
-    assert describe_provenance(source) == f"epoch {cfg.train.epochs} of {done.resolve()}"
+    assert provenance(tag) == {"checkpoint": str(tag.resolve()), "epoch": 1}
+    done = write_run(tmp_path / "done", cfg, ce, epochs_done=epochs)
+    assert provenance(done)["run_complete"] and provenance(done)["epoch"] == epochs
+    assert describe_provenance(provenance(done)) == f"epoch {epochs} of {done.resolve()}"
+
+    def selected(best: int, trained: int, stopped_early: bool) -> Selection:
+        return Selection("val_balanced_accuracy", 2, best, 0.9, trained, stopped_early)
+
+    going = write_run(tmp_path / "going", cfg, ce, epochs_done=4, selection=selected(2, 4, False))
+    assert provenance(going) == {"checkpoint": str(going.resolve()), "epoch": 2, "run_epochs_trained": 4,
+                                 "run_epochs": epochs, "run_complete": False}
+    stopped = write_run(tmp_path / "stopped", cfg, ce, epochs_done=4, selection=selected(2, 4, True))
+    assert provenance(stopped)["epoch"] == 2 and provenance(stopped)["run_complete"]
     fresh = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
     assert init_from(JRCLNet(cfg.model, 10), fresh, CLASSES) is None
+
+
+def test_a_resumed_run_keeps_the_provenance_its_checkpoint_holds(first_stage):
+    """And a checkpoint written before checkpoints kept one names train.init_from, its epoch
+    unknown, rather than pass for a run from random weights."""
+    cfg, _, checkpoints = first_stage
+    crt = second_stage(cfg, checkpoints)
+    kept = {"checkpoint": "/runs/ce/checkpoints", "epoch": 7}
+    assert resumed_provenance(crt, {INIT_FROM_KEY: kept}) == kept
+    assert resumed_provenance(crt, {}) == {"checkpoint": str(checkpoints.resolve()), "epoch": None}
+    assert describe_provenance(resumed_provenance(crt, {})) == f"an unrecorded epoch of {checkpoints.resolve()}"
+    assert resumed_provenance(cfg, {INIT_FROM_KEY: None}) is None and resumed_provenance(cfg, {}) is None
 
 
 def test_all_trainable_loads_every_weight_and_freezes_nothing(first_stage):
@@ -189,7 +231,7 @@ def test_crt_trains_the_classifier_of_a_ce_run(tmp_path, digits_root):
     assert crt["shot_accuracy"]["few"] > ce["shot_accuracy"]["few"]
     assert "init_from" not in ce and crt["init_from"] == {
         "checkpoint": str((ce_run / CHECKPOINT_DIR).resolve()), "epoch": 4, "run_epochs_trained": 4,
-        "run_complete": True}
+        "run_epochs": 4, "run_complete": True}
     evaluated = run_cli("eval", "--checkpoint", str(tmp_path / "crt" / "run" / CHECKPOINT_DIR),
                         "--output-dir", str(tmp_path / "eval"))
     assert evaluated.returncode == 0, evaluated.stderr  # eval reports the provenance its checkpoint keeps
@@ -212,7 +254,9 @@ def test_a_crt_run_resumes_after_its_first_stage_is_gone(tmp_path, digits_root, 
     train_until_killed(crt_cfg, dataset, monkeypatch)
     after_epoch_1 = read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["module"]
     shutil.rmtree(tmp_path / "ce")
-    model, _, provenance = trainer.train(crt_cfg, dataset, True, False, Console(quiet=True))
+    console = Console(record=True, width=400)
+    model, _, provenance = trainer.train(crt_cfg, dataset, True, False, console)
+    assert f"(it started from epoch 1 of {(tmp_path / 'ce' / 'run' / CHECKPOINT_DIR).resolve()})" in console.export_text()
     assert provenance["init_from"]["checkpoint"] == str((tmp_path / "ce" / "run" / CHECKPOINT_DIR).resolve())
     assert provenance["init_from"]["epoch"] == 1 and provenance["init_from"]["run_complete"]
     assert read_model_states(tmp_path / "crt" / "run" / CHECKPOINT_DIR, "--checkpoint")["epochs_done"] == 2

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from jrcl_fast.checkpoint import REVISION_KEY, SELECTION_KEY, latest_tag, read_selected_model_states
+from jrcl_fast.checkpoint import INIT_FROM_KEY, REVISION_KEY, SELECTION_KEY, latest_tag, read_selected_model_states
 from jrcl_fast.config import Config, DataConfig, parse_config
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet, check_architecture
@@ -59,21 +59,34 @@ def read_first_stage(source: Path, cfg: Config, class_names: list[str]) -> tuple
 def provenance(source: Path, saved: dict[str, Any], first_stage: Config) -> dict[str, Any]:
     """Where the starting weights came from, for the checkpoints and results.json: the
     epoch loaded and, from a run's checkpoints/ folder, how far that run had got (a first
-    stage may still be training). A tag folder named by hand is the epoch the user chose."""
-    record = {"checkpoint": str(source.resolve()), "epoch": saved["epochs_done"]}
+    stage may still be training); a tag folder named by hand is the epoch the user chose.
+    A first stage that itself started from another run brings that provenance along."""
+    record = {"checkpoint": str(source.resolve()), "epoch": saved.get("epochs_done")}
     if latest_tag(source):
         selection = saved.get(SELECTION_KEY) or {}
-        trained = selection.get("epochs_trained", saved["epochs_done"])
-        record |= {"run_epochs_trained": trained,
+        trained = selection.get("epochs_trained", saved.get("epochs_done"))
+        record |= {"run_epochs_trained": trained, "run_epochs": first_stage.train.epochs,
                    "run_complete": trained == first_stage.train.epochs or bool(selection.get("stopped_early"))}
+    if saved.get(INIT_FROM_KEY):
+        record[INIT_FROM_KEY] = saved[INIT_FROM_KEY]
     return record
 
 
+def resumed_provenance(cfg: Config, saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance a resumed run's checkpoint keeps. One written before checkpoints kept
+    it names train.init_from with the epoch unknown, rather than claim a random start."""
+    if INIT_FROM_KEY in saved:
+        return saved[INIT_FROM_KEY]
+    return None if cfg.train.init_from is None else {"checkpoint": str(Path(cfg.train.init_from).resolve()),
+                                                      "epoch": None}
+
+
 def describe_provenance(source: dict[str, Any]) -> str:
-    """`provenance` in words, for the model phase's line."""
-    unfinished = source.get("run_complete") is False
-    return (f"epoch {source['epoch']} of {source['checkpoint']}"
-            + (f", of a run that had trained only {source['run_epochs_trained']} epochs" if unfinished else ""))
+    """`provenance` in words, for the log."""
+    epoch = "an unrecorded epoch" if source["epoch"] is None else f"epoch {source['epoch']}"
+    unfinished = "" if source.get("run_complete") is not False else (
+        f", of a run that had trained only {source['run_epochs_trained']} of its {source['run_epochs']} epochs")
+    return f"{epoch} of {source['checkpoint']}{unfinished}"
 
 
 def check_same_splits(first_stage: DataConfig, data: DataConfig, source: Path) -> None:

@@ -25,7 +25,6 @@ from rich.console import Console
 
 from jrcl_fast.checkpoint import (
     CHECKPOINT_DIR,
-    INIT_FROM_KEY,
     REVISION_KEY,
     SELECTION_KEY,
     START_OVER,
@@ -41,7 +40,7 @@ from jrcl_fast.data.loaders import build_train_loader
 from jrcl_fast.data.long_tailed_dataset import LongTailedDataset
 from jrcl_fast.engine.backends import build_engine
 from jrcl_fast.engine.contract import TrainingEngine
-from jrcl_fast.engine.init_from import describe_provenance, init_from
+from jrcl_fast.engine.init_from import describe_provenance, init_from, resumed_provenance
 from jrcl_fast.engine.optim import build_optimizer, build_scheduler
 from jrcl_fast.engine.selection import Selection
 from jrcl_fast.errors import UserError
@@ -213,7 +212,7 @@ def set_up_run(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite:
                                  groups.normal_mask, steps, console, dataset.class_names, resume)
     run = Run(cfg, dataset, ranks, device, loader, steps, stack.engine, stack.objective, selection, validate,
               epochs_done=saved.get("epochs_done", 0), resumed=resume,
-              init_from=saved.get(INIT_FROM_KEY) if resume else stack.init_from)
+              init_from=resumed_provenance(cfg, saved) if resume else stack.init_from)
     resume_or_start_over(run, console)
     console.print(f"Training with the {stack.description}; global batch "
                   f"{cfg.train.batch_size * ranks.world_size * cfg.train.gradient_accumulation_steps} images")
@@ -225,6 +224,7 @@ def resume_or_start_over(run: Run, console: Console) -> None:
     an old `latest` must not survive to be resumed by mistake."""
     if run.resumed:
         run.engine.load_checkpoint(str(run.ckpt_dir), latest_tag(run.ckpt_dir))
-        console.print(f"Resuming {run.out_dir} after epoch {run.epochs_done}")
+        started = f" (it started from {describe_provenance(run.init_from)})" if run.init_from else ""
+        console.print(f"Resuming {run.out_dir} after epoch {run.epochs_done}{started}")
     elif run.ranks.is_main:
         shutil.rmtree(run.ckpt_dir, ignore_errors=True)
