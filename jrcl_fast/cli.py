@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import warnings
@@ -192,6 +193,11 @@ def _warnings_on(console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A native crash (a segfault; glibc's abort on a corrupted heap) ends a rank with no
+    # Python traceback, and the launcher reports only the signal: print every thread's
+    # Python stack on the way down, so the log names the line each was in.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(sys.__stderr__)
     args = _parser().parse_args(argv)
     console = Console()
     with warnings.catch_warnings():  # restores Python's display when main returns

@@ -356,6 +356,17 @@ def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digi
         assert deepspeed_config(cfg, 1, torch.device("cuda", 0))[0]["fp16"]["enabled"]
 
 
+def test_a_native_crash_prints_the_python_stack_it_happened_in():
+    """A rank that glibc aborts (as on a corrupted heap) says where it was, not only
+    the signal the launcher reports."""
+    crash = ("import os, sys\nfrom jrcl_fast import cli\n"
+             "def where_it_crashed(args, console): os.abort()\n"
+             "cli.COMMANDS['doctor'] = where_it_crashed\nsys.exit(cli.main(['doctor']))")
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == -signal.SIGABRT, done.stderr
+    assert "Fatal Python error: Aborted" in done.stderr and "in where_it_crashed" in done.stderr, done.stderr
+
+
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_with_a_clear_message(tmp_path, digits_root):
     config = dist_config(tmp_path, "dead", data_root=digits_root,
