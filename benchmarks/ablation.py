@@ -68,7 +68,7 @@ from rich.table import Table
 from scipy import stats
 
 from jrcl_fast.atomic import atomic_write_bytes
-from jrcl_fast.checkpoint import CHECKPOINT_DIR, SELECTION_KEY, latest_tag, read_model_states
+from jrcl_fast.checkpoint import CHECKPOINT_DIR, latest_tag, read_model_states, training_finished
 from jrcl_fast.engine.records.metrics_files import METRICS_NAME, read_jsonl
 from jrcl_fast.evaluation.evaluate import RESULTS_NAME
 
@@ -149,8 +149,7 @@ def run_command(config: str, settings: dict[str, object], extra: list[str], seed
     saved = None
     if latest_tag(ckpt_dir):
         saved = read_model_states(ckpt_dir, "--out", fix=f"delete {out_dir} to run it again")
-    if saved is not None and (saved["epochs_done"] == saved["config"]["train"]["epochs"]
-                              or saved[SELECTION_KEY]["stopped_early"]):
+    if saved is not None and training_finished(saved):
         return [sys.executable, "-m", "jrcl_fast", "eval", "--checkpoint", str(ckpt_dir), "--output-dir", str(out_dir)]
     cmd = [sys.executable, "-m", "jrcl_fast", "train", "--config", config,
            "--resume" if saved is not None else "--overwrite",

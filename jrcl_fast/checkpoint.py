@@ -34,6 +34,20 @@ def epoch_tag(epochs_done: int) -> str:
     return f"epoch_{epochs_done:04d}"
 
 
+def run_epochs_trained(saved: dict[str, Any]) -> int | None:
+    """The epochs the run that wrote `saved` had trained by its latest checkpoint: the
+    selection's count (the selected epoch's folder says fewer), else, in a checkpoint
+    written before runs kept a selection, its own epoch (None in a file made by hand)."""
+    return (saved.get(SELECTION_KEY) or {}).get("epochs_trained", saved.get("epochs_done"))
+
+
+def training_finished(saved: dict[str, Any]) -> bool:
+    """Whether the run that wrote `saved` has stopped training: all of its train.epochs
+    done, or its selection stopped it early."""
+    stopped_early = bool((saved.get(SELECTION_KEY) or {}).get("stopped_early"))
+    return run_epochs_trained(saved) == saved["config"]["train"]["epochs"] or stopped_early
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file under `folder` to disk (DeepSpeed's torch.save does not)."""
     for path in sorted(folder.rglob("*")):

@@ -9,7 +9,13 @@ import torch
 from helpers import tiny_config
 from rich.console import Console
 
-from jrcl_fast.checkpoint import SELECTION_KEY, read_model_states, read_selected_model_states
+from jrcl_fast.checkpoint import (
+    SELECTION_KEY,
+    read_model_states,
+    read_selected_model_states,
+    run_epochs_trained,
+    training_finished,
+)
 from jrcl_fast.config import load_config
 from jrcl_fast.data.catalog import load_dataset
 from jrcl_fast.engine.selection import Selection
@@ -30,6 +36,31 @@ def test_the_best_epoch_is_kept_and_ties_keep_the_earliest():
     for epoch in (1, 2, 3):
         last.update(epoch, None)
     assert (last.best_epoch, last.stopped_early) == (3, False)
+
+
+
+def test_a_run_has_finished_after_its_epochs_or_an_early_stop():
+    """What --resume, train.init_from's provenance and the ablation runner ask of a
+    latest checkpoint, from Selection's own summaries at random lengths."""
+    epochs = int(torch.randint(3, 9, ()))
+
+    def client_state(epochs_done: int, patience: int = 0, values=None) -> dict:
+        selection = Selection("val_balanced_accuracy" if values else "last", patience)
+        for epoch in range(1, epochs_done + 1):
+            selection.update(epoch, None if values is None else values[epoch - 1])
+        return {"epochs_done": epochs_done, "config": {"train": {"epochs": epochs}}, SELECTION_KEY: selection.summary()}
+
+    short = int(torch.randint(1, epochs, ()))
+    assert not training_finished(client_state(short)) and run_epochs_trained(client_state(short)) == short
+    assert training_finished(client_state(epochs))
+    falling = [1.0 - 0.1 * epoch for epoch in range(epochs)]  # no better score after epoch 1: patience 1 stops at 2
+    stopped = client_state(2, patience=1, values=falling)
+    assert stopped[SELECTION_KEY]["stopped_early"] and training_finished(stopped)
+    # the selected epoch's folder: its own epoch is 1, the run had trained 2 when it stopped
+    assert run_epochs_trained({**stopped, "epochs_done": 1}) == 2 and training_finished({**stopped, "epochs_done": 1})
+    # written before runs kept a selection: its own epoch counts
+    old = {"epochs_done": epochs, "config": {"train": {"epochs": epochs}}}
+    assert training_finished(old) and not training_finished({**old, "epochs_done": short})
 
 
 def test_early_stopping_keeps_the_selected_epochs_weights(tmp_path, digits_root):

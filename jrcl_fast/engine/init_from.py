@@ -16,7 +16,14 @@ from typing import Any
 
 from torch import nn
 
-from jrcl_fast.checkpoint import INIT_FROM_KEY, REVISION_KEY, SELECTION_KEY, latest_tag, read_selected_model_states
+from jrcl_fast.checkpoint import (
+    INIT_FROM_KEY,
+    REVISION_KEY,
+    latest_tag,
+    read_selected_model_states,
+    run_epochs_trained,
+    training_finished,
+)
 from jrcl_fast.config import Config, DataConfig, parse_config
 from jrcl_fast.errors import UserError
 from jrcl_fast.models import JRCLNet, check_architecture
@@ -63,10 +70,8 @@ def provenance(source: Path, saved: dict[str, Any], first_stage: Config) -> dict
     A first stage that itself started from another run brings that provenance along."""
     record = {"checkpoint": str(source.resolve()), "epoch": saved.get("epochs_done")}
     if latest_tag(source):
-        selection = saved.get(SELECTION_KEY) or {}
-        trained = selection.get("epochs_trained", saved.get("epochs_done"))
-        record |= {"run_epochs_trained": trained, "run_epochs": first_stage.train.epochs,
-                   "run_complete": trained == first_stage.train.epochs or bool(selection.get("stopped_early"))}
+        record |= {"run_epochs_trained": run_epochs_trained(saved), "run_epochs": first_stage.train.epochs,
+                   "run_complete": training_finished(saved)}
     if saved.get(INIT_FROM_KEY):
         record[INIT_FROM_KEY] = saved[INIT_FROM_KEY]
     return record

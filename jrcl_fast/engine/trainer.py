@@ -73,10 +73,10 @@ def train(cfg: Config, dataset: LongTailedDataset, resume: bool, overwrite: bool
                               f"for {run.selection.patience} epochs (best {run.selection.best_value:.4f}, "
                               f"epoch {run.selection.best_epoch})")
                 break
-    return selected_model(run), run.device, provenance(run)
+    return selected_model(run), run.device, results_provenance(run)
 
 
-def provenance(run: Run) -> dict:
+def results_provenance(run: Run) -> dict:
     """How the run's weights came to be: the selection, and train.init_from's source."""
     return {SELECTION_KEY: run.selection.summary(), **({INIT_FROM_KEY: run.init_from} if run.init_from else {})}
 
