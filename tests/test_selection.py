@@ -40,8 +40,8 @@ def test_the_best_epoch_is_kept_and_ties_keep_the_earliest():
 
 
 def test_a_run_has_finished_after_its_epochs_or_an_early_stop():
-    """What --resume, train.init_from's provenance and the ablation runner ask of a
-    latest checkpoint, from Selection's own summaries at random lengths."""
+    """What train.init_from's provenance and the ablation runner ask of a latest
+    checkpoint, from Selection's own summaries at random lengths."""
     epochs = int(torch.randint(3, 9, ()))
 
     def client_state(epochs_done: int, patience: int = 0, values=None) -> dict:
