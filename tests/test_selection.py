@@ -38,7 +38,6 @@ def test_the_best_epoch_is_kept_and_ties_keep_the_earliest():
     assert (last.best_epoch, last.stopped_early) == (3, False)
 
 
-
 def test_a_run_has_finished_after_its_epochs_or_an_early_stop():
     """What train.init_from's provenance and the ablation runner ask of a latest
     checkpoint, from Selection's own summaries at random lengths."""
