@@ -9,7 +9,11 @@ its loss weights chosen on the validation split, the test split reported once.
    and a 95% t-interval over seeds.
 
 A second-stage variant (cRT) starts from the run of the variant it names in `after`
-with the same seed (train.init_from): the first stage's chosen weights and seed.
+with the same seed (train.init_from): the first stage's chosen weights and seed. A variant
+that names a `base` changes one term of it (JRCL without the binary head's CE): it runs at
+the base's chosen weights with its own keys on top, so that the pair differs in that term
+alone. The table of paired differences says, for each pair, in which settings its two
+variants differ (the config's value where a variant sets none).
 
 Each run is a plain `jrcl-fast train` with `--set` overrides, so the ablation measures
 what a user runs; its output goes to train.log in its folder. A run's folder is named by
@@ -69,6 +73,7 @@ from scipy import stats
 
 from jrcl_fast.atomic import atomic_write_bytes
 from jrcl_fast.checkpoint import CHECKPOINT_DIR, latest_tag, read_model_states, training_finished
+from jrcl_fast.config import config_to_dict, load_config
 from jrcl_fast.engine.records.metrics_files import METRICS_NAME, read_jsonl
 from jrcl_fast.evaluation.evaluate import RESULTS_NAME
 
@@ -79,6 +84,7 @@ class Variant:
     fixed: dict[str, object]  # config keys every run of the variant sets
     grid: dict[str, list[object]] = field(default_factory=dict)  # weights chosen on validation
     after: str | None = None  # a second stage: starts from this variant's run of the same seed
+    base: str | None = None  # one term changed in another variant: that variant's chosen weights, then `fixed`
     baseline: bool = False  # a published baseline: the best of them (on validation) is what the others must beat
 
 
@@ -108,7 +114,8 @@ VARIANTS = {v.name: v for v in [
     Variant(LA_BDC, {"loss.lambda_con": 0} | ONE_VIEW, {"loss.logit_adjust_tau": LA}),
     Variant(JRCL, {}, {"loss.lambda_con": CON, "loss.lambda_bdc": [0.3, 1.0]}),
     Variant(JRCL_LA, {}, {"loss.logit_adjust_tau": LA}),
-    Variant(JRCL_NO_BIN, {"loss.lambda_bin": 0}, {"loss.lambda_bdc": [0.3, 1.0]}),
+    # JRCL at its chosen weights less the binary head's CE: nothing but λ_bin differs, so the pair measures it
+    Variant(JRCL_NO_BIN, {"loss.lambda_bin": 0}, base=JRCL),
 ]}
 # The studies --variants picks, in the order they run and are shown; a second stage comes after
 # the variant it starts from. animal-lt asks its main question first (what BDC adds to the
@@ -124,7 +131,7 @@ QUESTIONS = [
     (LA_BDC, LA_CE, "BDC and its binary head, added to logit-adjusted CE"),
     (JRCL, O2A, "BDC and its binary head, added to CE + O2A"),
     (O2A, CE, "O2A, added to CE"),
-    (JRCL_LA, JRCL, "logit adjustment, added to JRCL"),
+    (JRCL_LA, JRCL, "logit adjustment, with the config's other weights against JRCL's chosen ones"),
     (JRCL, JRCL_NO_BIN, "the binary head's CE, inside JRCL"),
 ]
 PAIRED = [("balanced_accuracy", "balanced acc"), ("normal_vs_abnormal_accuracy", "normal vs abnormal"),
@@ -281,6 +288,17 @@ def comparisons(runs: list[dict], study: list[Variant]) -> dict:
     return {"baseline": best, "baseline_val_means": val, "rows": rows}
 
 
+def differences(a: dict[str, object], b: dict[str, object], defaults: dict) -> str:
+    """The settings in which two variants' runs differ, as "key a vs b" (the config's value,
+    `defaults`, where a variant sets none): what a paired difference measures."""
+    def value(weights: dict[str, object], key: str) -> object:
+        section, name = key.split(".", 1)
+        return weights[key] if key in weights else defaults[section][name]
+
+    return ", ".join(f"{key.split('.')[-1]} {value(a, key)} vs {value(b, key)}" for key in dict.fromkeys([*a, *b])
+                     if value(a, key) != value(b, key))
+
+
 def run_state(folder: Path) -> str:
     """done, the epochs an unfinished run has recorded, or not started."""
     if (folder / RESULTS_NAME).exists():
@@ -392,17 +410,40 @@ class Study:
         self.results: dict[tuple[str, int], dict] = {}  # (variant, seed) -> the chosen point's run
         for variant in variants:  # in the study's order: a first stage's folder before its second stage's
             point = self.ledger.chosen.get(variant.name)
-            if point is None or (variant.after and variant.after not in self.folders):
+            if point is None or not self.bases_chosen(variant):
                 continue
             if point not in grid_points(variant):
                 raise ValueError(f"{self.ledger.path}: {variant.name}'s chosen weights {point} are not in its grid; "
                                  "delete its entry under \"chosen\" to choose again")
             self.chosen[variant.name], self.folders[variant.name] = point, self.folder(variant, point)
 
+    def bases_chosen(self, variant: Variant) -> bool:
+        """Its first stage's weights are chosen, and its base's: its folders follow from them."""
+        return all(other is None or other in self.chosen for other in (variant.after, variant.base))
+
+    def inherited(self, variant: Variant) -> dict[str, object]:
+        """The settings a variant takes from its base (the base's own inherited ones, fixed keys and
+        chosen point); none without a base."""
+        if variant.base is None:
+            return {}
+        base = VARIANTS[variant.base]
+        return self.inherited(base) | base.fixed | self.chosen[base.name]
+
+    def weights(self, variant: Variant) -> dict[str, object]:
+        """Every key a variant's runs set, on all seeds: inherited, fixed, chosen."""
+        return self.inherited(variant) | variant.fixed | self.chosen[variant.name]
+
+    def chosen_weights(self, variant: Variant) -> dict[str, object]:
+        """What validation chose for it: its grid point, and its base's (as the tables show it)."""
+        base = {} if variant.base is None else self.chosen_weights(VARIANTS[variant.base])
+        return base | self.chosen[variant.name]
+
     def folder(self, variant: Variant, point: dict[str, object]) -> Path:
         identity = [variant.fixed, point, self.args.config, self.args.extra]
         if variant.after:  # a new first stage gives a new second stage
             identity.append(self.folders[variant.after].relative_to(self.args.out).as_posix())
+        if variant.base:  # and a new choice of the base's weights, new runs
+            identity.append(self.inherited(variant))
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         return self.args.out / slug(variant.name) / f"{slug(json.dumps(point)) or 'defaults'}-{digest}"
 
@@ -426,17 +467,18 @@ class Study:
                        for k, seed in enumerate(self.args.seeds) if k or v.name in self.chosen]
 
     def can_start(self, task: Task) -> bool:
-        """Its variant's weights are chosen (a grid point needs none) and its first stage's
-        run of the same seed is done."""
+        """Its variant's weights are chosen (a grid point needs none), its base's too, and its
+        first stage's run of the same seed is done."""
         chosen = task.point is not None or task.variant.name in self.chosen
-        return chosen and (task.variant.after is None or (task.variant.after, task.seed) in self.results)
+        return (chosen and self.bases_chosen(task.variant)
+                and (task.variant.after is None or (task.variant.after, task.seed) in self.results))
 
     def settings(self, task: Task) -> tuple[dict[str, object], Path]:
         """The run's config keys and its folder."""
         variant = task.variant
         point = self.chosen[variant.name] if task.point is None else task.point
         folder = self.folders[variant.name] if task.point is None else self.folder(variant, point)
-        settings = variant.fixed | point
+        settings = self.inherited(variant) | variant.fixed | point
         if variant.after:
             settings |= {"train.init_from": str(self.folders[variant.after] / f"seed{task.seed}" / CHECKPOINT_DIR)}
         return settings, folder / f"seed{task.seed}"
@@ -468,7 +510,8 @@ class Study:
                         running[pool.submit(run, settings, task.seed, folder)] = (task, folder)
                     if not running:  # nothing runs and nothing can start: a second stage without its first
                         raise ValueError(f"{', '.join(sorted({t.variant.name for t in waiting}))} cannot start: "
-                                         "a second stage needs its first stage (Variant.after) in the study")
+                                         "a second stage needs its first stage (Variant.after) in the study, "
+                                         "and a variant its base (Variant.base)")
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
                         keep(*running.pop(future), future.result())
@@ -476,8 +519,8 @@ class Study:
                 for future, (task, folder) in running.items():
                     if future.exception() is None:
                         keep(task, folder, future.result())
-        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
-                 **self.results[v.name, seed]} for v in self.variants for seed in self.args.seeds]
+        return [{"variant": v.name, "seed": seed, "weights": self.weights(v), **self.results[v.name, seed]}
+                for v in self.variants for seed in self.args.seeds]
 
     def check_first_stages(self, ready: list[tuple[Task, dict[str, object], Path]]) -> None:
         """A second stage starts from its first stage's checkpoint, which the ledger does not
@@ -518,8 +561,8 @@ class Study:
             row = {"variant": variant.name, "first_seed": self.first_seed, "grid_runs": [], "grid": [],
                    "chosen": None, "seeds": {}}
             rows.append(row)
-            if variant.after and variant.after not in self.folders:
-                continue  # its folders follow the first stage's choice
+            if not self.bases_chosen(variant):
+                continue  # its folders follow the first stage's or the base's choice
             points = [(point, self.folder(variant, point)) for point in grid_points(variant)]
             row["grid_runs"] = [(point, folder / f"seed{self.first_seed}") for point, folder in points]
             row["grid"] = [self.state(run) for _, run in row["grid_runs"]]
@@ -541,7 +584,7 @@ class Study:
         done = [v for v, row in zip(self.variants, standing) if row["chosen"] is not None
                 and self.state(self.folders[v.name] / f"seed{self.first_seed}") == "done"
                 and set(row["seeds"].values()) <= {"done"}]
-        return [{"variant": v.name, "seed": seed, "weights": v.fixed | self.chosen[v.name],
+        return [{"variant": v.name, "seed": seed, "weights": self.weights(v),
                  **self.ledger.record(self.folders[v.name] / f"seed{seed}")} for v in done for seed in self.args.seeds]
 
 
@@ -553,6 +596,9 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
     summary = {v.name: {key: interval([r["test"][key] for r in runs if r["variant"] == v.name])
                         for key, _ in METRICS} for v in shown}
     compared = comparisons(runs, shown)
+    weights, defaults = {r["variant"]: r["weights"] for r in runs}, config_to_dict(load_config(args.config, args.extra))
+    for row in compared["rows"]:
+        row["differs"] = differences(weights[row["a"]], weights[row["b"]], defaults)
     scope = "" if len(shown) == len(study) else f"; so far {len(shown)} of {len(study)} variants, each on every seed"
     lines = show_table(console, f"{Path(args.config).stem} ablation: test, mean ± 95% interval over seeds "
                        f"{args.seeds} (%){scope}", ["variant", "weights (chosen on val)",
@@ -564,18 +610,19 @@ def report(console: Console, args: argparse.Namespace, study: list[Variant], cho
     console.print(caption)
     lines += ["", caption]
     if compared["rows"]:
-        pair_rows = [[row["a"], row["b"], row["why"], *(points(row[key], "+") for key, _ in PAIRED)]
+        pair_rows = [[row["a"], row["b"], row["why"], row["differs"], *(points(row[key], "+") for key, _ in PAIRED)]
                      for row in compared["rows"]]
         lines += [""] + show_table(
             console, "paired differences on the test split, a - b, mean ± 95% interval over seeds (points)",
-            ["a", "b", "why", *(label for _, label in PAIRED)], pair_rows, text_columns=3)
+            ["a", "b", "why", "a vs b differ in", *(label for _, label in PAIRED)], pair_rows, text_columns=4)
     command = " ".join(["python", "benchmarks/ablation.py", *sys.argv[1:]])
     machine, reported_at = cpu_machine(), commit()
     console.print(f"{len(runs)} runs; reported on {machine} at commit {reported_at}")
     payload = {"command": command, "machine": machine, "commit": reported_at, "config": args.config,
                "seeds": args.seeds, "overrides": args.extra, "study": args.variants,
                "complete": len(shown) == len(study),
-               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after} for v in shown},
+               "variants": {v.name: {"fixed": v.fixed, "grid": v.grid, "after": v.after, "base": v.base}
+                            for v in shown},
                "chosen": {v.name: chosen[v.name] for v in shown}, "runs": runs, "summary": summary,
                "paired": compared}
     return payload, lines
@@ -590,6 +637,11 @@ def write_report(console: Console, args: argparse.Namespace, payload: dict, line
         path.write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     console.print(f"Wrote {copy or args.out / f'{name}.json'} and {args.out / f'{name}.md'}")
+
+
+def chosen_weights(study: Study) -> dict[str, dict[str, object]]:
+    """Each variant's weights chosen on validation (its base's too), for the variants chosen so far."""
+    return {v.name: study.chosen_weights(v) for v in study.variants if v.name in study.chosen}
 
 
 def main() -> None:
@@ -628,7 +680,7 @@ def main() -> None:
             console.print(f"Wrote the validation curves of {plot_curves(standing, args.curves)} runs to {args.curves}")
         finished = looked.finished_runs(standing)
         if any(v.baseline for v in study if any(r["variant"] == v.name for r in finished)):
-            payload, lines = report(console, args, study, looked.chosen, finished)
+            payload, lines = report(console, args, study, chosen_weights(looked), finished)
             write_report(console, args, payload, lines, "partial", None)  # --json is the final report's
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -638,7 +690,7 @@ def main() -> None:
         runs = ablation.runs(lambda settings, seed, folder: train(args.config, settings, extra, seed, folder),
                              args.jobs, lambda: progress.advance(task))
 
-    payload, lines = report(console, args, study, ablation.chosen, runs)
+    payload, lines = report(console, args, study, chosen_weights(ablation), runs)
     payload |= {"jobs": args.jobs, "minutes": round((time.perf_counter() - start) / 60, 1)}
     write_report(console, args, payload, lines, "ablation", args.json)
 

@@ -362,7 +362,7 @@ def animal_lt_study(out: Path, config: str = "c.yaml") -> tuple[argparse.Namespa
             [VARIANTS[name] for name in STUDIES["animal_lt"]])
 
 
-@pytest.mark.parametrize("lost_after", range(11, 24))  # after cRT's runs (the 10th), to the last of 24
+@pytest.mark.parametrize("lost_after", range(11, 23))  # after cRT's runs (the 10th), to the last of 23
 def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 lost_after: int) -> None:
     """The ledger, rewritten after each run, lets a clone with an empty --out (spelled another
@@ -376,7 +376,7 @@ def test_an_ablation_continues_from_its_ledger_on_a_new_machine(tmp_path: Path, 
     args, study = animal_lt_study(tmp_path / "out")
     ledger = tmp_path / "ledger.json"
     whole = Study(args, study).runs(fake_runs(jobs=2)[2], jobs=2)
-    assert len(Study(args, study).tasks()) == 24
+    assert len(Study(args, study).tasks()) == 23
     shutil.rmtree(args.out)
     started, _, run = fake_runs(jobs=1)  # one run at a time, and the machine lost before the next
 
@@ -539,6 +539,50 @@ def test_ablation_crt_starts_from_the_chosen_ce_run_of_its_own_seed(tmp_path: Pa
                    if seed != 3 and folder.parent.parent.name == variant_slug(name))
 
 
+def test_a_variant_of_another_runs_at_its_chosen_weights_with_one_term_changed(tmp_path: Path) -> None:
+    """JRCL without the binary head's CE waits for JRCL's grid, then runs on every seed at the
+    weights JRCL chose with λ_bin = 0 alone changed; another choice gives other runs; and the
+    paired table names λ_bin as all that differs, but names every weight where a pair differs
+    in more (JRCL + logit adjustment, at the config's weights, against JRCL)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ablation import STUDIES, VARIANTS, Study, differences, grid_points
+
+    started, finished, run = fake_runs(jobs=2)
+    done_at_start: dict[Path, list[Path]] = {}
+
+    def run_noting(settings: dict, seed: int, folder: Path) -> dict:
+        done_at_start[folder] = list(finished)
+        return run(settings, seed, folder)
+
+    args = argparse.Namespace(seeds=[2, 0, 1], out=tmp_path, config="c.yaml", extra=[])
+    study = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]])
+    study.runs(run_noting, jobs=2)
+    jrcl, jrcl_la, no_bin = (VARIANTS[name] for name in ("JRCL", "JRCL + logit adjustment", "JRCL, λ_bin = 0"))
+    jrcl_grid = [folder for _, seed, folder in started if seed == 2 and folder.parent.parent.name == variant_slug("JRCL")]
+    no_bin_runs = [(settings, seed, folder) for settings, seed, folder in started
+                   if folder.parent.parent.name == variant_slug(no_bin.name)]
+    assert len(jrcl_grid) == 4 and sorted(seed for _, seed, _ in no_bin_runs) == [0, 1, 2]
+    best = max(jrcl_grid, key=fake_score)
+    chosen = study.chosen["JRCL"]
+    assert study.folders["JRCL"] / "seed2" == best
+    for settings, seed, folder in no_bin_runs:
+        assert settings == chosen | {"loss.lambda_bin": 0} and folder == study.folders[no_bin.name] / f"seed{seed}"
+        assert set(jrcl_grid) <= set(done_at_start[folder])  # started once JRCL's grid had chosen
+    # JRCL choosing other weights gives JRCL, λ_bin = 0 other runs
+    other = next(point for point in grid_points(jrcl) if point != study.chosen["JRCL"])
+    before = study.folder(no_bin, {})
+    study.chosen["JRCL"] = other
+    assert study.folder(no_bin, {}) != before
+    study.chosen["JRCL"] = chosen
+
+    config = {"loss": {"lambda_bin": 1.0, "lambda_con": 0.35, "lambda_bdc": 1.0, "logit_adjust_tau": 0.0}}
+    assert differences(study.weights(jrcl), study.weights(no_bin), config) == "lambda_bin 1.0 vs 0"
+    expected = [f"logit_adjust_tau {study.chosen[jrcl_la.name]['loss.logit_adjust_tau']} vs 0.0"]
+    expected += [f"{key.split('.')[1]} {config['loss'][key.split('.')[1]]} vs {value}" for key, value in chosen.items()
+                 if value != config["loss"][key.split(".")[1]]]
+    assert differences(study.weights(jrcl_la), study.weights(jrcl), config) == ", ".join(expected)
+
+
 def test_an_ablation_whose_runs_cannot_start_says_so(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ablation import VARIANTS, Study
@@ -670,7 +714,8 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ablation import STUDIES, VARIANTS, Study, grid_points
 
-    args = argparse.Namespace(seeds=[0, 1, 2], out=tmp_path / "out", config="c.yaml", extra=[])
+    # a real config: the paired table names the settings in which a pair differs, with the config's values
+    args = argparse.Namespace(seeds=[0, 1, 2], out=tmp_path / "out", config="configs/animal_lt.yaml", extra=[])
     study, rng = Study(args, [VARIANTS[name] for name in STUDIES["animal_lt"]]), np.random.default_rng()
     test: dict[tuple[str, int], dict] = {}
 
@@ -684,7 +729,7 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
              "selection": {"best_value": val, "best_epoch": 7}}))
 
     def status() -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", "c.yaml",
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--config", args.config,
                                "--variants", "animal_lt", "--seeds", "0", "1", "2", "--out", str(args.out),
                                "--status", "--json", str(tmp_path / "docs.json")],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -714,6 +759,7 @@ def test_ablation_status_reports_the_variants_done_on_every_seed(tmp_path: Path)
     # the BDC question's b is the best baseline: one row answers both, and says so
     [bdc] = partial["paired"]["rows"]
     assert bdc["why"] == "BDC and its binary head, added to logit-adjusted CE (the best baseline)"
+    assert bdc["differs"] == "lambda_bin 1.0 vs 0, lambda_bdc 1.0 vs 0"  # animal_lt.yaml's values, and the variant's
     assert bdc["normal_vs_abnormal_accuracy"]["per_seed"] == pytest.approx(
         [test["logit-adjusted CE + BDC", s]["normal_vs_abnormal_accuracy"]
          - test["logit-adjusted CE", s]["normal_vs_abnormal_accuracy"] for s in (0, 1, 2)])
