@@ -339,6 +339,23 @@ def test_fp16_on_cpu_ranks_without_fp16_is_a_clear_error(tmp_path, digits_root):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("cpu_has_fp16", [False, True])
+def test_fp16_on_cpu_ranks_is_refused_exactly_where_the_cpu_lacks_it(monkeypatch, cpu_has_fp16):
+    """Both CPUs emulated: the test above runs only on a CPU without fp16, and CPUs with
+    AVX-512 FP16 or AMX (the Intel Xeon VMs) have it. A GPU rank never asks the CPU."""
+    from jrcl_fast.engine import backends
+    from jrcl_fast.errors import UserError
+
+    monkeypatch.setattr(backends, "cpu_has_fp16", lambda: cpu_has_fp16)
+    ds = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    backends.check_precision(ds, "ds.json", 1, torch.device("cuda"))
+    if cpu_has_fp16:
+        backends.check_precision(ds, "ds.json", 1, torch.device("cpu"))
+    else:
+        with pytest.raises(UserError, match="^ds.json: DeepSpeed's CPU backend has no fp16 on this CPU; set fp16"):
+            backends.check_precision(ds, "ds.json", 1, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_fp16_at_zero_stage_0_is_refused_naming_the_deepspeed_bug(tmp_path, digits_root, stage):
     """On a GPU, fp16 at ZeRO stage 0 does not learn (tests/test_gpu_rules.py shows why):
