@@ -422,12 +422,8 @@ class Study:
         return all(other is None or other in self.chosen for other in (variant.after, variant.base))
 
     def inherited(self, variant: Variant) -> dict[str, object]:
-        """The settings a variant takes from its base (the base's own inherited ones, fixed keys and
-        chosen point); none without a base."""
-        if variant.base is None:
-            return {}
-        base = VARIANTS[variant.base]
-        return self.inherited(base) | base.fixed | self.chosen[base.name]
+        """The settings a variant takes from its base: every key the base's runs set; none without a base."""
+        return {} if variant.base is None else self.weights(VARIANTS[variant.base])
 
     def weights(self, variant: Variant) -> dict[str, object]:
         """Every key a variant's runs set, on all seeds: inherited, fixed, chosen."""
